@@ -1,0 +1,157 @@
+"""The `sloserve` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sloserve.slo import SLO, SLOError
+
+from sloserve_runtime import server
+from sloserve_runtime.app_loader import AppFileError, load_app, pick_program
+from sloserve_runtime.model import ModelConversionError
+from sloserve_runtime.report import program_attainment, stage_table
+from sloserve_runtime.runner import program_inputs, run_program
+
+cli = typer.Typer(
+    name="sloserve",
+    help="Serve LLM programs whose stages have latency objectives.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+USER_ERRORS = (AppFileError, ModelConversionError, server.ServerError, SLOError)
+
+ModelOption = Annotated[
+    str | None, typer.Option("--model", help="A vLLM model name or path (default: the embedded SmolLM2-135M-Instruct).")
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    return typer.Exit(code=2)
+
+
+def _default_slo(ttft: str | None, tpot: str | None) -> SLO:
+    try:
+        return SLO.parse(ttft, tpot)
+    except SLOError as exc:
+        raise _fail(str(exc).replace("ttft=", "--slo-ttft-ms=").replace("tpot=", "--slo-tpot-ms=")) from None
+
+
+# `sloserve serve [MODEL] -- ARGS`: ARGS go to vLLM unchanged (split off before typer parses).
+_vllm_args: list[str] = []
+
+
+@cli.command()
+def serve(
+    model: Annotated[str | None, typer.Argument(help="A vLLM model name or path (default: embedded SmolLM2).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8011,
+    slo_ttft_ms: Annotated[
+        str | None, typer.Option(help="Default TTFT target: ms, or a slowdown such as 3x.")
+    ] = None,
+    slo_tpot_ms: Annotated[str | None, typer.Option(help="Default TPOT target in ms.")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Require this key as a Bearer token.")] = None,
+    scheduler: Annotated[
+        str, typer.Option(help="sloserve (SLO-aware) or vllm (the stock scheduler, for comparisons).")
+    ] = "sloserve",
+) -> None:
+    """Run vLLM's OpenAI-compatible server with SLO scheduling. Args after -- go to vLLM."""
+    if scheduler not in server.SCHEDULERS:
+        raise _fail(f"--scheduler {scheduler!r} is not one of {', '.join(server.SCHEDULERS)}")
+    options = server.ServerOptions(
+        model=model,
+        host=host,
+        port=port,
+        default_slo=_default_slo(slo_ttft_ms, slo_tpot_ms),
+        api_key=api_key,
+        scheduler=scheduler,
+        extra_args=list(_vllm_args),
+    )
+    if not server.port_is_free(host, port):
+        raise _fail(f"port {port} on {host} is in use; pick another with --port")
+    try:
+        args = server.command(options)
+    except USER_ERRORS as exc:
+        raise _fail(str(exc)) from None
+    errors.print(f"Serving {server.resolve_model(model)[1]} on {options.url} (scheduler: {scheduler})")
+    # vLLM's server takes over this process: signals and exit codes are its own.
+    os.execvpe(args[0], args, server.environment(options))
+
+
+@cli.command()
+def run(
+    app_file: Annotated[Path, typer.Argument(help="The app file, e.g. examples/reasoning/app.py.")],
+    app_args: Annotated[list[str] | None, typer.Argument(help="Arguments for the program (after --).")] = None,
+    model: ModelOption = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="Use this OpenAI-compatible endpoint instead of an embedded engine.")
+    ] = None,
+    program: Annotated[str | None, typer.Option(help="Which program to run, if the app has several.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Program runs in flight at once.")] = 1,
+    requests: Annotated[
+        int | None, typer.Option(min=1, help="Program runs in all (default: one per example).")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key for --endpoint.")] = None,
+) -> None:
+    """Run an app's program on the embedded engine (or --endpoint) and print a per-stage SLO table."""
+    try:
+        app = load_app(app_file)
+        chosen = pick_program(app, program, app_file)
+        inputs = program_inputs(chosen, app_args or [], requests)
+        if endpoint is not None:
+            _run_and_report(app, chosen, inputs, endpoint, concurrency, api_key, model)
+            return
+        options = server.ServerOptions(model=model, port=server.free_port())
+        started = time.monotonic()
+        with console.status("Starting the embedded engine (about half a minute)..."):
+            running = server.start(options)
+        try:
+            console.print(f"Engine ready in {time.monotonic() - started:.0f}s at {running.url}")
+            _run_and_report(app, chosen, inputs, running.url, concurrency, None, running.served_model)
+        finally:
+            running.stop()
+    except USER_ERRORS as exc:
+        raise _fail(str(exc)) from None
+
+
+def _run_and_report(app, chosen, inputs, base_url, concurrency, api_key, model) -> None:  # noqa: ANN001
+    import openai
+
+    try:
+        results, records = asyncio.run(
+            run_program(app, chosen, inputs, base_url, concurrency, api_key=api_key, model=model, console=console)
+        )
+    except openai.APIConnectionError as exc:
+        raise _fail(f"cannot reach the endpoint {base_url}: {exc}") from None
+    table = Table(title=f"{app.name}: {chosen.name}", show_lines=True)
+    table.add_column("input", overflow="fold")
+    table.add_column("output", overflow="fold")
+    for result in results:
+        shown = " ".join(map(str, result.inputs))
+        table.add_row(shown, f"[red]{type(result.error).__name__}: {result.error}[/]" if result.error else str(result.output))
+    console.print(table)
+    console.print(stage_table(records))
+    met, total = program_attainment(records)
+    console.print(f"Program attainment: {met}/{total} runs met every stage's SLO")
+    failed = [result for result in results if result.error]
+    if failed:
+        raise _fail(f"{len(failed)} of {len(results)} program runs raised an error (shown above)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"] and "--" in argv:
+        split = argv.index("--")
+        _vllm_args[:] = argv[split + 1 :]
+        argv = argv[:split]
+    cli(args=argv, prog_name="sloserve")

@@ -1,0 +1,205 @@
+"""Launching vLLM's own OpenAI-compatible server with our scheduler and middleware."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from sloserve.slo import SLO
+
+from sloserve_runtime import settings
+from sloserve_runtime.middleware import ENV_DEFAULT_TPOT, ENV_DEFAULT_TTFT, ENV_PROFILE
+from sloserve_runtime.model import DEFAULT_MODEL_NAME, ensure_default_model
+from sloserve_runtime.step_time import DEFAULT_PROFILE
+
+SCHEDULERS = {
+    "sloserve": "sloserve_runtime.scheduler.SLOScheduler",
+    "vllm": None,  # vLLM's stock v1 scheduler, for comparisons that differ only in the scheduler
+}
+
+
+class ServerError(RuntimeError):
+    """The engine did not come up; the message says why and where its log is."""
+
+
+@dataclass
+class ServerOptions:
+    """How to launch one engine; mirrors the flags of ``sloserve serve``."""
+
+    model: str | None = None  # a vLLM model name or path; None: the embedded default model
+    host: str = "127.0.0.1"
+    port: int = 8011
+    default_slo: SLO = SLO()  # server-wide SLO defaults
+    api_key: str | None = None
+    scheduler: str = "sloserve"  # a key of SCHEDULERS
+    profile: str = str(DEFAULT_PROFILE)  # step-time profile for TTFT slowdowns
+    max_model_len: int = 2048
+    max_num_batched_tokens: int = 512  # the chunked-prefill chunk size
+    extra_args: list[str] = field(default_factory=list)  # passed to vLLM unchanged
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+
+def resolve_model(model: str | None) -> tuple[str, str]:
+    """Return (path or name to load, name to serve it under)."""
+    if model is None:
+        return str(ensure_default_model()), DEFAULT_MODEL_NAME
+    return model, model
+
+
+def command(options: ServerOptions) -> list[str]:
+    from sloserve_runtime.scheduler import SLOConfig
+
+    model_path, served_name = resolve_model(options.model)
+    args = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model_path,
+        "--served-model-name", served_name,
+        "--host", options.host,
+        "--port", str(options.port),
+        "--middleware", "sloserve_runtime.middleware.SLOMiddleware",
+        "--max-model-len", str(options.max_model_len),
+        "--max-num-batched-tokens", str(options.max_num_batched_tokens),
+        "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+    scheduler_cls = SCHEDULERS[options.scheduler]
+    if scheduler_cls is not None:
+        config = SLOConfig(default_slo=options.default_slo, profile=options.profile)
+        args += ["--scheduler-cls", scheduler_cls, "--additional-config", json.dumps(config.to_additional_config())]
+    if options.model is None:
+        # tool_choice="required" needs a tool parser; SmolLM2's chat format is Hermes-like (ChatML).
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    if _is_cpu_build():
+        args += ["--dtype", "bfloat16", "--enforce-eager"]
+    if options.api_key:
+        args += ["--api-key", options.api_key]
+    return args + list(options.extra_args)
+
+
+def environment(options: ServerOptions) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", settings.kv_cache_gib())
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env[ENV_PROFILE] = options.profile
+    slo = options.default_slo.to_json()
+    for key, value in ((ENV_DEFAULT_TTFT, slo["ttft_ms"]), (ENV_DEFAULT_TPOT, slo["tpot_ms"])):
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    return env
+
+
+def _is_cpu_build() -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("vllm-cpu")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    """A started engine process and where to reach it."""
+
+    process: subprocess.Popen
+    options: ServerOptions
+    log_path: Path
+    served_model: str
+
+    @property
+    def url(self) -> str:
+        return self.options.url
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGINT)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def start(options: ServerOptions, log_path: Path | None = None, timeout: float = 300.0) -> RunningServer:
+    """Start vLLM's server in its own process group and wait until it answers."""
+    if not port_is_free(options.host, options.port):
+        raise ServerError(f"port {options.port} on {options.host} is in use; pick another with --port")
+    args = command(options)
+    if log_path is None:
+        log_path = Path(tempfile.mkstemp(prefix="sloserve-engine-", suffix=".log")[1])
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        args, env=environment(options), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    server = RunningServer(process, options, log_path, served_model=resolve_model(options.model)[1])
+    try:
+        _wait_ready(server, timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_ready(server: RunningServer, timeout: float) -> None:
+    health = f"http://{server.options.host}:{server.options.port}/health"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise ServerError(
+                f"the engine exited with code {server.process.returncode} while starting; "
+                f"last lines of {server.log_path}:\n{tail(server.log_path)}"
+            )
+        try:
+            if httpx.get(health, timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise ServerError(f"the engine did not answer {health} within {timeout:.0f}s; see {server.log_path}")
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextmanager
+def embedded_server(options: ServerOptions, log_path: Path | None = None) -> Iterator[RunningServer]:
+    """Run an engine for the duration of a block; it is always stopped afterwards."""
+    server = start(options, log_path)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,90 @@
+"""Per-request SLO state and deadline arithmetic, shared by the scheduler, planner and simulator.
+
+Imports no vLLM: the vLLM adapter maps engine requests onto this state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sloserve.slo import SLO
+
+from sloserve_runtime.step_time import StepTimeModel
+
+# Keys of the per-request dict that carries an SLO into the engine (vLLM's ``extra_args``,
+# the ``vllm_xargs`` body field over HTTP).
+XARG_TTFT_MS = "slo_ttft_ms"
+XARG_TTFT_SLOWDOWN = "slo_ttft_slowdown"
+XARG_TPOT_MS = "slo_tpot_ms"
+XARG_ARRIVAL = "slo_arrival"
+
+
+def slo_to_xargs(slo: SLO, arrival: float | None = None) -> dict[str, float]:
+    """The flat ``extra_args`` entries that carry ``slo`` (and its arrival time) to the engine."""
+    xargs = {
+        XARG_TTFT_MS: slo.ttft_ms,
+        XARG_TTFT_SLOWDOWN: slo.ttft_slowdown,
+        XARG_TPOT_MS: slo.tpot_ms,
+        XARG_ARRIVAL: arrival,
+    }
+    return {key: value for key, value in xargs.items() if value is not None}
+
+
+def slo_from_xargs(xargs: dict | None) -> SLO:
+    xargs = xargs or {}
+    return SLO(
+        ttft_ms=xargs.get(XARG_TTFT_MS),
+        ttft_slowdown=xargs.get(XARG_TTFT_SLOWDOWN),
+        tpot_ms=xargs.get(XARG_TPOT_MS),
+    )
+
+
+@dataclass
+class SLORequestState:
+    """The deadlines of one request, in seconds on the wall clock (``time.time()``)."""
+
+    request_id: str
+    arrival: float  # when the request arrived
+    prompt_tokens: int  # length of the prompt
+    first_token_deadline: float  # first output token due by this time (inf: no TTFT target)
+    tpot_seconds: float  # each later output token due this long after the previous (inf: none)
+
+    @classmethod
+    def create(
+        cls,
+        request_id: str,
+        slo: SLO,
+        arrival: float,
+        prompt_tokens: int,
+        step_time: StepTimeModel,
+    ) -> SLORequestState:
+        zero_load_ms = step_time.prefill_seconds(prompt_tokens) * 1000.0
+        ttft_ms = slo.ttft_target_ms(zero_load_ms)
+        return cls(
+            request_id=request_id,
+            arrival=arrival,
+            prompt_tokens=prompt_tokens,
+            first_token_deadline=math.inf if ttft_ms is None else arrival + ttft_ms / 1000.0,
+            tpot_seconds=math.inf if slo.tpot_ms is None else slo.tpot_ms / 1000.0,
+        )
+
+    def token_deadline(self, index: int) -> float:
+        """Deadline of output token ``index`` (0 is the first token): d0 + index * TPOT."""
+        if index == 0:
+            return self.first_token_deadline
+        if math.isinf(self.tpot_seconds):
+            return math.inf
+        return self.first_token_deadline + index * self.tpot_seconds
+
+    def next_deadline(self, output_tokens: int) -> float:
+        """Deadline of the next token, given how many output tokens exist already."""
+        return self.token_deadline(output_tokens)
+
+    def waiting_key(self) -> tuple[float, float]:
+        """Sort key among waiting requests: earliest first-token deadline, then arrival."""
+        return (self.first_token_deadline, self.arrival)
+
+    def running_key(self, output_tokens: int) -> tuple[float, float, float]:
+        """Sort key among running requests: tightest next deadline, then tightest TPOT."""
+        return (self.next_deadline(output_tokens), self.tpot_seconds, self.arrival)

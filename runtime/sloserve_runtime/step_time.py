@@ -1,0 +1,77 @@
+"""Step-time model: predicts one engine step's duration as a max over linear pieces.
+
+Profiles are JSON files (see ``profiles/``); the scheduler, the middleware and later the
+simulator read them. Imports no vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+DEFAULT_PROFILE = PROFILES_DIR / "cpu-smollm2-135m.json"
+
+
+@dataclass(frozen=True)
+class LinearPiece:
+    """One linear piece of the step-time model, in seconds."""
+
+    per_token: float = 0.0  # per scheduled token (prefill chunk tokens + one per decode)
+    per_request: float = 0.0  # per request in the batch
+    per_context_token: float = 0.0  # per token of KV context attended to
+    constant: float = 0.0  # fixed cost of a step
+
+    def seconds(self, tokens: int, requests: int, context_tokens: int) -> float:
+        return (
+            self.per_token * tokens
+            + self.per_request * requests
+            + self.per_context_token * context_tokens
+            + self.constant
+        )
+
+
+@dataclass(frozen=True)
+class StepTimeModel:
+    """A calibrated step-time predictor for one model on one machine."""
+
+    name: str
+    pieces: tuple[LinearPiece, ...]
+    max_num_batched_tokens: int = 2048  # prefill chunk size the profile was taken with
+    source: str = ""  # where the coefficients come from and how they were obtained
+
+    def step_seconds(self, tokens: int, requests: int, context_tokens: int = 0) -> float:
+        return max(piece.seconds(tokens, requests, context_tokens) for piece in self.pieces)
+
+    def prefill_seconds(self, prompt_tokens: int) -> float:
+        """Zero-load prefill time of a prompt: its chunks run alone, one step each."""
+        chunk = self.max_num_batched_tokens
+        total, done = 0.0, 0
+        while done < prompt_tokens:
+            tokens = min(chunk, prompt_tokens - done)
+            done += tokens
+            total += self.step_seconds(tokens, 1, done)
+        return total
+
+    def token_budget(self, step_seconds_bound: float, requests: int, context_tokens: int) -> int:
+        """The most tokens whose predicted step time stays within the bound."""
+        best = math.inf
+        for piece in self.pieces:
+            fixed = piece.seconds(0, requests, context_tokens)
+            if fixed > step_seconds_bound:
+                return 0
+            if piece.per_token > 0:
+                best = min(best, (step_seconds_bound - fixed) / piece.per_token)
+        return int(best) if math.isfinite(best) else 1 << 30
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_PROFILE) -> StepTimeModel:
+        data = json.loads(Path(path).read_text())
+        return cls(
+            name=data["name"],
+            pieces=tuple(LinearPiece(**piece) for piece in data["pieces"]),
+            max_num_batched_tokens=data.get("max_num_batched_tokens", 2048),
+            source=data.get("source", ""),
+        )

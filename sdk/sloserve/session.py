@@ -1,0 +1,199 @@
+"""A session runs programs against an endpoint; each stage call's requests carry its SLO.
+
+Every LLM request is streamed so that the SDK measures TTFT and the gaps between tokens as the
+client sees them, and reads the server's own outcome from the final chunk.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from openai import AsyncOpenAI
+
+from sloserve._reassemble import Reassembler
+from sloserve.app import Program
+from sloserve.slo import SLO, Outcome, judge
+from sloserve.stage import Stage
+from sloserve.tools import Tool, ToolCall
+
+_current: contextvars.ContextVar[_ProgramRun] = contextvars.ContextVar("sloserve_program_run")
+
+
+class StageCallError(RuntimeError):
+    """A stage was called where it cannot run (outside a program, or outside its declared graph)."""
+
+
+@dataclass
+class RequestRecord:
+    """One LLM request of a stage call, as measured by the client."""
+
+    stage: str
+    program: str
+    run_id: int  # which program run it belongs to
+    slo: SLO
+    ttft_target_ms: float | None  # resolved by the server for slowdown targets
+    outcome: Outcome  # judged on the client's token timeline
+    server_outcome: dict[str, Any] | None  # the server's own "slo" field
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _ProgramRun:
+    program: Program
+    run_id: int
+    session: Session
+    called: list[str] = field(default_factory=list)  # stage names, in call order
+
+    def llm_for(self, stage: Stage) -> LLM:
+        graph = self.program.graph
+        if graph is not None and stage.name not in graph:
+            raise StageCallError(
+                f"program {self.program.name!r} called stage {stage.name!r}, which its declared graph "
+                f"does not contain ({', '.join(graph.nodes)})"
+            )
+        self.called.append(stage.name)
+        return LLM(self.session, self, stage)
+
+
+def current_session(stage_name: str) -> _ProgramRun:
+    try:
+        return _current.get()
+    except LookupError:
+        raise StageCallError(
+            f"stage {stage_name!r} was called outside a running program; call it from an "
+            "@app.program function run by `sloserve run app.py` or Session.run()"
+        ) from None
+
+
+class LLM:
+    """The handle a stage receives; every call is one request tagged with the stage's SLO."""
+
+    def __init__(self, session: Session, run: _ProgramRun, stage: Stage) -> None:
+        self.session = session
+        self.run = run
+        self.stage = stage
+
+    async def chat(self, messages: list[dict[str, Any]], **params: Any) -> str:
+        """Send a chat request and return the reply's text."""
+        message = await self.complete(messages, **params)
+        return message.get("content") or ""
+
+    async def tool_turn(
+        self, messages: list[dict[str, Any]], tools: list[Tool] | None = None, **params: Any
+    ) -> list[ToolCall]:
+        """One turn of a tool-calling loop: the model must call tools, which then run locally.
+
+        The assistant's calls and the tools' results are appended to ``messages``.
+        """
+        tools = list(self.session.tools.values()) if tools is None else tools
+        if not tools:
+            raise StageCallError(f"stage {self.stage.name!r} asked for a tool turn, but the app has no tools")
+        by_name = {tool.name: tool for tool in tools}
+        message = await self.complete(
+            messages, tools=[tool.openai_schema() for tool in tools], tool_choice="required", **params
+        )
+        calls = message.get("tool_calls") or []
+        messages.append({"role": "assistant", "content": message.get("content"), "tool_calls": calls})
+        results = []
+        for call in calls:
+            name, arguments = call["function"]["name"], call["function"]["arguments"]
+            tool = by_name.get(name)
+            result = await tool.call(arguments) if tool else f"error: no tool named {name!r}"
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+            results.append(ToolCall(name, arguments, result))
+        return results
+
+    async def complete(self, messages: list[dict[str, Any]], **params: Any) -> dict[str, Any]:
+        """Send one streamed chat request; return the assembled assistant message as a dict."""
+        if self.stage.max_tokens is not None:
+            params.setdefault("max_tokens", self.stage.max_tokens)
+        arrival = time.time()
+        stream = await self.session.client.chat.completions.create(
+            model=self.session.model,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"slo": self.stage.slo.to_json()},
+            **params,
+        )
+        assembled, token_times, server_outcome = Reassembler(), [], None
+        async for chunk in stream:
+            data = chunk.model_dump(exclude_unset=True)
+            if any(_has_output(choice) for choice in data.get("choices") or []):
+                token_times.append(time.time())
+            assembled.add(data)
+            server_outcome = (chunk.model_extra or {}).get("slo", server_outcome)
+        self._record(arrival, token_times, assembled, server_outcome)
+        choices = assembled.response()["choices"]
+        return choices[0]["message"] if choices else {"role": "assistant", "content": ""}
+
+    def _record(
+        self, arrival: float, token_times: list[float], assembled: Reassembler, server: dict | None
+    ) -> None:
+        slo = self.stage.slo
+        ttft_target = (server or {}).get("ttft_target_ms", slo.ttft_ms)
+        usage = assembled.usage or {}
+        self.session.records.append(
+            RequestRecord(
+                stage=self.stage.name,
+                program=self.run.program.name,
+                run_id=self.run.run_id,
+                slo=slo,
+                ttft_target_ms=ttft_target,
+                outcome=judge(arrival, token_times, ttft_target, slo.tpot_ms),
+                server_outcome=server,
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+            )
+        )
+
+
+def _has_output(choice: dict[str, Any]) -> bool:
+    delta = choice.get("delta") or {}
+    return bool(delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"))
+
+
+class Session:
+    """Runs an app's programs against an OpenAI-compatible endpoint and records every request.
+
+    Example::
+
+        async with Session("http://127.0.0.1:8011/v1", tools=app.tools) as session:
+            answer = await session.run(app.programs["solve"], "Why is the sky blue?")
+        print(session.records)
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        api_key: str | None = None,
+        tools: dict[str, Tool] | None = None,
+    ) -> None:
+        self.client = AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=0)
+        self.model = model or ""
+        self.tools = tools or {}
+        self.records: list[RequestRecord] = []
+        self._run_ids = itertools.count()
+
+    async def __aenter__(self) -> Session:
+        if not self.model:
+            models = await self.client.models.list()
+            self.model = models.data[0].id
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.close()
+
+    async def run(self, program: Program, *args: Any, **kwargs: Any) -> Any:
+        """Run one program; its stage calls are recorded under a fresh run id."""
+        token = _current.set(_ProgramRun(program, next(self._run_ids), self))
+        try:
+            return await program(*args, **kwargs)
+        finally:
+            _current.reset(token)

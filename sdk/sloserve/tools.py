@@ -1,0 +1,64 @@
+"""Tools: plain Python functions offered to the model in the OpenAI tools format."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A registered tool: the function, and its OpenAI tool description."""
+
+    name: str
+    description: str
+    fn: Callable[..., Any]
+    arguments: type[pydantic.BaseModel]  # validates the model's arguments
+
+    @classmethod
+    def from_function(cls, fn: Callable[..., Any], name: str | None = None) -> Tool:
+        fields: dict[str, Any] = {}
+        for parameter in inspect.signature(fn).parameters.values():
+            annotation = parameter.annotation if parameter.annotation is not inspect.Parameter.empty else str
+            default = parameter.default if parameter.default is not inspect.Parameter.empty else ...
+            fields[parameter.name] = (annotation, default)
+        tool_name = name or fn.__name__
+        arguments = pydantic.create_model(f"{tool_name}_arguments", **fields)
+        description = inspect.getdoc(fn) or tool_name
+        return cls(tool_name, description, fn, arguments)
+
+    def openai_schema(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.arguments.model_json_schema(),
+            },
+        }
+
+    async def call(self, raw_arguments: str | dict[str, Any]) -> str:
+        """Run the tool on the model's arguments; a bad call becomes an error message for the model."""
+        try:
+            parsed = json.loads(raw_arguments) if isinstance(raw_arguments, str) else raw_arguments
+            arguments = self.arguments.model_validate(parsed)
+            result = self.fn(**arguments.model_dump())
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:  # noqa: BLE001 - the model sees what went wrong and may retry
+            return f"error: {type(exc).__name__}: {exc}"
+        return result if isinstance(result, str) else json.dumps(result)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One tool call the model made, and what the tool returned."""
+
+    name: str
+    arguments: str
+    result: str
