@@ -9,8 +9,7 @@ app.tool(search)
 
 MAX_TOOL_TURNS = 2
 SYSTEM = (
-    "You answer questions. Use the search tool to look facts up and the calculate tool "
-    "for arithmetic, then answer."
+    "You answer questions. Use the search tool to look facts up and the calculate tool for arithmetic, then answer."
 )
 
 

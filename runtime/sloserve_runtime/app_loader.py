@@ -44,7 +44,8 @@ def load_app(path: str | Path) -> App:
 def pick_program(app: App, name: str | None, path: str | Path) -> Program:
     if name is None:
         if len(app.programs) > 1:
-            raise AppFileError(f"{path}: App {app.name!r} has several programs ({', '.join(app.programs)}); pick one with --program")
+            names = ", ".join(app.programs)
+            raise AppFileError(f"{path}: App {app.name!r} has several programs ({names}); pick one with --program")
         return next(iter(app.programs.values()))
     if name not in app.programs:
         raise AppFileError(f"{path}: App {app.name!r} has no program {name!r}; it has {', '.join(app.programs)}")

@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
-from sloserve.slo import SLO, SLOError
 
+from sloserve.slo import SLO, SLOError, parse_tpot, parse_ttft
 from sloserve_runtime import server
 from sloserve_runtime.app_loader import AppFileError, load_app, pick_program
 from sloserve_runtime.model import ModelConversionError
@@ -31,7 +31,8 @@ errors = Console(stderr=True)
 USER_ERRORS = (AppFileError, ModelConversionError, server.ServerError, SLOError)
 
 ModelOption = Annotated[
-    str | None, typer.Option("--model", help="A vLLM model name or path (default: the embedded SmolLM2-135M-Instruct).")
+    str | None,
+    typer.Option("--model", help="A vLLM model name or path (default: the embedded SmolLM2-135M-Instruct)."),
 ]
 
 
@@ -42,9 +43,10 @@ def _fail(message: str) -> typer.Exit:
 
 def _default_slo(ttft: str | None, tpot: str | None) -> SLO:
     try:
-        return SLO.parse(ttft, tpot)
+        ttft_ms, ttft_slowdown = parse_ttft(ttft, "--slo-ttft-ms")
+        return SLO(ttft_ms=ttft_ms, ttft_slowdown=ttft_slowdown, tpot_ms=parse_tpot(tpot, "--slo-tpot-ms"))
     except SLOError as exc:
-        raise _fail(str(exc).replace("ttft=", "--slo-ttft-ms=").replace("tpot=", "--slo-tpot-ms=")) from None
+        raise _fail(str(exc)) from None
 
 
 # `sloserve serve [MODEL] -- ARGS`: ARGS go to vLLM unchanged (split off before typer parses).
@@ -54,11 +56,9 @@ _vllm_args: list[str] = []
 @cli.command()
 def serve(
     model: Annotated[str | None, typer.Argument(help="A vLLM model name or path (default: embedded SmolLM2).")] = None,
-    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 exposes it to the network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8011,
-    slo_ttft_ms: Annotated[
-        str | None, typer.Option(help="Default TTFT target: ms, or a slowdown such as 3x.")
-    ] = None,
+    slo_ttft_ms: Annotated[str | None, typer.Option(help="Default TTFT target: ms, or a slowdown such as 3x.")] = None,
     slo_tpot_ms: Annotated[str | None, typer.Option(help="Default TPOT target in ms.")] = None,
     api_key: Annotated[str | None, typer.Option(help="Require this key as a Bearer token.")] = None,
     scheduler: Annotated[
@@ -98,9 +98,7 @@ def run(
     ] = None,
     program: Annotated[str | None, typer.Option(help="Which program to run, if the app has several.")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Program runs in flight at once.")] = 1,
-    requests: Annotated[
-        int | None, typer.Option(min=1, help="Program runs in all (default: one per example).")
-    ] = None,
+    requests: Annotated[int | None, typer.Option(min=1, help="Program runs in all (default: one per example).")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for --endpoint.")] = None,
 ) -> None:
     """Run an app's program on the embedded engine (or --endpoint) and print a per-stage SLO table."""
@@ -138,7 +136,8 @@ def _run_and_report(app, chosen, inputs, base_url, concurrency, api_key, model) 
     table.add_column("output", overflow="fold")
     for result in results:
         shown = " ".join(map(str, result.inputs))
-        table.add_row(shown, f"[red]{type(result.error).__name__}: {result.error}[/]" if result.error else str(result.output))
+        output = f"[red]{type(result.error).__name__}: {result.error}[/]" if result.error else str(result.output)
+        table.add_row(shown, output)
     console.print(table)
     console.print(stage_table(records))
     met, total = program_attainment(records)

@@ -17,9 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sloserve.slo import SLO, SLOError, judge, parse_tpot, parse_ttft
-
 from sloserve._reassemble import Reassembler
+from sloserve.slo import SLO, SLOError, judge, parse_tpot, parse_ttft
 from sloserve_runtime.slo_state import slo_to_xargs
 from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel
 

@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from rich.table import Table
+
 from sloserve.session import RequestRecord
 
 
@@ -17,8 +18,10 @@ def _ms(value: float | None) -> str:
 def stage_table(records: Sequence[RequestRecord]) -> Table:
     """One row per stage: requests, TTFT and TPOT (measured vs target), and how many met the SLO."""
     table = Table(title="Per-stage SLOs (client-side, ms)")
-    for column in ("stage", "SLO ttft/tpot", "reqs", "TTFT p50", "TTFT max", "TTFT target", "TPOT mean", "TPOT target", "met"):
-        table.add_column(column, justify="left" if column in ("stage", "SLO ttft/tpot") else "right", no_wrap=True)
+    table.add_column("stage", no_wrap=True)
+    table.add_column("SLO ttft/tpot", no_wrap=True)
+    for column in ("reqs", "TTFT p50", "TTFT max", "TTFT target", "TPOT mean", "TPOT target", "met"):
+        table.add_column(column, justify="right", no_wrap=True)
     by_stage: dict[str, list[RequestRecord]] = defaultdict(list)
     for record in records:
         by_stage[record.stage].append(record)

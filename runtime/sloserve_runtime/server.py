@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from sloserve.slo import SLO
 
+from sloserve.slo import SLO
 from sloserve_runtime import settings
 from sloserve_runtime.middleware import ENV_DEFAULT_TPOT, ENV_DEFAULT_TTFT, ENV_PROFILE
 from sloserve_runtime.model import DEFAULT_MODEL_NAME, ensure_default_model

@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 
 from sloserve.slo import SLO
-
 from sloserve_runtime.step_time import StepTimeModel
 
 # Keys of the per-request dict that carries an SLO into the engine (vLLM's ``extra_args``,

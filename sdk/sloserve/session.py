@@ -40,6 +40,7 @@ class RequestRecord:
     server_outcome: dict[str, Any] | None  # the server's own "slo" field
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: list[str] = field(default_factory=list)  # names of the tools the model called
 
 
 @dataclass
@@ -98,7 +99,7 @@ class LLM:
             messages, tools=[tool.openai_schema() for tool in tools], tool_choice="required", **params
         )
         calls = message.get("tool_calls") or []
-        messages.append({"role": "assistant", "content": message.get("content"), "tool_calls": calls})
+        messages.append({"role": "assistant", "content": message.get("content") or "", "tool_calls": calls})
         results = []
         for call in calls:
             name, arguments = call["function"]["name"], call["function"]["arguments"]
@@ -128,12 +129,18 @@ class LLM:
                 token_times.append(time.time())
             assembled.add(data)
             server_outcome = (chunk.model_extra or {}).get("slo", server_outcome)
-        self._record(arrival, token_times, assembled, server_outcome)
         choices = assembled.response()["choices"]
-        return choices[0]["message"] if choices else {"role": "assistant", "content": ""}
+        message = choices[0]["message"] if choices else {"role": "assistant", "content": ""}
+        self._record(arrival, token_times, assembled, server_outcome, message)
+        return message
 
     def _record(
-        self, arrival: float, token_times: list[float], assembled: Reassembler, server: dict | None
+        self,
+        arrival: float,
+        token_times: list[float],
+        assembled: Reassembler,
+        server: dict | None,
+        message: dict[str, Any],
     ) -> None:
         slo = self.stage.slo
         ttft_target = (server or {}).get("ttft_target_ms", slo.ttft_ms)
@@ -149,6 +156,7 @@ class LLM:
                 server_outcome=server,
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),
+                tool_calls=[call["function"]["name"] for call in message.get("tool_calls") or []],
             )
         )
 

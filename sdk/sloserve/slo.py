@@ -160,7 +160,7 @@ def judge(
     if not token_times:
         return Outcome(None, None, None, ttft_target_ms is None, True)
     ttft_ms = (token_times[0] - arrival) * 1000.0
-    gaps = [(b - a) * 1000.0 for a, b in zip(token_times, token_times[1:])]
+    gaps = [(b - a) * 1000.0 for a, b in zip(token_times, token_times[1:], strict=False)]
     tpot_ms = sum(gaps) / len(gaps) if gaps else None
     worst = _worst_window_mean(gaps, window)
     return Outcome(

@@ -1,0 +1,5 @@
+"""`python -m sloserve_runtime` is the `sloserve` command."""
+
+from sloserve_runtime.cli import main
+
+main()

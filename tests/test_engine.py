@@ -1,0 +1,198 @@
+"""End to end on the real engine: `sloserve serve`, the official openai client, SLOs in and out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import SERVER_DEFAULT_TPOT_MS
+from sloserve.slo import SLO
+from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+OUTCOME_KEYS = {"ttft_target_ms", "ttft_slowdown", "tpot_target_ms", "ttft_ms", "tpot_ms",
+                "worst_window_tpot_ms", "ttft_met", "tpot_met", "met"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def client(engine) -> openai.OpenAI:
+    return openai.OpenAI(base_url=engine.base_url, api_key="unused")
+
+
+@pytest.fixture(scope="module")
+def aclient(engine) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=engine.base_url, api_key="unused")
+
+
+def assert_consistent(outcome: dict) -> None:
+    assert set(outcome) == OUTCOME_KEYS
+    assert outcome["ttft_ms"] > 0
+    if outcome["ttft_target_ms"] is not None:
+        assert outcome["ttft_met"] == (outcome["ttft_ms"] <= outcome["ttft_target_ms"])
+    assert outcome["met"] == (outcome["ttft_met"] and outcome["tpot_met"])
+
+
+def test_non_streamed_chat_reports_slo_from_headers(client, engine):
+    raw = client.chat.completions.with_raw_response.create(
+        model=engine.model, messages=QUESTION, max_tokens=16, temperature=0,
+        extra_headers={"x-slo-ttft-ms": "30000", "x-slo-tpot-ms": "2000"},
+    )  # fmt: skip
+    assert raw.headers["x-slo-ttft-ms"] == "30000"
+    assert raw.headers["x-slo-tpot-ms"] == "2000"
+    response = raw.parse()
+    assert "Paris" in response.choices[0].message.content
+    outcome = response.model_extra["slo"]
+    assert_consistent(outcome)
+    assert outcome["ttft_target_ms"] == 30000
+    assert outcome["tpot_target_ms"] == 2000
+    assert outcome["met"] is True
+    assert response.usage.completion_tokens > 1
+
+
+def test_impossible_target_is_reported_as_missed(client, engine):
+    response = client.chat.completions.create(
+        model=engine.model, messages=QUESTION, max_tokens=8, extra_body={"slo": {"ttft_ms": 0.001}}
+    )
+    outcome = response.model_extra["slo"]
+    assert_consistent(outcome)
+    assert outcome["ttft_met"] is False
+    assert outcome["met"] is False
+
+
+def test_streamed_chat_carries_the_outcome_in_the_final_chunk(client, engine):
+    stream = client.chat.completions.create(
+        model=engine.model, messages=QUESTION, max_tokens=16, temperature=0, stream=True,
+        extra_body={"slo": {"ttft_ms": "20s", "tpot_ms": 1500}},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    carrying = [c for c in chunks if (c.model_extra or {}).get("slo")]
+    assert carrying == [chunks[-1]], "exactly the final chunk carries the outcome"
+    assert chunks[-1].choices[0].finish_reason is not None
+    assert all(c.usage is None for c in chunks), "no usage chunk unless the client asked for one"
+    outcome = chunks[-1].model_extra["slo"]
+    assert_consistent(outcome)
+    assert outcome["ttft_target_ms"] == 20000
+    assert outcome["tpot_target_ms"] == 1500
+
+
+def test_streamed_usage_chunk_is_last_and_carries_the_outcome(client, engine):
+    stream = client.chat.completions.create(
+        model=engine.model, messages=QUESTION, max_tokens=8, stream=True,
+        stream_options={"include_usage": True}, extra_headers={"x-slo-ttft-ms": "20000"},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert chunks[-1].model_extra["slo"]["ttft_target_ms"] == 20000
+    assert chunks[-2].choices[0].finish_reason is not None
+
+
+def test_text_completions_report_slo_too(client, engine):
+    response = client.completions.create(
+        model=engine.model, prompt="The capital of France is", max_tokens=8,
+        extra_headers={"x-slo-ttft-ms": "10s"},
+    )  # fmt: skip
+    assert response.choices[0].text
+    assert_consistent(response.model_extra["slo"])
+    assert response.model_extra["slo"]["ttft_target_ms"] == 10000
+
+
+def test_server_default_applies_when_the_request_names_no_slo(client, engine):
+    response = client.chat.completions.create(model=engine.model, messages=QUESTION, max_tokens=4)
+    outcome = response.model_extra["slo"]
+    assert outcome["tpot_target_ms"] == SERVER_DEFAULT_TPOT_MS
+    assert outcome["ttft_target_ms"] is None
+    assert outcome["ttft_met"] is True
+
+
+def test_slowdown_target_resolves_with_the_profile(client, engine):
+    response = client.chat.completions.create(
+        model=engine.model, messages=QUESTION, max_tokens=4, extra_body={"slo": {"ttft_ms": "3x"}}
+    )
+    outcome = response.model_extra["slo"]
+    prefill_ms = StepTimeModel.load(DEFAULT_PROFILE).prefill_seconds(response.usage.prompt_tokens) * 1000
+    assert outcome["ttft_slowdown"] == 3.0
+    assert outcome["ttft_target_ms"] == pytest.approx(3 * prefill_ms, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "field"),
+    [
+        ({"x-slo-ttft-ms": "-20"}, {}, "header x-slo-ttft-ms"),
+        ({"x-slo-tpot-ms": "fast"}, {}, "header x-slo-tpot-ms"),
+        ({}, {"slo": {"ttft_ms": 0}}, "slo.ttft_ms"),
+        ({}, {"slo": {"tpot_ms": "3 fortnights"}}, "slo.tpot_ms"),
+        ({}, {"slo": {"ttft_ms": "5min"}}, "slo.ttft_ms"),
+        ({}, {"slo": {"latency": 100}}, "slo.latency"),
+    ],
+)
+def test_invalid_slo_gets_400_naming_the_field(client, engine, headers, body, field):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=engine.model, messages=QUESTION, max_tokens=4, extra_headers=headers, extra_body=body
+        )
+    assert caught.value.status_code == 400
+    assert field in caught.value.message
+
+
+def test_other_routes_pass_through(engine):
+    models = httpx.get(f"{engine.base_url}/models", timeout=10).json()
+    assert models["data"][0]["id"] == engine.model
+
+
+async def test_tight_request_jumps_a_queue_of_loose_ones(aclient, engine):
+    """Earliest first-token deadline first: a tight request overtakes queued long prefills."""
+    finished: list[str] = []
+
+    async def send(name: str, prompt: str, slo: dict) -> None:
+        await aclient.completions.create(model=engine.model, prompt=prompt, max_tokens=1, extra_body={"slo": slo})
+        finished.append(name)
+
+    loose = [
+        send(f"loose-{i}", f"Document {i}. " + " ".join(f"w{i}x{j}" for j in range(350)), {"ttft_ms": "120s"})
+        for i in range(6)
+    ]
+    tasks = [asyncio.create_task(job) for job in loose]
+    await asyncio.sleep(0.5)  # the long prompts are queued in the engine by now
+    tasks.append(asyncio.create_task(send("tight", "Say hi.", {"ttft_ms": 500})))
+    await asyncio.gather(*tasks)
+    # FCFS would finish it last; deadline order lets at most the in-flight prefills go first
+    assert finished.index("tight") <= 2, finished
+
+
+async def test_sdk_session_runs_the_agent_tool_loop(engine):
+    from sloserve.session import Session
+    from sloserve_runtime.app_loader import load_app
+
+    app = load_app("examples/agents/app.py")
+    async with Session(engine.base_url, tools=app.tools) as session:
+        answer = await session.run(app.programs["agent"], "How tall is the Eiffel Tower?")
+    assert isinstance(answer, str) and answer
+    act = [r for r in session.records if r.stage == "act"]
+    respond = [r for r in session.records if r.stage == "respond"]
+    assert len(act) == 2 and len(respond) == 1
+    assert all(r.tool_calls and set(r.tool_calls) <= {"calculate", "search"} for r in act)
+    assert act[0].slo == SLO(ttft_ms=1000.0, tpot_ms=150.0)
+    assert all(r.server_outcome is not None and r.server_outcome["tpot_target_ms"] == 150 for r in act)
+    assert respond[0].server_outcome["ttft_slowdown"] == 5.0
+
+
+def test_request_ids_stay_distinct_under_concurrency(engine):
+    async def many() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=engine.base_url, api_key="unused")
+        replies = await asyncio.gather(*(
+            client.chat.completions.create(model=engine.model, messages=QUESTION, max_tokens=4,
+                                           extra_headers={"x-slo-ttft-ms": "60000"})
+            for _ in range(8)
+        ))  # fmt: skip
+        return [reply.id for reply in replies]
+
+    started = time.monotonic()
+    ids = asyncio.run(many())
+    assert len(set(ids)) == 8
+    assert time.monotonic() - started < 120

@@ -1,0 +1,80 @@
+"""SLO parsing and the attainment rule, without the engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from sloserve.slo import SLO, SLOError, judge, parse_tpot, parse_ttft
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(300, (300.0, None)), ("300ms", (300.0, None)), ("2s", (2000.0, None)), ("3x", (None, 3.0)),
+     ("1.5X", (None, 1.5)), (" 250 ", (250.0, None)), (None, (None, None))],
+)  # fmt: skip
+def test_ttft_accepts_ms_seconds_and_slowdown(value, expected):
+    assert parse_ttft(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -5, "-3x", "0ms", "fast", "", "3 apples", True, [1], float("nan")])
+def test_invalid_ttft_names_the_field(value):
+    with pytest.raises(SLOError) as caught:
+        parse_ttft(value, "slo.ttft_ms")
+    assert caught.value.field == "slo.ttft_ms"
+    assert "slo.ttft_ms" in str(caught.value)
+
+
+def test_unknown_unit_is_reported_as_such():
+    with pytest.raises(SLOError, match="unknown unit 'min'"):
+        parse_tpot("5min")
+    with pytest.raises(SLOError, match="unknown unit 'x'"):
+        parse_tpot("3x")  # a slowdown only makes sense for TTFT
+
+
+def test_tpot_in_seconds_converts_to_ms():
+    assert parse_tpot("0.05s") == pytest.approx(50.0)
+
+
+def test_request_slo_overrides_server_default_field_by_field():
+    default = SLO.parse("2s", "100ms")
+    assert SLO.parse(None, "40ms").merged_over(default) == SLO(ttft_ms=2000.0, tpot_ms=40.0)
+    assert SLO.parse("3x", None).merged_over(default) == SLO(ttft_slowdown=3.0, tpot_ms=100.0)
+    assert SLO().merged_over(SLO()).is_constrained is False
+
+
+def test_slowdown_resolves_against_zero_load_prefill():
+    assert SLO.parse("3x").ttft_target_ms(zero_load_prefill_ms=40.0) == pytest.approx(120.0)
+    assert SLO.parse("250ms").ttft_target_ms(zero_load_prefill_ms=40.0) == 250.0
+
+
+def test_judge_on_a_hand_made_timeline():
+    # arrival at 0; first token at 0.2 s, then 20 tokens 50 ms apart
+    times = [0.2 + 0.05 * i for i in range(21)]
+    outcome = judge(0.0, times, ttft_target_ms=250, tpot_target_ms=60)
+    assert outcome.ttft_ms == pytest.approx(200.0)
+    assert outcome.tpot_ms == pytest.approx(50.0)
+    assert outcome.met
+    assert not judge(0.0, times, ttft_target_ms=150, tpot_target_ms=60).ttft_met
+
+
+def test_one_slow_window_fails_tpot_even_if_the_mean_passes():
+    # 30 gaps of 10 ms, then 10 gaps of 100 ms: mean 32.5 ms, but the last window averages 100 ms
+    gaps = [0.01] * 30 + [0.1] * 10
+    times = [0.1]
+    for gap in gaps:
+        times.append(times[-1] + gap)
+    outcome = judge(0.0, times, ttft_target_ms=None, tpot_target_ms=50)
+    assert outcome.tpot_ms == pytest.approx(32.5)
+    assert outcome.worst_window_tpot_ms == pytest.approx(100.0)
+    assert not outcome.tpot_met
+
+
+def test_short_outputs_judge_the_whole_tail():
+    outcome = judge(0.0, [0.1, 0.2, 0.26], ttft_target_ms=None, tpot_target_ms=70)
+    assert outcome.worst_window_tpot_ms == pytest.approx(80.0)
+    assert not outcome.tpot_met
+
+
+def test_no_tokens_fails_a_ttft_target():
+    assert not judge(0.0, [], ttft_target_ms=100, tpot_target_ms=None).met
+    assert judge(0.0, [], ttft_target_ms=None, tpot_target_ms=None).met
