@@ -1,27 +1,31 @@
 """The vLLM adapter: a thin subclass of vLLM's v1 ``Scheduler`` that orders work by SLO deadlines.
 
 It maps each engine request onto an ``SLORequestState`` (which imports no vLLM) and, before
-every step, reorders vLLM's own queues; vLLM's ``schedule()`` then does the batching:
+every step, reorders vLLM's own queues with ``DeadlinePolicy`` (the policy the simulator runs
+too); vLLM's ``schedule()`` then does the batching:
 
 * waiting requests: earliest first-token deadline first;
 * running requests: tightest next-token deadline first, so the loosest is preempted first
   when KV memory runs out.
 
-Server-wide defaults and the step-time profile arrive as ``--additional-config
-'{"sloserve": {...}}'`` (see ``SLOConfig``).
+Server-wide defaults, the step-time profile and an optional step log (for ``sloserve profile``)
+arrive as ``--additional-config '{"sloserve": {...}}'`` (see ``SLOConfig``).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from sloserve.slo import SLO
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
-from sloserve.slo import SLO
+from sloserve_runtime.policies import DeadlinePolicy
 from sloserve_runtime.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_xargs
 from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel
 
@@ -34,6 +38,7 @@ class SLOConfig:
 
     default_slo: SLO = SLO()  # applies to requests that carry no SLO of their own
     profile: str = str(DEFAULT_PROFILE)  # step-time profile used to resolve TTFT slowdowns
+    step_log: str | None = None  # if set, append one JSON line per engine step (features, seconds)
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> SLOConfig:
@@ -41,11 +46,16 @@ class SLOConfig:
         return cls(
             default_slo=SLO.parse(section.get("default_ttft"), section.get("default_tpot")),
             profile=section.get("profile") or str(DEFAULT_PROFILE),
+            step_log=section.get("step_log"),
         )
 
     def to_additional_config(self) -> dict[str, Any]:
-        ttft = self.default_slo.to_json()["ttft_ms"]
-        section = {"default_ttft": ttft, "default_tpot": self.default_slo.tpot_ms, "profile": self.profile}
+        section = {
+            "default_ttft": self.default_slo.to_json()["ttft_ms"],
+            "default_tpot": self.default_slo.tpot_ms,
+            "profile": self.profile,
+            "step_log": self.step_log,
+        }
         return {CONFIG_KEY: section}
 
 
@@ -56,7 +66,9 @@ class SLOScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.slo_config = SLOConfig.from_additional_config(self.vllm_config.additional_config)
         self.step_time = StepTimeModel.load(self.slo_config.profile)
+        self.slo_policy = DeadlinePolicy()
         self.slo_states: dict[str, SLORequestState] = {}
+        self.step_recorder = StepRecorder(self.slo_config.step_log) if self.slo_config.step_log else None
 
     def add_request(self, request: Request) -> None:
         self._state(request)
@@ -79,17 +91,53 @@ class SLOScheduler(Scheduler):
     def schedule(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's SchedulerOutput
         self._forget_finished()
         self._order_queues()
-        return super().schedule(*args, **kwargs)
+        output = super().schedule(*args, **kwargs)
+        if self.step_recorder is not None:
+            self.step_recorder.scheduled(output, self.requests)
+        return output
+
+    def update_from_output(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's outputs
+        if self.step_recorder is not None:
+            self.step_recorder.executed()
+        return super().update_from_output(*args, **kwargs)
 
     def _order_queues(self) -> None:
+        policy = self.slo_policy
         if isinstance(self.waiting, FCFSRequestQueue) and len(self.waiting) > 1:
-            ordered = sorted(self.waiting, key=lambda request: self._state(request).waiting_key())
+            ordered = sorted(self.waiting, key=lambda request: policy.waiting_key(self._state(request)))
             self.waiting.clear()
             self.waiting.extend(ordered)
         if len(self.running) > 1:
-            self.running.sort(key=lambda request: self._state(request).running_key(request.num_output_tokens))
+            self.running.sort(
+                key=lambda request: policy.running_key(self._state(request), request.num_output_tokens)
+            )
 
     def _forget_finished(self) -> None:
         if len(self.slo_states) > len(self.requests):
             for request_id in [rid for rid in self.slo_states if rid not in self.requests]:
                 del self.slo_states[request_id]
+
+
+class StepRecorder:
+    """Times each engine step from the end of ``schedule()`` to the start of ``update_from_output()``.
+
+    Writes JSON lines ``{"tokens", "requests", "context_tokens", "seconds"}`` for the profiler.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.sink = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the engine
+        self.pending: deque[tuple[float, dict[str, int]]] = deque()
+
+    def scheduled(self, output: Any, requests: dict[str, Request]) -> None:
+        scheduled = output.num_scheduled_tokens
+        if not scheduled:
+            return
+        # vLLM has already advanced num_computed_tokens by this step's tokens: that is the context.
+        context = sum(requests[rid].num_computed_tokens for rid in scheduled if rid in requests)
+        features = {"tokens": output.total_num_scheduled_tokens, "requests": len(scheduled), "context_tokens": context}
+        self.pending.append((time.perf_counter(), features))
+
+    def executed(self) -> None:
+        if self.pending:
+            started, features = self.pending.popleft()
+            self.sink.write(json.dumps({**features, "seconds": time.perf_counter() - started}) + "\n")

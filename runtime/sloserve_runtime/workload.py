@@ -1,0 +1,47 @@
+"""Workload traces: programs of dependent stage calls, as the bench and the simulator replay them.
+
+A flat request is a program of one stage. Imports no vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sloserve.slo import SLO
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage call of a program in a trace."""
+
+    name: str  # stage name, e.g. "chat", "think", "answer", "tool-loop"
+    prompt_tokens: int  # tokens of the prompt this call sends
+    output_tokens: int  # tokens it generates (the bench forces this with ignore_eos)
+    slo: SLO  # its objective (TTFT usually a slowdown, TPOT in ms)
+    delay_s: float = 0.0  # wait after the previous stage ends (e.g. a tool's run time)
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    """One program in a trace: when it arrives and the stages it runs one after another."""
+
+    program_id: int
+    arrival_s: float  # seconds from the start of the trace
+    kind: str  # which class of the scenario it belongs to, e.g. "chatbot" in "mixed"
+    stages: tuple[StageSpec, ...]
+
+
+@dataclass
+class StageResult:
+    """What happened to one stage call: measured on the real engine or in the simulator."""
+
+    program_id: int
+    kind: str
+    stage: str
+    arrival: float  # when the stage call was sent (seconds, same clock as token_times)
+    token_times: list[float]  # when each output token arrived
+    prompt_tokens: int
+    output_tokens: int  # tokens asked for
+    ttft_target_ms: float | None  # resolved target (slowdowns resolved with the profile)
+    tpot_target_ms: float | None
+    error: str | None = None  # why the call failed, if it did
