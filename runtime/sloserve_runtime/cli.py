@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -120,6 +121,37 @@ def run(
             running.stop()
     except USER_ERRORS as exc:
         raise _fail(str(exc)) from None
+
+
+@cli.command()
+def profile(
+    model: ModelOption = None,
+    out: Annotated[Path, typer.Option(help="Where to write the profile JSON.")] = Path("profile.json"),
+    quick: Annotated[bool, typer.Option(help="A smaller grid (about a minute on a CPU).")] = False,
+) -> None:
+    """Time the live engine's steps over a grid, fit the step-time model, print R² and write the profile."""
+    from rich.progress import Progress
+
+    from sloserve_runtime.profiler import ProfileGrid, profile_engine
+
+    grid = ProfileGrid(prompt_lengths=(16, 256, 1024), concurrency=(1, 8, 24), repeats=1) if quick else ProfileGrid()
+    try:
+        with Progress(console=console) as progress:
+            fit, metadata = profile_engine(model, grid, progress)
+    except (*USER_ERRORS, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"Step-time model {fit.model.name} (seconds)")
+    for column in ("piece", "per token", "per request", "per context token", "constant"):
+        table.add_column(column, justify="right")
+    for index, piece in enumerate(fit.model.pieces):
+        table.add_row(
+            str(index), f"{piece.per_token:.3e}", f"{piece.per_request:.3e}",
+            f"{piece.per_context_token:.3e}", f"{piece.constant:.3e}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"R² on {fit.test_points} held-out steps: {fit.r2_heldout:.3f} (fitted on {fit.train_points})")
+    out.write_text(json.dumps(fit.model.to_json(**metadata), indent=2) + "\n")
+    console.print(f"Wrote {out}")
 
 
 def _run_and_report(app, chosen, inputs, base_url, concurrency, api_key, model) -> None:  # noqa: ANN001

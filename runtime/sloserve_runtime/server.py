@@ -46,6 +46,7 @@ class ServerOptions:
     profile: str = str(DEFAULT_PROFILE)  # step-time profile for TTFT slowdowns
     max_model_len: int = 2048
     max_num_batched_tokens: int = 512  # the chunked-prefill chunk size
+    step_log: str | None = None  # if set, the scheduler logs each step's features and time here
     extra_args: list[str] = field(default_factory=list)  # passed to vLLM unchanged
 
     @property
@@ -77,7 +78,7 @@ def command(options: ServerOptions) -> list[str]:
     ]  # fmt: skip
     scheduler_cls = SCHEDULERS[options.scheduler]
     if scheduler_cls is not None:
-        config = SLOConfig(default_slo=options.default_slo, profile=options.profile)
+        config = SLOConfig(default_slo=options.default_slo, profile=options.profile, step_log=options.step_log)
         args += ["--scheduler-cls", scheduler_cls, "--additional-config", json.dumps(config.to_additional_config())]
     if options.model is None:
         # tool_choice="required" needs a tool parser; SmolLM2's chat format is Hermes-like (ChatML).

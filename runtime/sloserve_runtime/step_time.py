@@ -6,6 +6,7 @@ simulator read them. Imports no vLLM.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -65,6 +66,16 @@ class StepTimeModel:
             if piece.per_token > 0:
                 best = min(best, (step_seconds_bound - fixed) / piece.per_token)
         return int(best) if math.isfinite(best) else 1 << 30
+
+    def to_json(self, **metadata: object) -> dict[str, object]:
+        """The profile file's content; ``metadata`` adds descriptive fields (model, hardware, ...)."""
+        return {
+            "name": self.name,
+            **metadata,
+            "source": self.source,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "pieces": [dataclasses.asdict(piece) for piece in self.pieces],
+        }
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_PROFILE) -> StepTimeModel:

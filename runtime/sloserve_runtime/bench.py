@@ -1,0 +1,126 @@
+"""`sloserve bench`: replay a scenario's trace against an OpenAI-compatible endpoint and measure SLOs.
+
+Each stage call is a streamed ``/v1/completions`` request whose prompt is exactly
+``prompt_tokens`` random token ids and whose output is exactly ``output_tokens`` tokens
+(``ignore_eos``); the SLO travels in the body field ``slo``. Programs start at their trace arrival
+times; a program's stages run one after another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+from sloserve_runtime.step_time import StepTimeModel
+from sloserve_runtime.workload import ProgramSpec, StageResult, StageSpec
+
+VOCAB_RANGE = (100, 20_000)  # token ids drawn for synthetic prompts
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where to send the trace."""
+
+    base_url: str  # e.g. http://127.0.0.1:8011/v1
+    api_key: str | None = None
+
+    def client(self) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=900, limits=limits)
+
+    def model_card(self) -> dict:
+        """The first served model: its id and (for vLLM) its max_model_len."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        response = httpx.get(f"{self.base_url}/models", headers=headers, timeout=30)
+        response.raise_for_status()
+        return response.json()["data"][0]
+
+
+def synthetic_prompt(program_id: int, stage_index: int, length: int) -> list[int]:
+    rng = np.random.default_rng([program_id, stage_index])
+    return rng.integers(*VOCAB_RANGE, size=length).tolist()
+
+
+async def _stage_call(
+    client: httpx.AsyncClient, model: str, program: ProgramSpec, index: int, stage: StageSpec, step_time: StepTimeModel
+) -> StageResult:
+    body = {
+        "model": model,
+        "prompt": synthetic_prompt(program.program_id, index, stage.prompt_tokens),
+        "max_tokens": stage.output_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+        "slo": stage.slo.to_json(),
+    }
+    zero_load_ms = step_time.prefill_seconds(stage.prompt_tokens) * 1000.0
+    result = StageResult(
+        program_id=program.program_id,
+        kind=program.kind,
+        stage=stage.name,
+        arrival=time.time(),
+        token_times=[],
+        prompt_tokens=stage.prompt_tokens,
+        output_tokens=stage.output_tokens,
+        ttft_target_ms=stage.slo.ttft_target_ms(zero_load_ms),
+        tpot_target_ms=stage.slo.tpot_ms,
+    )
+    try:
+        async with client.stream("POST", "/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data:") or line.endswith("[DONE]"):
+                    continue
+                now = time.time()
+                for choice in json.loads(line[5:]).get("choices") or []:
+                    count = len(choice.get("token_ids") or []) or (1 if choice.get("text") else 0)
+                    result.token_times.extend([now] * count)
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+async def _program(
+    client: httpx.AsyncClient, model: str, program: ProgramSpec, start: float, step_time: StepTimeModel
+) -> list[StageResult]:
+    await asyncio.sleep(max(0.0, start + program.arrival_s - time.time()))
+    results = []
+    for index, stage in enumerate(program.stages):
+        if stage.delay_s:
+            await asyncio.sleep(stage.delay_s)
+        result = await _stage_call(client, model, program, index, stage, step_time)
+        results.append(result)
+        if result.error:
+            break  # a later stage depends on this one's output
+    return results
+
+
+async def replay(
+    trace: list[ProgramSpec],
+    endpoint: Endpoint,
+    model: str,
+    step_time: StepTimeModel,
+    on_program_done: Callable[[], None] = lambda: None,
+) -> tuple[list[StageResult], float]:
+    """Send every program at its arrival time; return all stage results and the run's duration."""
+
+    async def tracked(program: ProgramSpec) -> list[StageResult]:
+        try:
+            return await _program(client, model, program, start, step_time)
+        finally:
+            on_program_done()
+
+    async with endpoint.client() as client:
+        start = time.time()
+        per_program = await asyncio.gather(*(tracked(program) for program in trace))
+        duration = time.time() - start
+    return [result for results in per_program for result in results], duration

@@ -1,0 +1,40 @@
+"""Plots of benchmark results: attainment against rate, and the TTFT distribution."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
+
+
+def attainment_and_ttft(
+    path: Path,
+    title: str,
+    attainment: Mapping[str, Sequence[tuple[float, float]]],
+    ttfts_ms: Mapping[str, Sequence[float]],
+) -> Path:
+    """Left: attainment vs rate per series (the 90 % line marks capacity). Right: TTFT CDF per series."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, points in attainment.items():
+        rates, values = zip(*sorted(points), strict=True) if points else ((), ())
+        left.plot(rates, [100 * v for v in values], marker="o", label=label)
+    left.axhline(90, color="grey", linestyle="--", linewidth=1)
+    left.set(xlabel="rate (programs/s)", ylabel="SLO attainment (%)", ylim=(0, 102), title="Attainment vs rate")
+    left.legend()
+    for label, values in ttfts_ms.items():
+        ordered = np.sort(np.asarray(values, dtype=float))
+        if len(ordered):
+            right.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), label=label)
+    right.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT CDF", xscale="log")
+    right.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

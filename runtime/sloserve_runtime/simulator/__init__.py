@@ -1,0 +1,13 @@
+"""A discrete-event simulator of a vLLM engine under sloserve's scheduling policies.
+
+It batches like vLLM v1's scheduler, predicts step times with the same ``StepTimeModel`` and
+orders queues with the same ``SchedulingPolicy`` objects as the real engine, so policies can be
+compared on traces far larger than the engine can serve here.
+"""
+
+from __future__ import annotations
+
+from sloserve_runtime.simulator.config import SimConfig
+from sloserve_runtime.simulator.loop import simulate
+
+__all__ = ["SimConfig", "simulate"]

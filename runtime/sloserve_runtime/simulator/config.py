@@ -1,0 +1,55 @@
+"""Simulator configuration: the engine's limits and the step-time model it runs on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sloserve_runtime.step_time import PROFILES_DIR, StepTimeModel
+
+# Used when the profile does not state its KV capacity; large enough that KV memory never binds
+# for the traces the bench replays, so such a profile simulates a compute-bound engine.
+DEFAULT_KV_CAPACITY_TOKENS = 1 << 20
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The simulated engine: vLLM's scheduler limits plus the predictor of its step time."""
+
+    step_time: StepTimeModel  # predicts each step's duration and resolves TTFT slowdowns
+    kv_capacity_tokens: int = DEFAULT_KV_CAPACITY_TOKENS  # KV cache size (rounded down to whole blocks)
+    max_num_seqs: int = 256  # vLLM's cap on running requests
+    max_num_batched_tokens: int | None = None  # tokens per step; None: the profile's own chunk size
+    block_size: int = 16  # tokens per KV block
+
+    def __post_init__(self) -> None:
+        if self.kv_capacity_blocks < 1 or self.max_num_seqs < 1 or self.batched_tokens < 1:
+            raise ValueError(f"simulator limits must be positive: {self}")
+
+    @property
+    def batched_tokens(self) -> int:
+        """The engine's own per-step token budget, before the policy narrows it."""
+        return self.max_num_batched_tokens or self.step_time.max_num_batched_tokens
+
+    @property
+    def kv_capacity_blocks(self) -> int:
+        return self.kv_capacity_tokens // self.block_size
+
+    @classmethod
+    def from_profile(cls, path: str | Path) -> SimConfig:
+        """The config of a profile JSON, with its ``kv_capacity_tokens`` when it states one."""
+        data = json.loads(Path(path).read_text())
+        return cls(
+            step_time=StepTimeModel.load(path),
+            kv_capacity_tokens=data.get("kv_capacity_tokens", DEFAULT_KV_CAPACITY_TOKENS),
+        )
+
+    @classmethod
+    def for_step_time(cls, step_time: StepTimeModel) -> SimConfig:
+        """Defaults for ``step_time``; the KV capacity comes from the bundled profile of that name."""
+        profile = PROFILES_DIR / f"{step_time.name}.json"
+        if not profile.is_file():
+            return cls(step_time=step_time)
+        capacity = json.loads(profile.read_text()).get("kv_capacity_tokens", DEFAULT_KV_CAPACITY_TOKENS)
+        return cls(step_time=step_time, kv_capacity_tokens=capacity)

@@ -1,0 +1,120 @@
+"""The simulated engine: forms each step's batch the way vLLM v1's ``Scheduler.schedule()`` does.
+
+The policy only orders the queues and narrows the token budget (as in the vLLM adapter); the
+batching rules below are vLLM's: running requests first, then waiting ones, chunked prefill
+capped by the remaining budget, and preemption of the last running request when KV runs out.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from sloserve_runtime.policies import SchedulingPolicy
+from sloserve_runtime.simulator.config import SimConfig
+from sloserve_runtime.simulator.kv_cache import KVCache
+from sloserve_runtime.simulator.request import SimRequest
+from sloserve_runtime.simulator.waiting_queue import WaitingQueue
+
+
+class Batch(NamedTuple):
+    """One engine step: who runs, how many tokens each computes, and how long it takes."""
+
+    requests: list[SimRequest]  # scheduled requests, in scheduling order
+    tokens: list[int]  # tokens computed for each (a decode: 1; a prefill: its chunk)
+    seconds: float  # predicted duration of the step
+
+
+class Engine:
+    """Waiting queue, running list and KV cache of one simulated vLLM engine."""
+
+    def __init__(self, policy: SchedulingPolicy, config: SimConfig) -> None:
+        self.policy = policy
+        self.config = config
+        self.kv = KVCache(config.kv_capacity_blocks, config.block_size)
+        self.waiting = WaitingQueue(policy)
+        self.running: list[SimRequest] = []
+        self.preemptions = 0  # requests sent back to recompute, over the whole run
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    def add(self, request: SimRequest) -> None:
+        self.waiting.push_back(request)
+
+    def schedule(self) -> Batch | None:
+        """Form the next step's batch and advance its requests' computed tokens; None if nothing runs."""
+        requests: list[SimRequest] = []
+        tokens: list[int] = []
+        budget = self.policy.token_budget(self.config.batched_tokens)
+        budget, preempted = self._schedule_running(budget, requests, tokens)
+        # vLLM admits no waiting request in a step that had to preempt: memory is short.
+        if not preempted:
+            self._schedule_waiting(budget, requests, tokens)
+        if not requests:
+            return None
+        context_tokens = 0
+        for request, count in zip(requests, tokens, strict=True):
+            request.computed_tokens += count
+            context_tokens += request.computed_tokens
+        seconds = self.config.step_time.step_seconds(sum(tokens), len(requests), context_tokens)
+        return Batch(requests, tokens, seconds)
+
+    def complete(self, batch: Batch, now: float) -> list[SimRequest]:
+        """End the step at ``now``: requests whose tokens are all computed sample one token each.
+
+        Returns the requests that produced their last token; their KV blocks are freed.
+        """
+        finished = []
+        for request in batch.requests:
+            if request.computed_tokens == request.num_tokens:
+                request.emit_token(now)
+                if request.finished:
+                    self.kv.free(request)
+                    finished.append(request)
+        if finished:
+            self.running = [request for request in self.running if not request.finished]
+        return finished
+
+    def _schedule_running(self, budget: int, requests: list[SimRequest], tokens: list[int]) -> tuple[int, bool]:
+        policy, running, kv = self.policy, self.running, self.kv
+        if len(running) > 1:
+            running.sort(key=lambda request: policy.running_key(request.state, request.output_count))
+        preempted = False
+        index = 0
+        while index < len(running) and budget > 0:
+            request = running[index]
+            count = min(request.num_tokens - request.computed_tokens, budget)
+            while not kv.allocate(request, request.computed_tokens + count):
+                victim = running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    return budget, preempted
+            requests.append(request)
+            tokens.append(count)
+            budget -= count
+            index += 1
+        return budget, preempted
+
+    def _schedule_waiting(self, budget: int, requests: list[SimRequest], tokens: list[int]) -> None:
+        while budget > 0 and len(self.waiting) > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            # vLLM's scheduler_reserve_full_isl (on by default): admit only if the whole sequence
+            # to compute fits in free blocks, not just its first chunk.
+            if not self.kv.fits(request.num_tokens):
+                return
+            count = min(request.num_tokens, budget)
+            admitted = self.kv.allocate(request, count)
+            assert admitted, "a chunk of a sequence that fits must fit"
+            self.running.append(self.waiting.pop())
+            requests.append(request)
+            tokens.append(count)
+            budget -= count
+
+    def _preempt(self, request: SimRequest) -> None:
+        """Free the request's KV and send it to the front of the waiting queue to recompute."""
+        self.kv.free(request)
+        request.computed_tokens = 0
+        self.preemptions += 1
+        self.waiting.push_front(request)

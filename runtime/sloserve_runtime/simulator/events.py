@@ -1,0 +1,76 @@
+"""Simulation events: each handles itself against the simulation and returns the events it causes."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sloserve_runtime.simulator.engine import Batch
+
+if TYPE_CHECKING:
+    from sloserve_runtime.simulator.loop import Simulation
+
+
+class Event(ABC):
+    """Something that happens at ``time`` (simulated seconds from the start of the trace)."""
+
+    time: float
+
+    @abstractmethod
+    def handle(self, sim: Simulation) -> list[Event]:
+        """Apply the event; return the events it schedules (none earlier than ``time``)."""
+
+
+@dataclass(frozen=True)
+class StageArrival(Event):
+    """A stage call reaches the engine: a program's first stage, or the next one after a finished stage."""
+
+    time: float
+    program_index: int  # position of the program in the trace
+    stage_index: int  # which of its stages
+
+    def handle(self, sim: Simulation) -> list[Event]:
+        request = sim.stages.start(self.program_index, self.stage_index, self.time)
+        if request is None:
+            return []
+        sim.engine.add(request)
+        if sim.stepping:
+            return []
+        # An idle engine wakes up at once, as vLLM's busy loop does when a request comes in.
+        sim.stepping = True
+        return [EngineStep(self.time)]
+
+
+@dataclass(frozen=True)
+class EngineStep(Event):
+    """The engine is free: it forms the next batch, or goes idle when there is no work."""
+
+    time: float
+
+    def handle(self, sim: Simulation) -> list[Event]:
+        batch = sim.engine.schedule()
+        if batch is None:
+            if sim.engine.has_work:
+                raise RuntimeError(f"simulated engine stalled at t={self.time:.3f}s: the policy gave no token budget")
+            sim.stepping = False
+            return []
+        return [StepDone(self.time + batch.seconds, batch)]
+
+
+@dataclass(frozen=True)
+class StepDone(Event):
+    """A batch finishes: tokens come out, finished stages send their program's next stage."""
+
+    time: float
+    batch: Batch
+
+    def handle(self, sim: Simulation) -> list[Event]:
+        events: list[Event] = []
+        for request in sim.engine.complete(self.batch, self.time):
+            following = sim.stages.next_stage(request, self.time)
+            if following is not None:
+                arrival, stage_index = following
+                events.append(StageArrival(arrival, request.program_index, stage_index))
+        events.append(EngineStep(self.time))
+        return events

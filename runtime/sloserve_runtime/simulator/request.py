@@ -1,0 +1,38 @@
+"""One simulated stage call: its SLO state, its progress through the engine and its result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sloserve_runtime.slo_state import SLORequestState
+from sloserve_runtime.workload import StageResult
+
+
+@dataclass(slots=True, eq=False)
+class SimRequest:
+    """A request inside the simulated engine, in vLLM's terms: computed tokens chasing a target.
+
+    Like vLLM v1 there are no phases: the request needs ``num_tokens`` (prompt plus the output so
+    far) computed; a step that completes them samples the next output token.
+    """
+
+    program_index: int  # position of its program in the trace
+    stage_index: int  # position of this stage call in its program
+    state: SLORequestState  # deadlines, as the policies see them
+    output_tokens: int  # output tokens asked for
+    result: StageResult  # filled in as tokens come out (its token_times list is appended to)
+    num_tokens: int  # prompt plus output tokens so far: what a (re)computation must cover
+    computed_tokens: int = 0  # tokens whose KV exists; reset to 0 by a preemption (recompute)
+
+    @property
+    def output_count(self) -> int:
+        return len(self.result.token_times)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.result.token_times) >= self.output_tokens
+
+    def emit_token(self, now: float) -> None:
+        """The step that computed all its tokens ends at ``now`` and samples the next one."""
+        self.result.token_times.append(now)
+        self.num_tokens += 1

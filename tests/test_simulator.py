@@ -1,0 +1,166 @@
+"""The discrete-event simulator: vLLM-style batching under the shared policies, without an engine."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from sloserve.slo import SLO
+from sloserve_runtime.simulator import SimConfig, simulate
+from sloserve_runtime.simulator.loop import Simulation
+from sloserve_runtime.step_time import PROFILES_DIR, LinearPiece, StepTimeModel
+from sloserve_runtime.workload import ProgramSpec, StageResult, StageSpec
+
+# A CPU-like engine: 512-token chunks, so a long prompt takes several steps to prefill.
+MODEL = StepTimeModel(
+    name="test-sim",
+    pieces=(LinearPiece(per_token=0.0004, per_request=0.001, constant=0.03),),
+    max_num_batched_tokens=512,
+)
+A100_PROFILE = PROFILES_DIR / "a100-opt13b-slos-serve.json"
+CHAT = SLO.parse("5x", "100ms")
+
+
+def program(program_id: int, arrival: float, *stages: StageSpec, kind: str = "chatbot") -> ProgramSpec:
+    return ProgramSpec(program_id=program_id, arrival_s=arrival, kind=kind, stages=stages)
+
+
+def chat(prompt: int, output: int, slo: SLO = CHAT, delay: float = 0.0, name: str = "chat") -> StageSpec:
+    return StageSpec(name=name, prompt_tokens=prompt, output_tokens=output, slo=slo, delay_s=delay)
+
+
+def random_trace(count: int, rate: float, seed: int = 7, stages: int = 1) -> list[ProgramSpec]:
+    rng = random.Random(seed)
+    arrival, trace = 0.0, []
+    for index in range(count):
+        arrival += rng.expovariate(rate)
+        calls = [chat(rng.randint(20, 900), rng.randint(1, 60), delay=rng.uniform(0, 0.5)) for _ in range(stages)]
+        trace.append(program(index, arrival, *calls))
+    return trace
+
+
+def first_tokens(results: list[StageResult]) -> dict[int, float]:
+    return {result.program_id: result.token_times[0] for result in results}
+
+
+@pytest.mark.parametrize("policy", ["sloserve", "vllm-fcfs", "vllm-priority", "sarathi"])
+def test_every_token_comes_after_arrival_in_increasing_time(policy):
+    results = simulate(random_trace(300, rate=8.0), policy, MODEL)
+    assert len(results) == 300
+    for result in results:
+        assert result.error is None
+        assert len(result.token_times) == result.output_tokens
+        assert result.token_times[0] > result.arrival
+        assert all(later > earlier for earlier, later in zip(result.token_times, result.token_times[1:]))
+
+
+def test_lone_request_runs_at_the_predicted_step_times():
+    results = simulate([program(0, 2.0, chat(1000, 3))], "sloserve", MODEL)
+    times = results[0].token_times
+    # Zero load: the 1000-token prompt runs as chunks of 512 and 488, exactly as prefill_seconds predicts.
+    assert times[0] == pytest.approx(2.0 + MODEL.prefill_seconds(1000))
+    assert times[1] - times[0] == pytest.approx(MODEL.step_seconds(1, 1, 1001))
+    assert times[2] - times[1] == pytest.approx(MODEL.step_seconds(1, 1, 1002))
+
+
+def test_ttft_target_resolves_the_slowdown_with_the_step_time_model():
+    (result,) = simulate([program(0, 0.0, chat(700, 2, SLO.parse("3x", "50ms")))], "sloserve", MODEL)
+    assert result.ttft_target_ms == pytest.approx(3 * MODEL.prefill_seconds(700) * 1000)
+    assert result.tpot_target_ms == 50
+
+
+def test_kv_use_stays_within_capacity_while_preempting():
+    config = SimConfig(step_time=MODEL, kv_capacity_tokens=2048)
+    sim = Simulation(random_trace(200, rate=20.0, seed=3), "vllm-fcfs", config)
+    results = sim.run()
+    assert sim.engine.preemptions > 0
+    assert 0 < sim.engine.kv.peak_blocks <= config.kv_capacity_blocks
+    assert sim.engine.kv.free_blocks == config.kv_capacity_blocks  # everything was given back
+    assert all(len(result.token_times) == result.output_tokens for result in results)
+
+
+def test_last_running_request_is_preempted_and_recomputes():
+    # Two 16-token prompts each grow to 45 tokens (3 blocks); 4 blocks hold only one of them.
+    config = SimConfig(step_time=MODEL, kv_capacity_tokens=64)
+    sim = Simulation([program(0, 0.0, chat(16, 30)), program(1, 0.001, chat(16, 30))], "vllm-fcfs", config)
+    first, second = sim.run()
+    assert sim.engine.preemptions == 1
+    decode = [later - earlier for earlier, later in zip(first.token_times[1:], first.token_times[2:])]
+    assert max(decode) < 2 * min(decode)  # the first request never stalls
+    assert second.token_times[-1] > first.token_times[-1]
+    assert len(second.token_times) == 30
+
+
+def test_fcfs_serves_equal_requests_in_arrival_order():
+    trace = [program(index, 0.01 * index, chat(300, 20)) for index in range(40)]
+    sim = Simulation(trace, "vllm-fcfs", SimConfig(step_time=MODEL))
+    order = first_tokens(sim.run())
+    assert sim.engine.preemptions == 0
+    assert [order[index] for index in range(40)] == sorted(order.values())
+    assert order[0] < order[39]
+
+
+@pytest.mark.parametrize(("policy", "jumps_the_queue"), [("sloserve", True), ("vllm-fcfs", False)])
+def test_tight_request_jumps_a_queue_of_loose_long_prefills(policy, jumps_the_queue):
+    loose = SLO.parse("120s", "100ms")
+    trace = [program(index, 0.001 * index, chat(1400, 1, loose)) for index in range(6)]
+    # It arrives while the first long prompt is prefilling and the other five are queued.
+    trace.append(program(99, 0.05, chat(10, 1, SLO.parse("500ms", "100ms"))))
+    order = sorted(first_tokens(simulate(trace, policy, MODEL)).items(), key=lambda item: (item[1], item[0]))
+    position = [program_id for program_id, _ in order].index(99)
+    if jumps_the_queue:
+        assert position <= 1
+    else:
+        assert position == 6
+
+
+def test_same_trace_gives_identical_results():
+    trace = random_trace(200, rate=10.0, seed=11, stages=2)
+    assert simulate(trace, "sloserve", MODEL) == simulate(trace, "sloserve", MODEL)
+
+
+def test_next_stage_is_sent_after_the_previous_ends_plus_its_delay():
+    results = simulate(random_trace(100, rate=5.0, seed=5, stages=3), "sloserve", MODEL)
+    by_program: dict[int, list[StageResult]] = {}
+    for result in results:
+        by_program.setdefault(result.program_id, []).append(result)
+    spec = {p.program_id: p for p in random_trace(100, rate=5.0, seed=5, stages=3)}
+    for program_id, stages in by_program.items():
+        assert len(stages) == 3
+        for index in (1, 2):
+            sent_at = stages[index - 1].token_times[-1] + spec[program_id].stages[index].delay_s
+            assert stages[index].arrival == pytest.approx(sent_at)
+            assert stages[index].arrival >= stages[index - 1].token_times[-1]
+
+
+def test_request_larger_than_the_kv_cache_is_rejected_and_ends_its_program():
+    config = SimConfig(step_time=MODEL, kv_capacity_tokens=1024)
+    trace = [program(0, 0.0, chat(1000, 100), chat(10, 5)), program(1, 0.0, chat(100, 5))]
+    results = simulate(trace, "sloserve", MODEL, config)
+    assert [(result.program_id, result.error is None) for result in results] == [(0, False), (1, True)]
+    assert "KV capacity" in results[0].error
+    assert results[0].token_times == []
+
+
+def test_kv_capacity_comes_from_the_profile():
+    assert SimConfig.from_profile(A100_PROFILE).kv_capacity_tokens == 140_000
+    a100 = StepTimeModel.load(A100_PROFILE)
+    assert SimConfig.for_step_time(a100).kv_capacity_tokens == 140_000
+    assert SimConfig.for_step_time(a100).batched_tokens == 2048
+    with pytest.raises(ValueError, match="step_time"):
+        simulate([], "sloserve", a100, SimConfig(step_time=MODEL))
+
+
+def test_ten_thousand_requests_simulate_in_seconds():
+    rng = random.Random(1)
+    arrival, trace = 0.0, []
+    for index in range(10_000):
+        arrival += rng.expovariate(1.0)
+        trace.append(program(index, arrival, chat(rng.randint(150, 250), rng.randint(150, 250))))
+    started = time.perf_counter()
+    results = simulate(trace, "sloserve", StepTimeModel.load(A100_PROFILE))
+    elapsed = time.perf_counter() - started
+    assert sum(len(result.token_times) for result in results) == sum(result.output_tokens for result in results)
+    assert elapsed < 10.0, f"{elapsed:.1f}s"
