@@ -7,7 +7,16 @@ import math
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from sloserve.slo import SLO, parse_tpot, parse_ttft
 from sloserve_runtime.scenarios.arrivals import arrival_times
@@ -50,7 +59,7 @@ class StageClass(_Spec):
     output: LogNormal = Field(description="tokens the call generates")
     ttft: str | float = Field(description="TTFT target: a slowdown like '3x' or ms like '300ms'")
     tpot: str | float = Field(description="TPOT target in ms, e.g. '50ms'")
-    delay_s: float | LogNormal = Field(
+    delay_s: NonNegativeFloat | LogNormal = Field(
         0.0, description="wait before the call (a tool's run time); a program's first call never waits"
     )
     repeat: dict[PositiveInt, PositiveFloat] | None = Field(

@@ -2,7 +2,13 @@
 
 It batches like vLLM v1's scheduler, predicts step times with the same ``StepTimeModel`` and
 orders queues with the same ``SchedulingPolicy`` objects as the real engine, so policies can be
-compared on traces far larger than the engine can serve here.
+compared on traces far larger than the engine can serve here::
+
+    from sloserve_runtime.simulator import SimConfig, simulate
+    from sloserve_runtime.step_time import PROFILES_DIR
+
+    config = SimConfig.from_profile(PROFILES_DIR / "a100-opt13b-slos-serve.json")
+    results = simulate(trace, "sloserve", config.step_time, config)  # list[StageResult]
 """
 
 from __future__ import annotations
