@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from sloserve_runtime.profile_fit import StepSample, fit_step_time
 from sloserve_runtime.step_time import LinearPiece, StepTimeModel
 

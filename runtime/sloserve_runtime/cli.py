@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from sloserve.slo import SLO, SLOError, parse_tpot, parse_ttft
-from sloserve_runtime import server
+from sloserve_runtime import measure_cli, server
 from sloserve_runtime.app_loader import AppFileError, load_app, pick_program
 from sloserve_runtime.model import ModelConversionError
 from sloserve_runtime.report import program_attainment, stage_table
@@ -27,7 +28,7 @@ cli = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 200)
 errors = Console(stderr=True)
 USER_ERRORS = (AppFileError, ModelConversionError, server.ServerError, SLOError)
 
@@ -177,6 +178,28 @@ def _run_and_report(app, chosen, inputs, base_url, concurrency, api_key, model) 
     failed = [result for result in results if result.error]
     if failed:
         raise _fail(f"{len(failed)} of {len(results)} program runs raised an error (shown above)")
+
+
+def _measuring(command):  # noqa: ANN001, ANN202 - wraps a typer command
+    """Report a user's mistake in a measuring command as one line, not a traceback."""
+    import functools
+
+    from sloserve_runtime.measure_cli import MeasureError
+
+    @functools.wraps(command)
+    def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        try:
+            return command(*args, **kwargs)
+        except (MeasureError, *USER_ERRORS) as exc:
+            raise _fail(str(exc)) from None
+        except httpx.HTTPError as exc:
+            raise _fail(f"the endpoint failed: {exc}") from None
+
+    return wrapped
+
+
+cli.command("simulate")(_measuring(measure_cli.simulate_command))
+cli.command("bench")(_measuring(measure_cli.bench_command))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,11 +20,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from sloserve.slo import SLO
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
+from sloserve.slo import SLO
 from sloserve_runtime.policies import DeadlinePolicy
 from sloserve_runtime.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_xargs
 from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel
@@ -108,9 +108,7 @@ class SLOScheduler(Scheduler):
             self.waiting.clear()
             self.waiting.extend(ordered)
         if len(self.running) > 1:
-            self.running.sort(
-                key=lambda request: policy.running_key(self._state(request), request.num_output_tokens)
-            )
+            self.running.sort(key=lambda request: policy.running_key(self._state(request), request.num_output_tokens))
 
     def _forget_finished(self) -> None:
         if len(self.slo_states) > len(self.requests):

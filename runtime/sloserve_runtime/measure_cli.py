@@ -1,0 +1,251 @@
+"""`sloserve simulate` and `sloserve bench`: our figures next to vLLM's stock scheduler, one run each."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sloserve_runtime.bench import Endpoint
+from sloserve_runtime.measure import Measurement, TraceOptions, endpoint_runner, measure, simulator_runner
+from sloserve_runtime.metrics import Summary, compare
+from sloserve_runtime.plots import attainment_and_ttft
+from sloserve_runtime.policies import POLICIES
+from sloserve_runtime.scenarios import SCENARIO_NAMES, load_scenario
+from sloserve_runtime.simulator import SimConfig
+from sloserve_runtime.step_time import DEFAULT_PROFILE, PROFILES_DIR
+
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+Scenario = Annotated[str, typer.Option(help=f"One of {', '.join(SCENARIO_NAMES)}.")]
+Rate = Annotated[float | None, typer.Option(help="Programs per second.")]
+Rates = Annotated[str | None, typer.Option(help="A sweep: comma-separated rates.")]
+Capacity = Annotated[bool, typer.Option(help="Search the highest rate with >= 90 % attainment.")]
+NumRequests = Annotated[int, typer.Option(help="Programs per run (a flat request is a program of one stage).")]
+Seed = Annotated[int, typer.Option(help="Seed of the trace: the same seed gives the same trace.")]
+SloScale = Annotated[float, typer.Option(help="Multiply every TPOT target (slower hardware).")]
+LengthScale = Annotated[float, typer.Option(help="Multiply every prompt and output length.")]
+JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")]
+PlotOut = Annotated[Path | None, typer.Option("--plot", help="Write attainment-vs-rate and TTFT CDF plots here.")]
+
+
+class MeasureError(ValueError):
+    """A bad combination of options; the message says which."""
+
+
+def _rates(rate: float | None, rates: str | None, capacity: bool) -> list[float] | None:
+    given = [rate is not None, rates is not None, capacity]
+    if sum(given) != 1:
+        raise MeasureError("give exactly one of --rate, --rates or --capacity")
+    if rates is not None:
+        try:
+            parsed = [float(value) for value in rates.split(",") if value.strip()]
+        except ValueError:
+            raise MeasureError(f"--rates {rates!r}: expected comma-separated numbers like 0.5,1,2") from None
+        rate_list = parsed
+    else:
+        rate_list = [rate] if rate is not None else []
+    if any(value <= 0 for value in rate_list):
+        raise MeasureError("rates must be positive")
+    return rate_list or None
+
+
+def _profile(path: str) -> SimConfig:
+    candidate = Path(path)
+    if not candidate.is_file():
+        candidate = PROFILES_DIR / f"{path}.json"
+    if not candidate.is_file():
+        names = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.json")))
+        raise MeasureError(f"--profile {path!r}: no such file or bundled profile; bundled: {names}")
+    return SimConfig.from_profile(candidate)
+
+
+def _summary_row(summary: Summary) -> list[str]:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    return [
+        f"{100 * summary.program_attainment:.1f}%", f"{100 * summary.attainment:.1f}%",
+        f"{summary.goodput_rps:.2f}", ms(summary.ttft_ms.p50), ms(summary.ttft_ms.p90), ms(summary.ttft_ms.p99),
+        ms(summary.tpot_ms.p50), ms(summary.tpot_ms.p90), f"{summary.output_throughput_tps:.0f}",
+    ]  # fmt: skip
+
+
+SUMMARY_COLUMNS = (
+    "attain", "req attain", "goodput/s", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p90", "tok/s",
+)  # fmt: skip
+
+
+def results_table(title: str, rows: list[tuple[str, str, Measurement]]) -> Table:
+    table = Table(title=title)
+    for column in ("scenario", "scheduler", "rate", "capacity", *SUMMARY_COLUMNS):
+        table.add_column(column, justify="left" if column in ("scenario", "scheduler") else "right")
+    for scenario, label, measurement in rows:
+        for rate, summary in measurement.probes if measurement.capacity_rps is None else [measurement.headline]:
+            capacity = "-" if measurement.capacity_rps is None else f"{measurement.capacity_rps:.3g}"
+            table.add_row(scenario, label, f"{rate:.3g}", capacity, *_summary_row(summary))
+    return table
+
+
+def json_entry(scenario: str, label: str, measurement: Measurement) -> dict:
+    rate, summary = measurement.headline
+    return {
+        "scenario": scenario,
+        "scheduler": label,
+        "rate": rate,
+        "attainment": summary.program_attainment,
+        "request_attainment": summary.attainment,
+        "capacity_rps": measurement.capacity_rps,
+        "ttft_p90_ms": summary.ttft_ms.p90,
+        "tpot_p90_ms": summary.tpot_ms.p90,
+        "goodput_rps": summary.goodput_rps,
+        "output_throughput_tps": summary.output_throughput_tps,
+        "probes": [{"rate": r, **s.to_json()} for r, s in measurement.probes],
+    }
+
+
+def simulate_command(
+    scenario: Annotated[str, typer.Option(help=f"One of {', '.join(SCENARIO_NAMES)}, or all.")] = "all",
+    profile: Annotated[str, typer.Option(help="A profile JSON, or a bundled profile's name.")] = str(DEFAULT_PROFILE),
+    scheduler: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(POLICIES)}.")] = "sloserve,vllm-fcfs",
+    rate: Rate = None,
+    rates: Rates = None,
+    capacity: Capacity = False,
+    num_requests: NumRequests = 1000,
+    seed: Seed = 0,
+    slo_scale: SloScale = 1.0,
+    length_scale: LengthScale = 1.0,
+    json_out: JsonOut = None,
+    plot: PlotOut = None,
+) -> None:
+    """Simulate schedulers on scenarios with a step-time profile (the same policy code as the engine)."""
+    rate_list = _rates(rate, rates, capacity)
+    config = _profile(profile)
+    schedulers = [name.strip() for name in scheduler.split(",") if name.strip()]
+    unknown = [name for name in schedulers if name not in POLICIES]
+    if unknown:
+        raise MeasureError(f"--scheduler {','.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")
+    scenarios = list(SCENARIO_NAMES) if scenario == "all" else [scenario]
+    options = TraceOptions(num_programs=num_requests, seed=seed, slo_scale=slo_scale, length_scale=length_scale)
+    rows: list[tuple[str, str, Measurement]] = []
+    with Progress(*_columns(), console=console, transient=True) as progress:
+        task = progress.add_task("Simulating", total=len(scenarios) * len(schedulers))
+        for name in scenarios:
+            spec = load_scenario(name)
+            for policy in schedulers:
+                progress.update(task, description=f"Simulating {name} / {policy}")
+                runner = simulator_runner(policy, config)
+                result = measure(policy, runner, spec, options, rate_list, 0.5 if capacity else None, plot is not None)
+                rows.append((name, policy, result))
+                progress.advance(task)
+    console.print(results_table(f"Simulated on {config.step_time.name}", rows))
+    if capacity and "vllm-fcfs" in schedulers:
+        _print_capacity_ratios(rows, "vllm-fcfs")
+    if json_out is not None:
+        _write_json(json_out, {"profile": config.step_time.name, "results": [json_entry(*row) for row in rows]})
+    if plot is not None:
+        _plot(plot, f"simulated on {config.step_time.name}: {', '.join(scenarios)}", rows)
+
+
+def _columns() -> tuple:
+    return (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def _print_capacity_ratios(rows: list[tuple[str, str, Measurement]], baseline: str) -> None:
+    table = Table(title=f"Capacity ratio over {baseline}")
+    table.add_column("scheduler")
+    table.add_column("per scenario")
+    table.add_column("geometric mean", justify="right")
+    base = {scenario: m.capacity_rps for scenario, label, m in rows if label == baseline}
+    for label in dict.fromkeys(label for _, label, _ in rows if label != baseline):
+        ratios = {name: m.capacity_rps / base[name] for name, other, m in rows if other == label and base.get(name)}
+        geo = statistics.geometric_mean(ratios.values()) if ratios and all(ratios.values()) else 0.0
+        table.add_row(label, ", ".join(f"{s} {r:.2f}x" for s, r in ratios.items()), f"{geo:.2f}x")
+    console.print(table)
+
+
+def _plot(path: Path, title: str, rows: list[tuple[str, str, Measurement]]) -> None:
+    attainment = {
+        f"{scenario}/{label}": [(rate, summary.program_attainment) for rate, summary in measurement.probes]
+        for scenario, label, measurement in rows
+    }
+    ttfts: dict[str, list[float]] = {}
+    for scenario, label, measurement in rows:
+        rate, _ = measurement.headline
+        results = measurement.results_at.get(rate, [])
+        ttfts[f"{scenario}/{label} @ {rate:.3g}/s"] = [
+            (r.token_times[0] - r.arrival) * 1000 for r in results if r.token_times
+        ]
+    attainment_and_ttft(path, title, attainment, ttfts)
+    console.print(f"Wrote {path}")
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    console.print(f"Wrote {path}")
+
+
+def bench_command(
+    scenario: Scenario = "chatbot",
+    rate: Rate = None,
+    rates: Rates = None,
+    capacity: Capacity = False,
+    num_requests: NumRequests = 40,
+    endpoint: Annotated[str, typer.Option(help="The endpoint to measure.")] = "http://127.0.0.1:8011/v1",
+    compare_to: Annotated[
+        str | None, typer.Option("--compare", help="A second endpoint: the same trace, in the same run.")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key for the endpoints.")] = None,
+    profile: Annotated[str, typer.Option(help="Profile that resolves TTFT slowdowns.")] = str(DEFAULT_PROFILE),
+    seed: Seed = 0,
+    slo_scale: SloScale = 1.0,
+    length_scale: LengthScale = 1.0,
+    json_out: JsonOut = None,
+    plot: PlotOut = None,
+) -> None:
+    """Stream a scenario's trace to an endpoint (and --compare) and report SLO attainment side by side."""
+    rate_list = _rates(rate, rates, capacity)
+    config = _profile(profile)
+    spec = load_scenario(scenario)
+    targets = [Endpoint(endpoint, api_key)] + ([Endpoint(compare_to, api_key)] if compare_to else [])
+    max_model_len = targets[0].model_card().get("max_model_len")
+    options = TraceOptions(num_requests, seed, slo_scale, length_scale, max_model_len)
+    rows: list[tuple[str, str, Measurement]] = []
+    with Progress(*_columns(), console=console) as progress:
+        for target in targets:
+            runner = endpoint_runner(target, config, progress, target.base_url)
+            start = 0.25 if capacity else None
+            rows.append(
+                (scenario, target.base_url, measure(target.base_url, runner, spec, options, rate_list, start, True))
+            )
+    console.print(results_table(f"{scenario}: {num_requests} programs per run, seed {seed}", rows))
+    if compare_to:
+        _print_comparison(rows[0][2], rows[1][2])
+    if json_out is not None:
+        _write_json(json_out, {"scenario": scenario, "results": [json_entry(*row) for row in rows]})
+    if plot is not None:
+        _plot(plot, f"{scenario} on {endpoint}" + (f" vs {compare_to}" if compare_to else ""), rows)
+
+
+def _print_comparison(ours: Measurement, theirs: Measurement) -> None:
+    table = Table(title=f"{ours.label} / {theirs.label}")
+    table.add_column("rate")
+    for key in ("capacity", "attainment", "goodput", "output_throughput", "ttft_p90"):
+        table.add_column(key, justify="right")
+    pairs = [
+        (rate, summary, theirs.at(rate)) for rate, summary in ours.probes if any(r == rate for r, _ in theirs.probes)
+    ]
+    capacity = f"{ours.capacity_rps / theirs.capacity_rps:.2f}x" if ours.capacity_rps and theirs.capacity_rps else "-"
+    for rate, mine, other in pairs:
+        ratios = compare(mine, other)
+        cells = [f"{ratios[k]:.2f}x" if ratios.get(k) is not None else "-" for k in
+                 ("program_attainment", "goodput", "output_throughput", "ttft_p90")]  # fmt: skip
+        table.add_row(f"{rate:.3g}", capacity, *cells)
+    console.print(table)
