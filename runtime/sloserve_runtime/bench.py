@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,24 +44,34 @@ class Endpoint:
         return response.json()["data"][0]
 
 
-def synthetic_prompt(program_id: int, stage_index: int, length: int) -> list[int]:
-    rng = np.random.default_rng([program_id, stage_index])
+def synthetic_prompt(program_id: int, stage_index: int, length: int, salt: int) -> list[int]:
+    """Random token ids; ``salt`` differs per run so no run hits the prefix cache an earlier run filled."""
+    rng = np.random.default_rng([salt, program_id, stage_index])
     return rng.integers(*VOCAB_RANGE, size=length).tolist()
 
 
-async def _stage_call(
-    client: httpx.AsyncClient, model: str, program: ProgramSpec, index: int, stage: StageSpec, step_time: StepTimeModel
-) -> StageResult:
+@dataclass(frozen=True)
+class _Run:
+    """What every call of one replay shares."""
+
+    client: httpx.AsyncClient
+    model: str
+    step_time: StepTimeModel
+    salt: int
+    start: float
+
+
+async def _stage_call(run: _Run, program: ProgramSpec, index: int, stage: StageSpec) -> StageResult:
     body = {
-        "model": model,
-        "prompt": synthetic_prompt(program.program_id, index, stage.prompt_tokens),
+        "model": run.model,
+        "prompt": synthetic_prompt(program.program_id, index, stage.prompt_tokens, run.salt),
         "max_tokens": stage.output_tokens,
         "ignore_eos": True,
         "stream": True,
         "return_token_ids": True,
         "slo": stage.slo.to_json(),
     }
-    zero_load_ms = step_time.prefill_seconds(stage.prompt_tokens) * 1000.0
+    zero_load_ms = run.step_time.prefill_seconds(stage.prompt_tokens) * 1000.0
     result = StageResult(
         program_id=program.program_id,
         kind=program.kind,
@@ -73,7 +84,7 @@ async def _stage_call(
         tpot_target_ms=stage.slo.tpot_ms,
     )
     try:
-        async with client.stream("POST", "/completions", json=body) as response:
+        async with run.client.stream("POST", "/completions", json=body) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
                 return result
@@ -89,15 +100,13 @@ async def _stage_call(
     return result
 
 
-async def _program(
-    client: httpx.AsyncClient, model: str, program: ProgramSpec, start: float, step_time: StepTimeModel
-) -> list[StageResult]:
-    await asyncio.sleep(max(0.0, start + program.arrival_s - time.time()))
+async def _program(run: _Run, program: ProgramSpec) -> list[StageResult]:
+    await asyncio.sleep(max(0.0, run.start + program.arrival_s - time.time()))
     results = []
     for index, stage in enumerate(program.stages):
         if stage.delay_s:
             await asyncio.sleep(stage.delay_s)
-        result = await _stage_call(client, model, program, index, stage, step_time)
+        result = await _stage_call(run, program, index, stage)
         results.append(result)
         if result.error:
             break  # a later stage depends on this one's output
@@ -113,14 +122,14 @@ async def replay(
 ) -> tuple[list[StageResult], float]:
     """Send every program at its arrival time; return all stage results and the run's duration."""
 
-    async def tracked(program: ProgramSpec) -> list[StageResult]:
+    async def tracked(run: _Run, program: ProgramSpec) -> list[StageResult]:
         try:
-            return await _program(client, model, program, start, step_time)
+            return await _program(run, program)
         finally:
             on_program_done()
 
     async with endpoint.client() as client:
-        start = time.time()
-        per_program = await asyncio.gather(*(tracked(program) for program in trace))
-        duration = time.time() - start
+        run = _Run(client, model, step_time, salt=secrets.randbits(32), start=time.time())
+        per_program = await asyncio.gather(*(tracked(run, program) for program in trace))
+        duration = time.time() - run.start
     return [result for results in per_program for result in results], duration

@@ -129,6 +129,7 @@ def profile(
     model: ModelOption = None,
     out: Annotated[Path, typer.Option(help="Where to write the profile JSON.")] = Path("profile.json"),
     quick: Annotated[bool, typer.Option(help="A smaller grid (about a minute on a CPU).")] = False,
+    steps_out: Annotated[Path | None, typer.Option(help="Also keep the raw measured steps (JSON lines).")] = None,
 ) -> None:
     """Time the live engine's steps over a grid, fit the step-time model, print R² and write the profile."""
     from rich.progress import Progress
@@ -138,7 +139,7 @@ def profile(
     grid = ProfileGrid(prompt_lengths=(16, 256, 1024), concurrency=(1, 8, 24), repeats=1) if quick else ProfileGrid()
     try:
         with Progress(console=console) as progress:
-            fit, metadata = profile_engine(model, grid, progress)
+            fit, metadata = profile_engine(model, grid, progress, steps_out)
     except (*USER_ERRORS, ValueError) as exc:
         raise _fail(str(exc)) from None
     table = Table(title=f"Step-time model {fit.model.name} (seconds)")

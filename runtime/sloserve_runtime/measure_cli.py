@@ -15,7 +15,7 @@ from rich.table import Table
 
 from sloserve_runtime.bench import Endpoint
 from sloserve_runtime.measure import Measurement, TraceOptions, endpoint_runner, measure, simulator_runner
-from sloserve_runtime.metrics import Summary, compare
+from sloserve_runtime.metrics import Summary, compare, summarize
 from sloserve_runtime.plots import attainment_and_ttft
 from sloserve_runtime.policies import POLICIES
 from sloserve_runtime.scenarios import SCENARIO_NAMES, load_scenario
@@ -207,6 +207,10 @@ def bench_command(
     seed: Seed = 0,
     slo_scale: SloScale = 1.0,
     length_scale: LengthScale = 1.0,
+    simulate_as: Annotated[
+        str | None,
+        typer.Option(help="Fidelity: also simulate each endpoint's trace as these schedulers (one per endpoint)."),
+    ] = None,
     json_out: JsonOut = None,
     plot: PlotOut = None,
 ) -> None:
@@ -215,6 +219,9 @@ def bench_command(
     config = _profile(profile)
     spec = load_scenario(scenario)
     targets = [Endpoint(endpoint, api_key)] + ([Endpoint(compare_to, api_key)] if compare_to else [])
+    policies = [name.strip() for name in simulate_as.split(",")] if simulate_as else []
+    if policies and (len(policies) != len(targets) or any(name not in POLICIES for name in policies)):
+        raise MeasureError(f"--simulate-as needs one of {', '.join(POLICIES)} per endpoint ({len(targets)})")
     max_model_len = targets[0].model_card().get("max_model_len")
     options = TraceOptions(num_requests, seed, slo_scale, length_scale, max_model_len)
     rows: list[tuple[str, str, Measurement]] = []
@@ -228,8 +235,12 @@ def bench_command(
     console.print(results_table(f"{scenario}: {num_requests} programs per run, seed {seed}", rows))
     if compare_to:
         _print_comparison(rows[0][2], rows[1][2])
+    fidelity = [_fidelity(row[2], policy, config, spec, options) for row, policy in zip(rows, policies, strict=False)]
+    if fidelity:
+        _print_fidelity(fidelity, config)
     if json_out is not None:
-        _write_json(json_out, {"scenario": scenario, "results": [json_entry(*row) for row in rows]})
+        payload = {"scenario": scenario, "results": [json_entry(*row) for row in rows], "fidelity": fidelity}
+        _write_json(json_out, payload)
     if plot is not None:
         _plot(plot, f"{scenario} on {endpoint}" + (f" vs {compare_to}" if compare_to else ""), rows)
 
@@ -249,3 +260,50 @@ def _print_comparison(ours: Measurement, theirs: Measurement) -> None:
                  ("program_attainment", "goodput", "output_throughput", "ttft_p90")]  # fmt: skip
         table.add_row(f"{rate:.3g}", capacity, *cells)
     console.print(table)
+
+
+FIDELITY_METRICS = ("ttft_p50_ms", "ttft_p90_ms", "tpot_p90_ms", "attainment")
+
+
+def _fidelity_figures(summary: Summary) -> dict[str, float | None]:
+    return {
+        "ttft_p50_ms": summary.ttft_ms.p50,
+        "ttft_p90_ms": summary.ttft_ms.p90,
+        "tpot_p90_ms": summary.tpot_ms.p90,
+        "attainment": summary.program_attainment,
+    }
+
+
+def _fidelity(real: Measurement, policy: str, config: SimConfig, spec, options: TraceOptions) -> dict:  # noqa: ANN001
+    """Simulate the very traces the endpoint served; relative error of each figure, per rate."""
+    runner = simulator_runner(policy, config)
+    rows = []
+    for rate, summary in real.probes:
+        simulated = summarize(*runner(options.trace(spec, rate)))
+        measured, predicted = _fidelity_figures(summary), _fidelity_figures(simulated)
+        errors = {
+            key: abs(predicted[key] - measured[key]) / measured[key] if measured[key] and predicted[key] is not None
+            else None
+            for key in FIDELITY_METRICS
+        }  # fmt: skip
+        rows.append({"rate": rate, "real": measured, "simulated": predicted, "relative_error": errors})
+    return {"endpoint": real.label, "simulated_as": policy, "rates": rows}
+
+
+def _print_fidelity(fidelity: list[dict], config: SimConfig) -> None:
+    table = Table(title=f"Fidelity: real engine vs simulator ({config.step_time.name}), relative error")
+    for column in ("endpoint", "simulated as", "rate", *FIDELITY_METRICS):
+        table.add_column(column, justify="right" if column in FIDELITY_METRICS or column == "rate" else "left")
+    for entry in fidelity:
+        for row in entry["rates"]:
+            cells = []
+            for key in FIDELITY_METRICS:
+                real, simulated, error = row["real"][key], row["simulated"][key], row["relative_error"][key]
+                shown = "-" if error is None else f"{100 * error:.0f}%"
+                cells.append(f"{shown} ({_short(real)} vs {_short(simulated)})")
+            table.add_row(entry["endpoint"], entry["simulated_as"], f"{row['rate']:.3g}", *cells)
+    console.print(table)
+
+
+def _short(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"

@@ -64,7 +64,9 @@ def read_steps(path: Path) -> list[StepSample]:
     return [StepSample(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
-def profile_engine(model: str | None, grid: ProfileGrid, progress: Progress) -> tuple[FitResult, dict[str, str]]:
+def profile_engine(
+    model: str | None, grid: ProfileGrid, progress: Progress, steps_out: Path | None = None
+) -> tuple[FitResult, dict[str, str]]:
     """Start an engine that logs its steps, run the grid, fit, and describe what was measured."""
     with tempfile.TemporaryDirectory(prefix="sloserve-profile-") as scratch:
         step_log = Path(scratch) / "steps.jsonl"
@@ -77,6 +79,8 @@ def profile_engine(model: str | None, grid: ProfileGrid, progress: Progress) -> 
         with server.embedded_server(options) as running:
             asyncio.run(_drive(running.url, running.served_model, grid, progress))
         samples = read_steps(step_log)
+        if steps_out is not None:
+            steps_out.write_text(step_log.read_text())
     name = f"{platform.machine()}-{running.served_model}".lower()
     source = (
         f"measured by `sloserve profile` on this machine: {len(samples)} engine steps over prompt lengths "
