@@ -19,6 +19,7 @@ from sloserve_runtime.metrics import Summary, compare, summarize
 from sloserve_runtime.plots import attainment_and_ttft
 from sloserve_runtime.policies import POLICIES
 from sloserve_runtime.scenarios import SCENARIO_NAMES, load_scenario
+from sloserve_runtime.scenarios import Scenario as ScenarioSpec
 from sloserve_runtime.simulator import SimConfig
 from sloserve_runtime.step_time import DEFAULT_PROFILE, PROFILES_DIR
 
@@ -55,6 +56,13 @@ def _rates(rate: float | None, rates: str | None, capacity: bool) -> list[float]
     if any(value <= 0 for value in rate_list):
         raise MeasureError("rates must be positive")
     return rate_list or None
+
+
+def _scenario(name: str) -> ScenarioSpec:
+    try:
+        return load_scenario(name)
+    except ValueError as exc:
+        raise MeasureError(str(exc)) from None
 
 
 def _profile(path: str) -> SimConfig:
@@ -138,7 +146,7 @@ def simulate_command(
     with Progress(*_columns(), console=console, transient=True) as progress:
         task = progress.add_task("Simulating", total=len(scenarios) * len(schedulers))
         for name in scenarios:
-            spec = load_scenario(name)
+            spec = _scenario(name)
             for policy in schedulers:
                 progress.update(task, description=f"Simulating {name} / {policy}")
                 runner = simulator_runner(policy, config)
@@ -217,7 +225,7 @@ def bench_command(
     """Stream a scenario's trace to an endpoint (and --compare) and report SLO attainment side by side."""
     rate_list = _rates(rate, rates, capacity)
     config = _profile(profile)
-    spec = load_scenario(scenario)
+    spec = _scenario(scenario)
     targets = [Endpoint(endpoint, api_key)] + ([Endpoint(compare_to, api_key)] if compare_to else [])
     policies = [name.strip() for name in simulate_as.split(",")] if simulate_as else []
     if policies and (len(policies) != len(targets) or any(name not in POLICIES for name in policies)):
@@ -274,7 +282,7 @@ def _fidelity_figures(summary: Summary) -> dict[str, float | None]:
     }
 
 
-def _fidelity(real: Measurement, policy: str, config: SimConfig, spec, options: TraceOptions) -> dict:  # noqa: ANN001
+def _fidelity(real: Measurement, policy: str, config: SimConfig, spec: ScenarioSpec, options: TraceOptions) -> dict:
     """Simulate the very traces the endpoint served; relative error of each figure, per rate."""
     runner = simulator_runner(policy, config)
     rows = []

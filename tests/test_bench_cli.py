@@ -1,0 +1,65 @@
+"""`sloserve bench` against the real engine and `sloserve simulate`, through the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+def test_short_bench_run_against_the_real_engine(engine, tmp_path):
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = run_cli(
+        "bench", "--scenario", "chatbot", "--rate", "2", "--num-requests", "20", "--length-scale", "0.1",
+        "--endpoint", engine.base_url, "--compare", engine.base_url, "--simulate-as", "sloserve,vllm-fcfs",
+        "--json", str(out), "--plot", str(plot),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Fidelity" in result.stdout
+    data = json.loads(out.read_text())
+    assert [entry["scheduler"] for entry in data["results"]] == [engine.base_url, engine.base_url]
+    probe = data["results"][0]["probes"][0]
+    assert probe["requests"] == 20 and probe["failed"] == 0 and probe["completed"] == 20
+    assert 0.0 <= probe["attainment"] <= 1.0
+    assert probe["output_throughput_tps"] > 0
+    assert probe["ttft_ms"]["p50"] <= probe["ttft_ms"]["p90"] <= probe["ttft_ms"]["p99"]
+    fidelity = data["fidelity"][0]["rates"][0]
+    assert set(fidelity["relative_error"]) == {"ttft_p50_ms", "ttft_p90_ms", "tpot_p90_ms", "attainment"}
+    assert plot.stat().st_size > 10_000
+
+
+def test_simulate_writes_the_documented_json(tmp_path):
+    out = tmp_path / "sim.json"
+    result = run_cli(
+        "simulate", "--scenario", "coding", "--profile", "a100-opt13b-slos-serve", "--scheduler",
+        "sloserve,vllm-fcfs", "--rate", "1", "--num-requests", "200", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    entries = json.loads(out.read_text())["results"]
+    assert [(e["scenario"], e["scheduler"], e["rate"]) for e in entries] == [
+        ("coding", "sloserve", 1.0),
+        ("coding", "vllm-fcfs", 1.0),
+    ]
+    for entry in entries:
+        assert {"attainment", "capacity_rps", "ttft_p90_ms", "tpot_p90_ms"} <= set(entry)
+        assert entry["capacity_rps"] is None
+        assert entry["ttft_p90_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--scenario", "chatbot", "--rate", "1", "--capacity"], "exactly one of --rate, --rates or --capacity"),
+        (["--scenario", "nope", "--rate", "1"], "unknown scenario 'nope'"),
+        (["--scenario", "chatbot", "--rates", "1,x"], "expected comma-separated numbers"),
+        (["--scenario", "chatbot", "--rate", "1", "--scheduler", "magic"], "--scheduler magic: unknown"),
+        (["--scenario", "chatbot", "--rate", "1", "--profile", "h900"], "no such file or bundled profile"),
+    ],
+)
+def test_simulate_option_mistakes_are_one_line_errors(args, message):
+    result = run_cli("simulate", *args, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
