@@ -24,10 +24,11 @@ SERVER_DEFAULT_TPOT_MS = 900
 class Engine:
     """A running `sloserve serve` process."""
 
-    def __init__(self, port: int, process: subprocess.Popen, log: Path) -> None:
+    def __init__(self, port: int, process: subprocess.Popen, log: Path, step_log: Path) -> None:
         self.port = port
         self.process = process
         self.log = log
+        self.step_log = step_log  # one JSON line per engine step, written by our scheduler
         self.base_url = f"http://127.0.0.1:{port}/v1"
         self.model = "SmolLM2-135M-Instruct"
 
@@ -35,13 +36,17 @@ class Engine:
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     port = free_port()
-    log = tmp_path_factory.mktemp("engine") / "serve.log"
-    command = [*SLOSERVE, "serve", "--port", str(port), "--slo-tpot-ms", str(SERVER_DEFAULT_TPOT_MS)]
+    folder = tmp_path_factory.mktemp("engine")
+    log, step_log = folder / "serve.log", folder / "steps.jsonl"
+    command = [
+        *SLOSERVE, "serve", "--port", str(port), "--slo-tpot-ms", str(SERVER_DEFAULT_TPOT_MS),
+        "--step-log", str(step_log),
+    ]
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_healthy(port, process, log)
-        yield Engine(port, process, log)
+        yield Engine(port, process, log, step_log)
     finally:
         _stop(process)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sloserve_runtime.profile_fit import StepSample, fit_step_time
-from sloserve_runtime.step_time import LinearPiece, StepTimeModel
+from sloserve_runtime.step_time import LinearPiece, StepTimeModel, attended_pairs
 
 
 def synthetic(model: StepTimeModel, count: int, noise: float, seed: int = 1) -> list[StepSample]:
@@ -56,3 +56,33 @@ def test_profile_json_round_trips(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(model.to_json(hardware="test box")))
     assert StepTimeModel.load(path) == model
+
+
+def test_attention_term_is_recovered_from_long_prompt_chunks():
+    """Chunks late in a long prompt cost more: the fit finds the per-pair attention coefficient."""
+    truth = StepTimeModel("truth", (LinearPiece(per_token=7e-4, constant=0.016, per_attended_pair=2e-8),))
+    rng = np.random.default_rng(3)
+    samples = []
+    for _ in range(300):
+        chunk, done = int(rng.integers(16, 512)), int(rng.integers(0, 1500))
+        decodes = int(rng.integers(0, 16))
+        contexts = rng.integers(16, 2048, size=decodes)
+        attended = attended_pairs(chunk, done + chunk) + int(contexts.sum())
+        context = done + chunk + int(contexts.sum())
+        seconds = truth.step_seconds(chunk + decodes, 1 + decodes, context, attended)
+        samples.append(StepSample(chunk + decodes, 1 + decodes, context, seconds, attended))
+    piece = fit_step_time(samples, "fit", "synthetic", 512, max_pieces=1).model.pieces[0]
+    assert piece.per_attended_pair == pytest.approx(2e-8, rel=0.02)
+    assert piece.per_token == pytest.approx(7e-4, rel=0.02)
+
+
+def test_attended_pairs_counts_causal_attention():
+    assert attended_pairs(1, 100) == 100  # a decode attends to its whole context
+    assert attended_pairs(3, 3) == 1 + 2 + 3  # a first chunk: token i attends to i keys
+    assert attended_pairs(2, 10) == 9 + 10  # a later chunk ending at 10
+
+
+def test_fit_uses_the_engine_cycle_where_it_was_measured():
+    sample = StepSample(10, 1, 10, seconds=0.010, cycle_seconds=0.013)
+    assert sample.duration == 0.013
+    assert StepSample(10, 1, 10, seconds=0.010).duration == 0.010

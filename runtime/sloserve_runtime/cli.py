@@ -66,10 +66,17 @@ def serve(
     scheduler: Annotated[
         str, typer.Option(help="sloserve (SLO-aware) or vllm (the stock scheduler, for comparisons).")
     ] = "sloserve",
+    step_log: Annotated[
+        Path | None, typer.Option(help="Append one JSON line per engine step (features, durations) to this file.")
+    ] = None,
 ) -> None:
     """Run vLLM's OpenAI-compatible server with SLO scheduling. Args after -- go to vLLM."""
     if scheduler not in server.SCHEDULERS:
         raise _fail(f"--scheduler {scheduler!r} is not one of {', '.join(server.SCHEDULERS)}")
+    if step_log is not None and scheduler != "sloserve":
+        raise _fail("--step-log needs --scheduler sloserve: the steps are timed inside our scheduler")
+    if step_log is not None and not step_log.resolve().parent.is_dir():
+        raise _fail(f"--step-log {step_log}: folder {step_log.resolve().parent} does not exist")
     options = server.ServerOptions(
         model=model,
         host=host,
@@ -77,6 +84,7 @@ def serve(
         default_slo=_default_slo(slo_ttft_ms, slo_tpot_ms),
         api_key=api_key,
         scheduler=scheduler,
+        step_log=None if step_log is None else str(step_log.resolve()),
         extra_args=list(_vllm_args),
     )
     if not server.port_is_free(host, port):

@@ -10,7 +10,7 @@ from scipy.optimize import nnls
 
 from sloserve_runtime.step_time import LinearPiece, StepTimeModel
 
-FEATURES = ("tokens", "requests", "context_tokens")
+FEATURES = ("tokens", "requests", "context_tokens", "attended")
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,14 @@ class StepSample:
     tokens: int  # scheduled tokens
     requests: int  # requests in the batch
     context_tokens: int  # KV context of the batch after the step
-    seconds: float  # measured duration
+    seconds: float  # measured duration of the model's forward pass (execution)
+    attended: int = 0  # attention pairs of the step (``step_time.attended_pairs`` summed over requests)
+    cycle_seconds: float | None = None  # schedule() to next schedule() while the engine stayed busy
+
+    @property
+    def duration(self) -> float:
+        """What the simulator advances its clock by: the whole engine cycle where it was measured."""
+        return self.seconds if self.cycle_seconds is None else self.cycle_seconds
 
 
 @dataclass(frozen=True)
@@ -34,13 +41,13 @@ class FitResult:
 
 
 def _matrix(samples: Sequence[StepSample]) -> np.ndarray:
-    rows = [[s.tokens, s.requests, s.context_tokens, 1.0] for s in samples]
+    rows = [[s.tokens, s.requests, s.context_tokens, s.attended, 1.0] for s in samples]
     return np.asarray(rows, dtype=float)
 
 
 def _piece(coefficients: np.ndarray) -> LinearPiece:
-    per_token, per_request, per_context, constant = (float(c) for c in coefficients)
-    return LinearPiece(per_token, per_request, per_context, constant)
+    per_token, per_request, per_context, per_attended, constant = (float(c) for c in coefficients)
+    return LinearPiece(per_token, per_request, per_context, constant, per_attended)
 
 
 def _predict(pieces: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -49,8 +56,8 @@ def _predict(pieces: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def _fit_pieces(x: np.ndarray, y: np.ndarray, count: int, iterations: int = 20) -> np.ndarray:
     """Non-negative least squares per piece; points are reassigned to the piece that predicts max."""
-    # Start by splitting on batch size: small batches are compute-light, large ones not.
-    order = np.argsort(x[:, 0] + x[:, 1] * 50)
+    # Start by splitting on batch size (columns are scaled): small batches are compute-light.
+    order = np.argsort(x[:, 0] + x[:, 1])
     groups = np.array_split(order, count)
     pieces = np.vstack([nnls(x[g], y[g])[0] if len(g) else np.zeros(x.shape[1]) for g in groups])
     for _ in range(iterations):
@@ -84,7 +91,11 @@ def fit_step_time(
     """Fit 1..max_pieces linear pieces; keep the count with the best R² on held-out steps."""
     if len(samples) < 10:
         raise ValueError(f"need at least 10 measured steps to fit a step-time model, got {len(samples)}")
-    x, y = _matrix(samples), np.asarray([s.seconds for s in samples], dtype=float)
+    x, y = _matrix(samples), np.asarray([s.duration for s in samples], dtype=float)
+    # Features span ten orders of magnitude (attended pairs vs the constant): fit on columns scaled
+    # to [0, 1] and scale the coefficients back, so NNLS is well conditioned.
+    scale = np.where(x.max(axis=0) > 0, x.max(axis=0), 1.0)
+    x = x / scale
     shuffled = np.random.default_rng(seed).permutation(len(samples))
     cut = max(1, int(len(samples) * holdout))
     test, train = shuffled[:cut], shuffled[cut:]
@@ -96,6 +107,7 @@ def fit_step_time(
         if best is None or score > best[0] + 0.01:
             best = (score, pieces)
     score, pieces = best
+    pieces = pieces / scale
     model = StepTimeModel(
         name=name,
         pieces=tuple(_piece(row) for row in pieces),

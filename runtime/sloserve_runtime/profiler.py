@@ -23,7 +23,7 @@ from sloserve_runtime.profile_fit import FitResult, StepSample, fit_step_time
 class ProfileGrid:
     """The workloads the profiler runs: every (prompt length, concurrent requests) pair."""
 
-    prompt_lengths: tuple[int, ...] = (16, 128, 512, 1024)
+    prompt_lengths: tuple[int, ...] = (16, 128, 512, 1024, 1960)  # up to the default 2,048-token context
     concurrency: tuple[int, ...] = (1, 4, 16, 32)
     output_tokens: int = 24  # decode steps per request
     repeats: int = 2
@@ -43,12 +43,20 @@ async def _run_cell(
             "prompt": rng.integers(100, 20_000, size=prompt_tokens).tolist(),
             "max_tokens": output_tokens,
             "ignore_eos": True,
+            # Streamed, as clients of a latency-bound service read: the API server's per-token work
+            # then shares the CPU with the engine as it does in serving, and the cycle times show it.
+            "stream": True,
         }
         for _ in range(requests)
     ]
-    responses = await asyncio.gather(*(client.post("/completions", json=body) for body in bodies))
-    for response in responses:
+    await asyncio.gather(*(_stream(client, body) for body in bodies))
+
+
+async def _stream(client: httpx.AsyncClient, body: dict) -> None:
+    async with client.stream("POST", "/completions", json=body) as response:
         response.raise_for_status()
+        async for _ in response.aiter_lines():
+            pass
 
 
 async def _drive(base_url: str, model: str, grid: ProfileGrid, progress: Progress) -> None:
@@ -85,8 +93,8 @@ def profile_engine(
     source = (
         f"measured by `sloserve profile` on this machine: {len(samples)} engine steps over prompt lengths "
         f"{list(grid.prompt_lengths)} x concurrency {list(grid.concurrency)}, {grid.output_tokens} output "
-        "tokens each, prefix caching off; each step timed inside the scheduler from schedule() to "
-        "update_from_output()"
+        "tokens each, streamed, prefix caching off; fitted to each step's engine cycle (schedule() to the "
+        "next schedule() while busy), timed inside the scheduler"
     )
     fit = fit_step_time(samples, name, source, options.max_num_batched_tokens)
     hardware = f"{os.cpu_count()} CPUs ({platform.machine()}), vLLM engine as `sloserve serve` starts it"

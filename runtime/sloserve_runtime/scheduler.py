@@ -27,7 +27,7 @@ from vllm.v1.request import Request
 from sloserve.slo import SLO
 from sloserve_runtime.policies import DeadlinePolicy
 from sloserve_runtime.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_xargs
-from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel
+from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel, attended_pairs
 
 CONFIG_KEY = "sloserve"
 
@@ -89,17 +89,22 @@ class SLOScheduler(Scheduler):
         )
 
     def schedule(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's SchedulerOutput
+        started = time.perf_counter()
         self._forget_finished()
         self._order_queues()
         output = super().schedule(*args, **kwargs)
         if self.step_recorder is not None:
-            self.step_recorder.scheduled(output, self.requests)
+            self.step_recorder.scheduled(started, output, self.requests)
         return output
 
     def update_from_output(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's outputs
-        if self.step_recorder is not None:
-            self.step_recorder.executed()
-        return super().update_from_output(*args, **kwargs)
+        recorder = self.step_recorder
+        if recorder is None:
+            return super().update_from_output(*args, **kwargs)
+        executed_at = time.perf_counter()
+        outputs = super().update_from_output(*args, **kwargs)
+        recorder.executed(executed_at, busy_after=self.has_unfinished_requests())
+        return outputs
 
     def _order_queues(self) -> None:
         policy = self.slo_policy
@@ -117,25 +122,52 @@ class SLOScheduler(Scheduler):
 
 
 class StepRecorder:
-    """Times each engine step from the end of ``schedule()`` to the start of ``update_from_output()``.
+    """Logs each engine step's features and durations for the profiler, one JSON line per step.
 
-    Writes JSON lines ``{"tokens", "requests", "context_tokens", "seconds"}`` for the profiler.
+    ``seconds`` is the forward pass, from the end of ``schedule()`` to the start of
+    ``update_from_output()``; ``cycle_seconds`` the whole engine cycle, from this step's
+    ``schedule()`` to the next one's, logged only while the engine stayed busy in between (so no
+    idle wait is counted). The cycle is what a client sees between tokens and what the simulator
+    advances its clock by: it adds scheduling, output processing and the CPU the API server takes.
     """
 
     def __init__(self, path: str) -> None:
         self.sink = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the engine
-        self.pending: deque[tuple[float, dict[str, int]]] = deque()
+        self.pending: deque[tuple[float, float, dict[str, int]]] = deque()
+        self.executed_steps: deque[tuple[float, dict[str, float]]] = deque()  # awaiting their cycle
 
-    def scheduled(self, output: Any, requests: dict[str, Request]) -> None:
+    def scheduled(self, started: float, output: Any, requests: dict[str, Request]) -> None:
+        """A ``schedule()`` call that began at ``started`` produced ``output``."""
+        self._close_cycles(started)
         scheduled = output.num_scheduled_tokens
         if not scheduled:
             return
         # vLLM has already advanced num_computed_tokens by this step's tokens: that is the context.
-        context = sum(requests[rid].num_computed_tokens for rid in scheduled if rid in requests)
-        features = {"tokens": output.total_num_scheduled_tokens, "requests": len(scheduled), "context_tokens": context}
-        self.pending.append((time.perf_counter(), features))
+        context = attended = 0
+        for rid, tokens in scheduled.items():
+            if rid in requests:
+                context += requests[rid].num_computed_tokens
+                attended += attended_pairs(tokens, requests[rid].num_computed_tokens)
+        features = {
+            "tokens": output.total_num_scheduled_tokens,
+            "requests": len(scheduled),
+            "context_tokens": context,
+            "attended": attended,
+        }
+        self.pending.append((started, time.perf_counter(), features))
 
-    def executed(self) -> None:
-        if self.pending:
-            started, features = self.pending.popleft()
-            self.sink.write(json.dumps({**features, "seconds": time.perf_counter() - started}) + "\n")
+    def executed(self, executed_at: float, busy_after: bool) -> None:
+        """The oldest pending step's forward pass ended at ``executed_at``; ``busy_after``: work remains."""
+        if not self.pending:
+            return
+        started, executing, features = self.pending.popleft()
+        record = {**features, "seconds": executed_at - executing}
+        if busy_after:
+            self.executed_steps.append((started, record))
+        else:
+            self.sink.write(json.dumps(record) + "\n")
+
+    def _close_cycles(self, now: float) -> None:
+        while self.executed_steps:
+            started, record = self.executed_steps.popleft()
+            self.sink.write(json.dumps({**record, "cycle_seconds": now - started}) + "\n")

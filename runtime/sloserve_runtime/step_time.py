@@ -22,16 +22,28 @@ class LinearPiece:
 
     per_token: float = 0.0  # per scheduled token (prefill chunk tokens + one per decode)
     per_request: float = 0.0  # per request in the batch
-    per_context_token: float = 0.0  # per token of KV context attended to
+    per_context_token: float = 0.0  # per token of KV context in the batch
     constant: float = 0.0  # fixed cost of a step
+    per_attended_pair: float = 0.0  # per (query token, key token) pair of attention; see ``attended_pairs``
 
-    def seconds(self, tokens: int, requests: int, context_tokens: int) -> float:
+    def seconds(self, tokens: int, requests: int, context_tokens: int, attended: int = 0) -> float:
         return (
             self.per_token * tokens
             + self.per_request * requests
             + self.per_context_token * context_tokens
+            + self.per_attended_pair * attended
             + self.constant
         )
+
+
+def attended_pairs(tokens: int, context_after: int) -> int:
+    """Causal attention work of computing ``tokens`` new tokens that end at ``context_after``.
+
+    Each new token attends to every earlier token and itself: a decode (1 token) to its whole
+    context, a prefill chunk of c tokens ending at n to c·n − c(c−1)/2 keys in all. A chunk late in a
+    long prompt costs far more than the first one; a per-context-token term alone cannot see that.
+    """
+    return tokens * context_after - tokens * (tokens - 1) // 2
 
 
 @dataclass(frozen=True)
@@ -43,8 +55,8 @@ class StepTimeModel:
     max_num_batched_tokens: int = 2048  # prefill chunk size the profile was taken with
     source: str = ""  # where the coefficients come from and how they were obtained
 
-    def step_seconds(self, tokens: int, requests: int, context_tokens: int = 0) -> float:
-        return max(piece.seconds(tokens, requests, context_tokens) for piece in self.pieces)
+    def step_seconds(self, tokens: int, requests: int, context_tokens: int = 0, attended: int = 0) -> float:
+        return max(piece.seconds(tokens, requests, context_tokens, attended) for piece in self.pieces)
 
     def prefill_seconds(self, prompt_tokens: int) -> float:
         """Zero-load prefill time of a prompt: its chunks run alone, one step each."""
@@ -53,14 +65,14 @@ class StepTimeModel:
         while done < prompt_tokens:
             tokens = min(chunk, prompt_tokens - done)
             done += tokens
-            total += self.step_seconds(tokens, 1, done)
+            total += self.step_seconds(tokens, 1, done, attended_pairs(tokens, done))
         return total
 
-    def token_budget(self, step_seconds_bound: float, requests: int, context_tokens: int) -> int:
-        """The most tokens whose predicted step time stays within the bound."""
+    def token_budget(self, step_seconds_bound: float, requests: int, context_tokens: int, attended: int = 0) -> int:
+        """The most tokens whose predicted step time stays within the bound (attention work given)."""
         best = math.inf
         for piece in self.pieces:
-            fixed = piece.seconds(0, requests, context_tokens)
+            fixed = piece.seconds(0, requests, context_tokens, attended)
             if fixed > step_seconds_bound:
                 return 0
             if piece.per_token > 0:

@@ -14,6 +14,7 @@ from sloserve_runtime.simulator.config import SimConfig
 from sloserve_runtime.simulator.kv_cache import KVCache
 from sloserve_runtime.simulator.request import SimRequest
 from sloserve_runtime.simulator.waiting_queue import WaitingQueue
+from sloserve_runtime.step_time import attended_pairs
 
 
 class Batch(NamedTuple):
@@ -53,11 +54,12 @@ class Engine:
             self._schedule_waiting(budget, requests, tokens)
         if not requests:
             return None
-        context_tokens = 0
+        context_tokens = attended = 0
         for request, count in zip(requests, tokens, strict=True):
             request.computed_tokens += count
             context_tokens += request.computed_tokens
-        seconds = self.config.step_time.step_seconds(sum(tokens), len(requests), context_tokens)
+            attended += attended_pairs(count, request.computed_tokens)
+        seconds = self.config.step_time.step_seconds(sum(tokens), len(requests), context_tokens, attended)
         return Batch(requests, tokens, seconds)
 
     def complete(self, batch: Batch, now: float) -> list[SimRequest]:
