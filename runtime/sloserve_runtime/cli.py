@@ -151,12 +151,12 @@ def profile(
     except (*USER_ERRORS, ValueError) as exc:
         raise _fail(str(exc)) from None
     table = Table(title=f"Step-time model {fit.model.name} (seconds)")
-    for column in ("piece", "per token", "per request", "per context token", "constant"):
+    for column in ("piece", "per token", "per request", "per context token", "per attended pair", "constant"):
         table.add_column(column, justify="right")
     for index, piece in enumerate(fit.model.pieces):
         table.add_row(
             str(index), f"{piece.per_token:.3e}", f"{piece.per_request:.3e}",
-            f"{piece.per_context_token:.3e}", f"{piece.constant:.3e}",
+            f"{piece.per_context_token:.3e}", f"{piece.per_attended_pair:.3e}", f"{piece.constant:.3e}",
         )  # fmt: skip
     console.print(table)
     console.print(f"R² on {fit.test_points} held-out steps: {fit.r2_heldout:.3f} (fitted on {fit.train_points})")

@@ -1,15 +1,18 @@
-"""Scheduling policies: the ordering (and token budget) rules shared by the vLLM adapter and the simulator.
+"""Scheduling policies: ordering, token budget and admission, shared by the vLLM adapter and the simulator.
 
-A policy sees only ``SLORequestState`` and counts, never an engine object, so the vLLM adapter
-(``scheduler.py``) and the simulator (``simulator/``) call the very same code. Policies are
-registered by name in ``POLICIES``.
+A policy sees only ``SLORequestState`` and ``LiveRequest`` views, never an engine object, so the
+vLLM adapter (``scheduler.py``) and the simulator (``simulator/``) call the very same code.
+Policies are registered by name in ``POLICIES``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
+from sloserve_runtime.planner import ADMITTED, Decision, LiveRequest, Planner
 from sloserve_runtime.slo_state import SLORequestState
+from sloserve_runtime.step_time import StepTimeModel
 
 SortKey = tuple[float, ...]
 
@@ -24,6 +27,10 @@ class SchedulingPolicy(ABC):
 
     name: str
 
+    def __init__(self, step_time: StepTimeModel, max_budget: int) -> None:
+        self.step_time = step_time
+        self.max_budget = max_budget  # the engine's own per-step token limit
+
     @abstractmethod
     def waiting_key(self, state: SLORequestState) -> SortKey:
         """Sort key of a request that has not started (or was preempted)."""
@@ -32,21 +39,56 @@ class SchedulingPolicy(ABC):
     def running_key(self, state: SLORequestState, output_tokens: int) -> SortKey:
         """Sort key of a running request that has produced ``output_tokens`` tokens."""
 
-    def token_budget(self, default_budget: int) -> int:
-        """Tokens the next step may schedule; the default is the engine's own budget."""
-        return default_budget
+    def token_budget(self, running: Sequence[LiveRequest]) -> int:
+        """Tokens the next step may schedule, given the running requests; by default the engine's own."""
+        return self.max_budget
+
+    def admit(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
+        """Decide on a request as it arrives (``live``: the other admitted requests in the engine)."""
+        return ADMITTED
+
+    def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool) -> list[bool]:
+        """Which running requests (in running order) sit this step out; vLLM would serve them all first."""
+        return [False] * len(running)
 
 
 class DeadlinePolicy(SchedulingPolicy):
-    """sloserve: earliest first-token deadline first; running by tightest next-token deadline."""
+    """sloserve-edf: deadline order only: earliest first-token deadline; running by next-token deadline."""
 
-    name = "sloserve"
+    name = "sloserve-edf"
 
     def waiting_key(self, state: SLORequestState) -> SortKey:
         return state.waiting_key()
 
     def running_key(self, state: SLORequestState, output_tokens: int) -> SortKey:
         return state.running_key(output_tokens)
+
+
+class PlannerPolicy(DeadlinePolicy):
+    """sloserve: deadline order, the planner's per-step budget and soft admission (best effort)."""
+
+    name = "sloserve"
+
+    def __init__(self, step_time: StepTimeModel, max_budget: int) -> None:
+        super().__init__(step_time, max_budget)
+        self.planner = Planner(step_time, max_budget)
+
+    def running_key(self, state: SLORequestState, output_tokens: int) -> SortKey:
+        # Decodes first (each needs one token this step to keep its TPOT), then prefill chunks;
+        # each group by deadline. Best effort after all admitted work.
+        return (state.best_effort, output_tokens == 0, state.token_deadline(output_tokens), state.tpot_seconds)
+
+    def token_budget(self, running: Sequence[LiveRequest]) -> int:
+        return self.planner.token_budget(running)
+
+    def admit(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
+        decision = self.planner.admit(now, new, live)
+        new.state.best_effort = not decision.admitted
+        new.state.admission = decision.reason
+        return decision
+
+    def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool) -> list[bool]:
+        return self.planner.held_back(running, admitted_waiting)
 
 
 class FCFSPolicy(SchedulingPolicy):
@@ -79,17 +121,19 @@ class SarathiPolicy(FCFSPolicy):
     name = "sarathi"
     chunk_tokens = 256
 
-    def token_budget(self, default_budget: int) -> int:
-        return min(default_budget, self.chunk_tokens)
+    def token_budget(self, running: Sequence[LiveRequest]) -> int:
+        return min(self.max_budget, self.chunk_tokens)
 
 
 POLICIES: dict[str, type[SchedulingPolicy]] = {
-    policy.name: policy for policy in (DeadlinePolicy, FCFSPolicy, TierPriorityPolicy, SarathiPolicy)
+    policy.name: policy for policy in (PlannerPolicy, DeadlinePolicy, FCFSPolicy, TierPriorityPolicy, SarathiPolicy)
 }
 
 
-def make_policy(name: str) -> SchedulingPolicy:
+def make_policy(name: str, step_time: StepTimeModel, max_budget: int) -> SchedulingPolicy:
+    """The policy registered as ``name``, for an engine with this step-time model and token limit."""
     try:
-        return POLICIES[name]()
+        policy = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(POLICIES)}") from None
+    return policy(step_time, max_budget)

@@ -1,12 +1,15 @@
-"""The vLLM adapter: a thin subclass of vLLM's v1 ``Scheduler`` that orders work by SLO deadlines.
+"""The vLLM adapter: a thin subclass of vLLM's v1 ``Scheduler`` driven by our policy and planner.
 
-It maps each engine request onto an ``SLORequestState`` (which imports no vLLM) and, before
-every step, reorders vLLM's own queues with ``DeadlinePolicy`` (the policy the simulator runs
-too); vLLM's ``schedule()`` then does the batching:
+It maps each engine request onto an ``SLORequestState`` and a ``LiveRequest`` view (which import
+no vLLM) and calls the policy the simulator runs too (``sloserve``: ``PlannerPolicy``):
 
-* waiting requests: earliest first-token deadline first;
-* running requests: tightest next-token deadline first, so the loosest is preempted first
-  when KV memory runs out.
+* on arrival, admission: admitted, or best effort (served from leftover budget, preempted first);
+* before every step, vLLM's own queues are reordered (waiting: admitted first, earliest
+  first-token deadline first; running: admitted first, tightest next-token deadline first, so the
+  last is preempted first when KV memory runs out) and the step's token budget is narrowed to the
+  planner's (``max_num_scheduled_tokens`` for that one step);
+
+vLLM's ``schedule()`` then does the batching.
 
 Server-wide defaults, the step-time profile and an optional step log (for ``sloserve profile``)
 arrive as ``--additional-config '{"sloserve": {...}}'`` (see ``SLOConfig``).
@@ -25,7 +28,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from sloserve.slo import SLO
-from sloserve_runtime.policies import DeadlinePolicy
+from sloserve_runtime.planner import LiveRequest
+from sloserve_runtime.policies import make_policy
 from sloserve_runtime.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_xargs
 from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel, attended_pairs
 
@@ -39,6 +43,7 @@ class SLOConfig:
     default_slo: SLO = SLO()  # applies to requests that carry no SLO of their own
     profile: str = str(DEFAULT_PROFILE)  # step-time profile used to resolve TTFT slowdowns
     step_log: str | None = None  # if set, append one JSON line per engine step (features, seconds)
+    policy: str = "sloserve"  # a name from ``policies.POLICIES``
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> SLOConfig:
@@ -47,6 +52,7 @@ class SLOConfig:
             default_slo=SLO.parse(section.get("default_ttft"), section.get("default_tpot")),
             profile=section.get("profile") or str(DEFAULT_PROFILE),
             step_log=section.get("step_log"),
+            policy=section.get("policy") or "sloserve",
         )
 
     def to_additional_config(self) -> dict[str, Any]:
@@ -55,6 +61,7 @@ class SLOConfig:
             "default_tpot": self.default_slo.tpot_ms,
             "profile": self.profile,
             "step_log": self.step_log,
+            "policy": self.policy,
         }
         return {CONFIG_KEY: section}
 
@@ -66,13 +73,20 @@ class SLOScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.slo_config = SLOConfig.from_additional_config(self.vllm_config.additional_config)
         self.step_time = StepTimeModel.load(self.slo_config.profile)
-        self.slo_policy = DeadlinePolicy()
+        self.slo_policy = make_policy(self.slo_config.policy, self.step_time, self.max_num_scheduled_tokens)
         self.slo_states: dict[str, SLORequestState] = {}
         self.step_recorder = StepRecorder(self.slo_config.step_log) if self.slo_config.step_log else None
 
     def add_request(self, request: Request) -> None:
-        self._state(request)
+        state = self._state(request)
+        live = [self._live(other) for other in (*self.running, *self.waiting)]
+        self.slo_policy.admit(time.time(), LiveRequest(state, request.num_tokens, 0), live)
         super().add_request(request)
+
+    def _live(self, request: Request) -> LiveRequest:
+        return LiveRequest(
+            self._state(request), request.num_tokens - request.num_computed_tokens, request.num_computed_tokens
+        )
 
     def _state(self, request: Request) -> SLORequestState:
         state = self.slo_states.get(request.request_id)
@@ -92,7 +106,13 @@ class SLOScheduler(Scheduler):
         started = time.perf_counter()
         self._forget_finished()
         self._order_queues()
-        output = super().schedule(*args, **kwargs)
+        self._defer_running()
+        engine_budget = self.max_num_scheduled_tokens
+        self.max_num_scheduled_tokens = self.slo_policy.token_budget([self._live(r) for r in self.running])
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_scheduled_tokens = engine_budget
         if self.step_recorder is not None:
             self.step_recorder.scheduled(started, output, self.requests)
         return output
@@ -114,6 +134,24 @@ class SLOScheduler(Scheduler):
             self.waiting.extend(ordered)
         if len(self.running) > 1:
             self.running.sort(key=lambda request: policy.running_key(self._state(request), request.num_output_tokens))
+
+    def _defer_running(self) -> None:
+        """Running requests the policy holds back this step are skipped by vLLM's own rule."""
+        held = self.slo_policy.held_back([self._live(r) for r in self.running], self._admitted_can_start())
+        for request, hold in zip(self.running, held, strict=True):
+            if hold:
+                # schedule() advances current_step by one, then skips requests not yet eligible.
+                request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
+
+    def _admitted_can_start(self) -> bool:
+        """An admitted request heads the (ordered) waiting queue and has room to start."""
+        if not self.waiting or len(self.running) >= self.max_num_running_reqs:
+            return False
+        head = next(iter(self.waiting))  # admitted requests sort first
+        if self._state(head).best_effort:
+            return False
+        free_tokens = self.kv_cache_manager.block_pool.get_num_free_blocks() * self.block_size
+        return free_tokens >= head.num_tokens - head.num_computed_tokens
 
     def _forget_finished(self) -> None:
         if len(self.slo_states) > len(self.requests):

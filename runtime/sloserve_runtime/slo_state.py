@@ -48,6 +48,8 @@ class SLORequestState:
     prompt_tokens: int  # length of the prompt
     first_token_deadline: float  # first output token due by this time (inf: no TTFT target)
     tpot_seconds: float  # each later output token due this long after the previous (inf: none)
+    best_effort: bool = False  # not admitted: served from leftover budget, preempted first
+    admission: str = "admitted"  # the planner's decision and its reason
 
     @classmethod
     def create(
@@ -80,10 +82,10 @@ class SLORequestState:
         """Deadline of the next token, given how many output tokens exist already."""
         return self.token_deadline(output_tokens)
 
-    def waiting_key(self) -> tuple[float, float]:
-        """Sort key among waiting requests: earliest first-token deadline, then arrival."""
-        return (self.first_token_deadline, self.arrival)
+    def waiting_key(self) -> tuple[bool, float, float]:
+        """Sort key among waiting requests: admitted first, earliest first-token deadline, then arrival."""
+        return (self.best_effort, self.first_token_deadline, self.arrival)
 
-    def running_key(self, output_tokens: int) -> tuple[float, float, float]:
-        """Sort key among running requests: tightest next deadline, then tightest TPOT."""
-        return (self.next_deadline(output_tokens), self.tpot_seconds, self.arrival)
+    def running_key(self, output_tokens: int) -> tuple[bool, float, float, float]:
+        """Sort key among running requests: admitted first, tightest next deadline, tightest TPOT."""
+        return (self.best_effort, self.next_deadline(output_tokens), self.tpot_seconds, self.arrival)

@@ -45,3 +45,5 @@ class StageResult:
     ttft_target_ms: float | None  # resolved target (slowdowns resolved with the profile)
     tpot_target_ms: float | None
     error: str | None = None  # why the call failed, if it did
+    admission: str | None = None  # the scheduler's admission decision, where it reports one
+    best_effort: bool = False  # not admitted: served from leftover budget

@@ -34,21 +34,35 @@ class Engine:
         self.kv = KVCache(config.kv_capacity_blocks, config.block_size)
         self.waiting = WaitingQueue(policy)
         self.running: list[SimRequest] = []
+        # Unfinished requests the policy admitted (not best effort): all the planner weighs a new
+        # arrival against, so admission under a long best-effort backlog stays cheap.
+        self.admitted: dict[int, SimRequest] = {}
         self.preemptions = 0  # requests sent back to recompute, over the whole run
 
     @property
     def has_work(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0
 
-    def add(self, request: SimRequest) -> None:
+    def add(self, request: SimRequest, now: float) -> None:
+        """A request arrives at ``now``: the policy decides on its admission, then it waits."""
+        decision = self.policy.admit(now, request.live(), [admitted.live() for admitted in self.admitted.values()])
+        request.result.admission, request.result.best_effort = decision.reason, not decision.admitted
+        if decision.admitted:
+            self.admitted[id(request)] = request
         self.waiting.push_back(request)
 
     def schedule(self) -> Batch | None:
         """Form the next step's batch and advance its requests' computed tokens; None if nothing runs."""
         requests: list[SimRequest] = []
         tokens: list[int] = []
-        budget = self.policy.token_budget(self.config.batched_tokens)
-        budget, preempted = self._schedule_running(budget, requests, tokens)
+        policy, running = self.policy, self.running
+        if len(running) > 1:
+            running.sort(key=lambda request: policy.running_key(request.state, request.output_count))
+        # The policy's view of the running requests, in running order, as the vLLM adapter gives it.
+        live = [request.live() for request in running]
+        budget = policy.token_budget(live)
+        held = policy.held_back(live, self._admitted_can_start())
+        budget, preempted = self._schedule_running(budget, held, requests, tokens)
         # vLLM admits no waiting request in a step that had to preempt: memory is short.
         if not preempted:
             self._schedule_waiting(budget, requests, tokens)
@@ -73,19 +87,23 @@ class Engine:
                 request.emit_token(now)
                 if request.finished:
                     self.kv.free(request)
+                    self.admitted.pop(id(request), None)
                     finished.append(request)
         if finished:
             self.running = [request for request in self.running if not request.finished]
         return finished
 
-    def _schedule_running(self, budget: int, requests: list[SimRequest], tokens: list[int]) -> tuple[int, bool]:
-        policy, running, kv = self.policy, self.running, self.kv
-        if len(running) > 1:
-            running.sort(key=lambda request: policy.running_key(request.state, request.output_count))
+    def _schedule_running(
+        self, budget: int, held: list[bool], requests: list[SimRequest], tokens: list[int]
+    ) -> tuple[int, bool]:
+        running, kv = self.running, self.kv
         preempted = False
         index = 0
         while index < len(running) and budget > 0:
             request = running[index]
+            if held[index]:
+                index += 1
+                continue
             count = min(request.num_tokens - request.computed_tokens, budget)
             while not kv.allocate(request, request.computed_tokens + count):
                 victim = running.pop()
@@ -98,6 +116,13 @@ class Engine:
             budget -= count
             index += 1
         return budget, preempted
+
+    def _admitted_can_start(self) -> bool:
+        """An admitted request heads the waiting queue and would get in if budget were left for it."""
+        if not len(self.waiting) or len(self.running) >= self.config.max_num_seqs:
+            return False
+        head = self.waiting.peek()  # admitted requests sort first
+        return not head.state.best_effort and self.kv.fits(head.num_tokens)
 
     def _schedule_waiting(self, budget: int, requests: list[SimRequest], tokens: list[int]) -> None:
         while budget > 0 and len(self.waiting) > 0 and len(self.running) < self.config.max_num_seqs:

@@ -34,7 +34,7 @@ class StageArrival(Event):
         request = sim.stages.start(self.program_index, self.stage_index, self.time)
         if request is None:
             return []
-        sim.engine.add(request)
+        sim.engine.add(request, self.time)
         if sim.stepping:
             return []
         # An idle engine wakes up at once, as vLLM's busy loop does when a request comes in.

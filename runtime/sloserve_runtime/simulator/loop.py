@@ -18,7 +18,7 @@ class Simulation:
     """One run of a trace through one simulated engine under one policy."""
 
     def __init__(self, trace: list[ProgramSpec], policy_name: str, config: SimConfig) -> None:
-        self.engine = Engine(make_policy(policy_name), config)
+        self.engine = Engine(make_policy(policy_name, config.step_time, config.batched_tokens), config)
         self.stages = StageCalls(trace, config)
         self.stepping = False  # whether an engine step is under way or due (else the engine idles)
         self._events: list[tuple[float, int, Event]] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sloserve_runtime.planner import LiveRequest
 from sloserve_runtime.slo_state import SLORequestState
 from sloserve_runtime.workload import StageResult
 
@@ -23,6 +24,10 @@ class SimRequest:
     result: StageResult  # filled in as tokens come out (its token_times list is appended to)
     num_tokens: int  # prompt plus output tokens so far: what a (re)computation must cover
     computed_tokens: int = 0  # tokens whose KV exists; reset to 0 by a preemption (recompute)
+
+    def live(self) -> LiveRequest:
+        """The planner's view of this request."""
+        return LiveRequest(self.state, self.num_tokens - self.computed_tokens, self.computed_tokens)
 
     @property
     def output_count(self) -> int:

@@ -1,0 +1,213 @@
+"""The SLO planner: a per-step token budget and soft admission. Imports no vLLM.
+
+Both the vLLM adapter (``scheduler.py``) and the simulator call it, through the ``sloserve``
+policy, on ``LiveRequest`` views of their own request objects.
+
+* **Budget.** The tightest TPOT among the admitted requests that decode bounds the step time;
+  the step-time model turns that bound into the most tokens a step may schedule. Decodes come
+  first (the policy's running order), prefill chunks get what is left, earliest first-token
+  deadline first.
+* **Admission.** A new request is admitted only if every admitted request stays feasible: the
+  decodes it adds must still fit a step within the tightest TPOT, and a forward simulation of
+  the prefill queue in deadline order, at the budget those decodes leave, must still bring every
+  admitted request's first token before its deadline. Otherwise it goes to the best-effort
+  class: served after every admitted request from leftover budget, and preempted first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from sloserve_runtime.slo_state import SLORequestState
+from sloserve_runtime.step_time import StepTimeModel, attended_pairs
+
+
+class LiveRequest(NamedTuple):
+    """What the planner needs of one request in the engine (admitted or not yet scheduled)."""
+
+    state: SLORequestState
+    to_compute: int  # tokens to compute before its next output token (1 while decoding)
+    context: int  # tokens whose KV exists
+
+    @property
+    def decoding(self) -> bool:
+        return self.to_compute <= 1 and self.context > 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An admission decision and why, as responses and metrics report it."""
+
+    admitted: bool
+    reason: str
+
+
+ADMITTED = Decision(True, "admitted")
+
+
+@dataclass
+class Planner:
+    """Budget and admission for one engine, from its step-time model."""
+
+    step_time: StepTimeModel
+    max_budget: int  # the engine's own per-step token limit
+    # Plan steps this much shorter than the tightest TPOT: the step-time model's error on the real
+    # engine, and the windowed TPOT rule, leave no room for a step planned at exactly the bound.
+    headroom: float = 0.9
+
+    # ---- per-step budget ----
+
+    def step_bound(self, live: Sequence[LiveRequest]) -> float:
+        """Seconds a step may take: the tightest TPOT among admitted decoding requests (inf: none)."""
+        tpots = [r.state.tpot_seconds for r in live if r.decoding and not r.state.best_effort]
+        return min(tpots, default=math.inf) * self.headroom
+
+    def token_budget(self, running: Sequence[LiveRequest]) -> int:
+        """Tokens the next step may schedule, given the running requests (decodes and chunks)."""
+        bound = self.step_bound(running)
+        if math.isinf(bound):
+            return self.max_budget
+        # Best-effort decodes are left out: they run only on time left over (``held_back``).
+        decodes = [r for r in running if r.decoding and not r.state.best_effort]
+        context = sum(r.context + 1 for r in decodes)
+        attended = sum(attended_pairs(1, r.context + 1) for r in decodes)
+        # One more request in the batch: the prefill chunk the leftover budget goes to.
+        budget = self.step_time.token_budget(bound, len(decodes) + 1, context, attended)
+        # Admitted decodes always run: admission keeps them within the bound, and a step that
+        # skipped one would break its TPOT for sure.
+        return max(len(decodes), min(budget, self.max_budget), 1)
+
+    def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool) -> list[bool]:
+        """Best effort runs on leftover time only: which running requests sit this step out.
+
+        While an admitted request waits to start, every best-effort request waits too (vLLM would
+        serve running requests first). Otherwise best-effort requests join, in running order, as
+        long as the step stays within the bound: each costs its per-request time, which a token
+        budget alone does not see.
+        """
+        held = [False] * len(running)
+        best_effort = [index for index, r in enumerate(running) if r.state.best_effort]
+        if not best_effort:
+            return held
+        if admitted_waiting:
+            for index in best_effort:
+                held[index] = True
+            return held
+        bound = self.step_bound(running)
+        if math.isinf(bound):
+            return held
+        admitted = [r for r in running if not r.state.best_effort]
+        tokens = sum(r.to_compute for r in admitted)
+        requests, context = len(admitted), sum(r.context + r.to_compute for r in admitted)
+        for position, index in enumerate(best_effort):
+            r = running[index]
+            # A best-effort decode takes 1 token; a chunk at least one; either adds a request.
+            step = self.step_time.step_seconds(tokens + 1, requests + 1, context + r.context + 1, context + r.context)
+            if step > bound:
+                for later in best_effort[position:]:  # the step is full: the rest wait too
+                    held[later] = True
+                break
+            tokens, requests, context = tokens + 1, requests + 1, context + r.context + 1
+        return held
+
+    # ---- admission ----
+
+    def admit(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
+        """Whether ``new`` can join the admitted requests in ``live`` without breaking any promise."""
+        admitted = [r for r in live if not r.state.best_effort and r.state is not new.state]
+        decision = self._decode_fits(new, admitted)
+        if decision.admitted:
+            decision = self._prefills_fit(now, new, admitted)
+        return decision
+
+    def _decode_fits(self, new: LiveRequest, admitted: list[LiveRequest]) -> Decision:
+        """The decodes of every admitted request (and the new one) fit a step within the tightest TPOT."""
+        # Every admitted request decodes (or will, once its prefill is done) and costs step time;
+        # the TPOTs among them bound that time.
+        decoders = [*admitted, new]
+        bound = min(r.state.tpot_seconds for r in decoders) * self.headroom
+        if math.isinf(bound):
+            return ADMITTED
+        count = len(decoders)
+        context = sum(r.context + r.to_compute for r in decoders)
+        attended = sum(attended_pairs(1, r.context + r.to_compute) for r in decoders)
+        seconds = self.step_time.step_seconds(count, count, context, attended)
+        if seconds > bound:
+            return Decision(
+                False,
+                f"decode capacity: {count} decodes would take {seconds * 1000:.1f} ms a step, "
+                f"over the tightest TPOT budget of {bound * 1000:.1f} ms",
+            )
+        return ADMITTED
+
+    def _prefills_fit(self, now: float, new: LiveRequest, admitted: list[LiveRequest]) -> Decision:
+        """Simulate the prefill queue in deadline order: every first token must come on time."""
+        waiting = [r for r in admitted if not r.decoding]
+        with_new = self._first_tokens(now, [*waiting, new], admitted)
+        late = [r for r in (*waiting, new) if with_new[r.state.request_id] > r.state.first_token_deadline]
+        if not late:
+            return ADMITTED
+        mine = with_new[new.state.request_id]
+        if late[-1] is new:
+            ahead = sum(1 for r in waiting if with_new[r.state.request_id] < mine)
+            target = (new.state.first_token_deadline - new.state.arrival) * 1000
+            return Decision(
+                False,
+                f"TTFT: first token predicted at {(mine - new.state.arrival) * 1000:.0f} ms, "
+                f"target {target:.0f} ms ({ahead} requests with earlier deadlines ahead)",
+            )
+        without_new = self._first_tokens(now, waiting, admitted)
+        broken = [r for r in late if without_new[r.state.request_id] <= r.state.first_token_deadline]
+        if broken:
+            return Decision(False, f"TTFT: would make admitted request {broken[0].state.request_id} late")
+        return ADMITTED  # those already late are late with or without it
+
+    def _first_tokens(
+        self, now: float, pending: list[LiveRequest], admitted: list[LiveRequest]
+    ) -> dict[str, float]:
+        """Predicted first-token times (by request id) of ``pending`` prefills, one after another by deadline.
+
+        The running decodes take their tokens first in every step; each prefill, once done, decodes
+        too and narrows the prefill budget of the ones after it (finishing decodes are not counted:
+        the prediction errs late). The step under way when the request arrives is counted whole.
+        """
+        decodes = [r for r in admitted if r.decoding]
+        bound = min((r.state.tpot_seconds for r in decodes), default=math.inf)
+        count, context = len(decodes), sum(r.context + 1 for r in decodes)
+        clock = now
+        if decodes or len(pending) > 1:  # a step of admitted work is under way
+            _, per_step = self._prefill_rate(bound, count, context)
+            queued = sum(r.to_compute for r in admitted if not r.decoding)
+            clock += self._step_seconds(count, min(per_step, queued), context)
+        times = {}
+        for request in sorted(pending, key=lambda r: (r.state.first_token_deadline, r.state.arrival)):
+            seconds, per_step = self._prefill_rate(bound, count, context)
+            if per_step <= 0:
+                clock = math.inf
+            else:
+                full_steps, rest = divmod(request.to_compute, per_step)
+                clock += full_steps * seconds + (self._step_seconds(count, rest, context) if rest else 0.0)
+            times[request.state.request_id] = clock
+            bound = min(bound, request.state.tpot_seconds)
+            count, context = count + 1, context + request.context + request.to_compute
+        return times
+
+    def _step_seconds(self, decodes: int, prefill: int, context: int) -> float:
+        """A step of ``decodes`` decodes (over ``context`` tokens) and one chunk of ``prefill`` tokens.
+
+        The chunk's attention over its own prompt is left out; its tokens' cost dominates.
+        """
+        return self.step_time.step_seconds(decodes + prefill, decodes + (prefill > 0), context, context)
+
+    def _prefill_rate(self, tpot_bound: float, decodes: int, context: int) -> tuple[float, int]:
+        """Seconds per full step, and prefill tokens per step, while ``decodes`` decode beside the chunks."""
+        if math.isinf(tpot_bound):
+            budget = self.max_budget
+        else:
+            budget = self.step_time.token_budget(tpot_bound * self.headroom, decodes + 1, context, context)
+            budget = min(budget, self.max_budget)
+        prefill = max(budget - decodes, 0)
+        return self._step_seconds(decodes, prefill, context), prefill

@@ -1,0 +1,140 @@
+"""The planner on hand-built states: budget, admission, best effort; and in the simulator."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sloserve.slo import SLO, judge
+from sloserve_runtime.planner import LiveRequest, Planner
+from sloserve_runtime.policies import make_policy
+from sloserve_runtime.simulator import SimConfig, simulate
+from sloserve_runtime.simulator.engine import Engine
+from sloserve_runtime.simulator.request import SimRequest
+from sloserve_runtime.slo_state import SLORequestState
+from sloserve_runtime.step_time import LinearPiece, StepTimeModel
+from sloserve_runtime.workload import ProgramSpec, StageResult, StageSpec
+
+# 10 ms a step plus 1 ms a token: easy arithmetic.
+MODEL = StepTimeModel("planner-test", (LinearPiece(per_token=0.001, constant=0.010),), max_num_batched_tokens=512)
+TIGHT = SLO.parse("2000ms", "50ms")
+LOOSE = SLO.parse("2000ms", "100ms")
+
+
+def state(name: str, slo: SLO, arrival: float = 0.0, prompt: int = 100) -> SLORequestState:
+    return SLORequestState.create(name, slo, arrival, prompt, MODEL)
+
+
+def decoding(name: str, slo: SLO, context: int = 100) -> LiveRequest:
+    return LiveRequest(state(name, slo), to_compute=1, context=context)
+
+
+def arriving(name: str, slo: SLO, prompt: int, arrival: float = 0.0) -> LiveRequest:
+    return LiveRequest(state(name, slo, arrival, prompt), to_compute=prompt, context=0)
+
+
+def test_budget_shrinks_when_a_tighter_tpot_arrives():
+    planner = Planner(MODEL, max_budget=512, headroom=1.0)
+    loose = [decoding(f"l{i}", LOOSE) for i in range(4)]
+    # Bound 100 ms: (100 - 10) / 1 = 90 tokens; bound 50 ms: 40 tokens.
+    assert planner.token_budget(loose) == 90
+    assert planner.token_budget([*loose, decoding("t", TIGHT)]) == 40
+    # No TPOT among the running requests: the engine's own budget.
+    assert planner.token_budget([decoding("x", SLO.parse("1s", None))]) == 512
+
+
+def test_admitted_decodes_always_fit_the_budget():
+    planner = Planner(MODEL, max_budget=512, headroom=1.0)
+    crowd = [decoding(f"t{i}", TIGHT) for i in range(60)]  # 60 decodes: 70 ms, over the 50 ms bound
+    assert planner.token_budget(crowd) == 60
+
+
+def test_decode_capacity_refuses_the_request_that_would_break_the_tightest_tpot():
+    planner = Planner(MODEL, max_budget=512, headroom=1.0)
+    running = [decoding(f"t{i}", TIGHT) for i in range(39)]  # 39 decodes + 1 = 50 ms: just fits
+    assert planner.admit(0.0, arriving("ok", LOOSE, 10), running).admitted
+    decision = planner.admit(0.0, arriving("late", LOOSE, 10), [*running, decoding("t39", TIGHT)])
+    assert not decision.admitted
+    assert decision.reason.startswith("decode capacity")
+
+
+def test_an_admitted_request_is_never_made_late_by_a_later_one():
+    planner = Planner(MODEL, max_budget=512, headroom=1.0)
+    # Alone, 1,000 prompt tokens take two 512-token steps of 0.522 s after the step under way
+    # (counted whole): 1.566 s, due by 1.8 s, it fits.
+    first = arriving("first", SLO.parse("1800ms", "100ms"), 1000)
+    assert planner.admit(0.0, first, []).admitted
+    # A later request with an earlier deadline would go first and push `first` past 1.2 s.
+    urgent = arriving("urgent", SLO.parse("1100ms", "100ms"), 400)
+    decision = planner.admit(0.0, urgent, [first])
+    assert not decision.admitted
+    assert "first" in decision.reason
+    # One that fits behind it is admitted.
+    assert planner.admit(0.0, arriving("after", SLO.parse("3s", "100ms"), 400), [first]).admitted
+
+
+def test_an_unattainable_ttft_goes_to_best_effort_with_its_reason():
+    policy = make_policy("sloserve", MODEL, 512)
+    hopeless = arriving("hopeless", SLO.parse("100ms", "100ms"), 2000)
+    decision = policy.admit(0.0, hopeless, [])
+    assert not decision.admitted and decision.reason.startswith("TTFT")
+    assert hopeless.state.best_effort and hopeless.state.admission == decision.reason
+    # Best effort sorts after every admitted request, waiting or running.
+    fine = state("fine", LOOSE, arrival=5.0)
+    assert policy.waiting_key(fine) < policy.waiting_key(hopeless.state)
+    assert policy.running_key(fine, 3) < policy.running_key(hopeless.state, 0)
+
+
+def _sim_request(index: int, slo: SLO, prompt: int, output: int) -> SimRequest:
+    result = StageResult(index, "chatbot", "chat", 0.0, [], prompt, output, None, None)
+    return SimRequest(index, 0, state(str(index), slo, 0.0, prompt), output, result, prompt)
+
+
+def test_best_effort_work_is_preempted_first():
+    config = SimConfig(MODEL, kv_capacity_tokens=64 * 16, max_num_seqs=8)  # 64 blocks of 16 tokens
+    engine = Engine(make_policy("sloserve", MODEL, 512), config)
+    admitted = _sim_request(0, LOOSE, prompt=300, output=400)
+    best_effort = _sim_request(1, SLO.parse("1ms", "100ms"), prompt=300, output=400)  # TTFT unattainable
+    engine.add(admitted, 0.0)
+    engine.add(best_effort, 0.0)
+    assert best_effort.state.best_effort and not admitted.state.best_effort
+    now = 0.0
+    while engine.preemptions == 0:
+        batch = engine.schedule()
+        now += batch.seconds
+        engine.complete(batch, now)
+    # KV ran out as both grew: the best-effort request went back to waiting, the admitted one runs on.
+    assert engine.running == [admitted]
+    assert best_effort.computed_tokens == 0
+
+
+def met(result: StageResult) -> bool:
+    return judge(result.arrival, result.token_times, result.ttft_target_ms, result.tpot_target_ms).met
+
+
+def test_a_tight_tier_is_not_starved_by_a_flood_of_loose_requests():
+    trace = []
+    for index in range(400):
+        tight = index % 10 == 0
+        slo, prompt = (TIGHT, 200) if tight else (LOOSE, 400)
+        stage = StageSpec("chat", prompt_tokens=prompt, output_tokens=40, slo=slo)
+        trace.append(ProgramSpec(index, index * 0.02, "coding" if tight else "chatbot", (stage,)))
+    results = simulate(trace, "sloserve", MODEL)  # 50 requests/s: far over what this engine serves
+    admitted = [result for result in results if not result.best_effort]
+    assert admitted and all(met(result) for result in admitted)  # every promise kept
+    tight = [result for result in results if result.kind == "coding"]
+    assert sum(not result.best_effort for result in tight) >= len(tight) / 2
+    fcfs_tight = [result for result in simulate(trace, "vllm-fcfs", MODEL) if result.kind == "coding"]
+    assert sum(map(met, tight)) > 2 * sum(map(met, fcfs_tight))
+
+
+@pytest.mark.parametrize("policy", ["sloserve", "sloserve-edf", "vllm-fcfs"])
+def test_every_request_finishes_under_every_policy(policy):
+    trace = [
+        ProgramSpec(i, i * 0.05, "chatbot", (StageSpec("chat", 300, 20, TIGHT if i % 2 else LOOSE),))
+        for i in range(200)
+    ]
+    results = simulate(trace, policy, MODEL)
+    assert all(len(r.token_times) == r.output_tokens for r in results)
+    assert all(math.isfinite(r.token_times[-1]) for r in results)
