@@ -39,8 +39,14 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     folder = tmp_path_factory.mktemp("engine")
     log, step_log = folder / "serve.log", folder / "steps.jsonl"
     command = [
-        *SLOSERVE, "serve", "--port", str(port), "--slo-tpot-ms", str(SERVER_DEFAULT_TPOT_MS),
-        "--step-log", str(step_log),
+        *SLOSERVE,
+        "serve",
+        "--port",
+        str(port),
+        "--slo-tpot-ms",
+        str(SERVER_DEFAULT_TPOT_MS),
+        "--step-log",
+        str(step_log),
     ]
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)

@@ -63,3 +63,19 @@ def test_simulate_option_mistakes_are_one_line_errors(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_overhead_prints_one_row_per_size():
+    result = run_cli("overhead", "--live", "8,32", "--repeats", "5", "--profile", "a100-opt13b-slos-serve", timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.strip().startswith("│")]
+    assert [row.split("│")[1].strip() for row in rows] == ["8", "32"]
+    assert all(float(cell.strip()) >= 0 for row in rows for cell in row.split("│")[2:6])
+
+
+@pytest.mark.parametrize(("live", "message"), [("64,lots", "give whole numbers"), ("0", "at least 1")])
+def test_overhead_option_mistakes_are_one_line_errors(live, message):
+    result = run_cli("overhead", "--live", live, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

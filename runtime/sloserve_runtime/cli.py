@@ -64,7 +64,8 @@ def serve(
     slo_tpot_ms: Annotated[str | None, typer.Option(help="Default TPOT target in ms.")] = None,
     api_key: Annotated[str | None, typer.Option(help="Require this key as a Bearer token.")] = None,
     scheduler: Annotated[
-        str, typer.Option(help="sloserve (SLO-aware) or vllm (the stock scheduler, for comparisons).")
+        str,
+        typer.Option(help="sloserve (the SLO planner), sloserve-edf (deadline order only) or vllm (stock)."),
     ] = "sloserve",
     step_log: Annotated[
         Path | None, typer.Option(help="Append one JSON line per engine step (features, durations) to this file.")
@@ -73,8 +74,8 @@ def serve(
     """Run vLLM's OpenAI-compatible server with SLO scheduling. Args after -- go to vLLM."""
     if scheduler not in server.SCHEDULERS:
         raise _fail(f"--scheduler {scheduler!r} is not one of {', '.join(server.SCHEDULERS)}")
-    if step_log is not None and scheduler != "sloserve":
-        raise _fail("--step-log needs --scheduler sloserve: the steps are timed inside our scheduler")
+    if step_log is not None and server.SCHEDULERS[scheduler] is None:
+        raise _fail("--step-log needs our scheduler (sloserve or sloserve-edf): steps are timed inside it")
     if step_log is not None and not step_log.resolve().parent.is_dir():
         raise _fail(f"--step-log {step_log}: folder {step_log.resolve().parent} does not exist")
     options = server.ServerOptions(
@@ -209,6 +210,7 @@ def _measuring(command):  # noqa: ANN001, ANN202 - wraps a typer command
 
 cli.command("simulate")(_measuring(measure_cli.simulate_command))
 cli.command("bench")(_measuring(measure_cli.bench_command))
+cli.command("overhead")(_measuring(measure_cli.overhead_command))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -315,3 +315,28 @@ def _print_fidelity(fidelity: list[dict], config: SimConfig) -> None:
 
 def _short(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
+
+
+def overhead_command(
+    profile: Annotated[str, typer.Option(help="A bundled profile name or a profile JSON path.")] = str(DEFAULT_PROFILE),
+    live: Annotated[str, typer.Option(help="Comma-separated numbers of live requests.")] = "64,512,2048",
+    repeats: Annotated[int, typer.Option(min=1, help="Planning calls timed per size.")] = 200,
+) -> None:
+    """Time one planning call (admission plus one step's budget and hold-back) at N live requests."""
+    from sloserve_runtime.overhead import measure_overhead
+
+    try:
+        sizes = [int(value) for value in live.split(",")]
+    except ValueError:
+        raise MeasureError(f"--live {live!r}: give whole numbers separated by commas, e.g. 64,512,2048") from None
+    if not sizes or min(sizes) < 1:
+        raise MeasureError(f"--live {live!r}: every size must be at least 1")
+    step_time = _profile(profile).step_time
+    table = Table(title=f"Planning overhead, policy sloserve, profile {step_time.name} (ms, median of {repeats})")
+    for column in ("live requests", "admission", "step budget + hold-back", "total", "p99 total"):
+        table.add_column(column, justify="right")
+    for size in sizes:
+        result = measure_overhead(step_time, size, repeats)
+        figures = (result.admit_ms, result.step_ms, result.total_ms, result.p99_ms)
+        table.add_row(str(size), *(f"{value:.3f}" for value in figures))
+    console.print(table)

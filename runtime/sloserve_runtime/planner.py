@@ -165,9 +165,7 @@ class Planner:
             return Decision(False, f"TTFT: would make admitted request {broken[0].state.request_id} late")
         return ADMITTED  # those already late are late with or without it
 
-    def _first_tokens(
-        self, now: float, pending: list[LiveRequest], admitted: list[LiveRequest]
-    ) -> dict[str, float]:
+    def _first_tokens(self, now: float, pending: list[LiveRequest], admitted: list[LiveRequest]) -> dict[str, float]:
         """Predicted first-token times (by request id) of ``pending`` prefills, one after another by deadline.
 
         The running decodes take their tokens first in every step; each prefill, once done, decodes

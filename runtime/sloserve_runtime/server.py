@@ -24,7 +24,8 @@ from sloserve_runtime.model import DEFAULT_MODEL_NAME, ensure_default_model
 from sloserve_runtime.step_time import DEFAULT_PROFILE
 
 SCHEDULERS = {
-    "sloserve": "sloserve_runtime.scheduler.SLOScheduler",
+    "sloserve": "sloserve_runtime.scheduler.SLOScheduler",  # the planner: budget, admission, best effort
+    "sloserve-edf": "sloserve_runtime.scheduler.SLOScheduler",  # deadline order only (an ablation)
     "vllm": None,  # vLLM's stock v1 scheduler, for comparisons that differ only in the scheduler
 }
 
@@ -78,7 +79,7 @@ def command(options: ServerOptions) -> list[str]:
     ]  # fmt: skip
     scheduler_cls = SCHEDULERS[options.scheduler]
     if scheduler_cls is not None:
-        config = SLOConfig(default_slo=options.default_slo, profile=options.profile, step_log=options.step_log)
+        config = SLOConfig(options.default_slo, options.profile, options.step_log, policy=options.scheduler)
         args += ["--scheduler-cls", scheduler_cls, "--additional-config", json.dumps(config.to_additional_config())]
     if options.model is None:
         # tool_choice="required" needs a tool parser; SmolLM2's chat format is Hermes-like (ChatML).

@@ -1,0 +1,73 @@
+"""Planning overhead: the time of one planning call (admission, budget, hold-back) at N live requests.
+
+Imports no vLLM: it times the planner exactly as the adapter and the simulator call it, on
+synthetic live states of a chosen size.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+from sloserve.slo import SLO
+from sloserve_runtime.planner import LiveRequest
+from sloserve_runtime.policies import make_policy
+from sloserve_runtime.slo_state import SLORequestState
+from sloserve_runtime.step_time import StepTimeModel
+
+TIERS = (SLO.parse("5x", "100ms"), SLO.parse("5x", "50ms"), SLO.parse("3x", "100ms"))
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """Timings of one planning call, in milliseconds, at ``live`` requests in the engine."""
+
+    live: int
+    admit_ms: float  # median of admitting one new request
+    step_ms: float  # median of one step's budget and hold-back over the running requests
+    p99_ms: float  # 99th percentile of admission plus step
+
+    @property
+    def total_ms(self) -> float:
+        return self.admit_ms + self.step_ms
+
+
+def _live_states(count: int, step_time: StepTimeModel, rng: random.Random) -> list[LiveRequest]:
+    """``count`` admitted requests: three quarters decoding, the rest waiting to prefill."""
+    live = []
+    for index in range(count):
+        prompt = rng.randint(64, 2048)
+        state = SLORequestState.create(str(index), rng.choice(TIERS), rng.uniform(0, 1), prompt, step_time)
+        if index % 4:
+            live.append(LiveRequest(state, 1, prompt + rng.randint(1, 256)))
+        else:
+            live.append(LiveRequest(state, prompt, 0))
+    return live
+
+
+def measure_overhead(step_time: StepTimeModel, live: int, repeats: int = 200, seed: int = 0) -> Overhead:
+    """Time the ``sloserve`` policy's planning calls with ``live`` requests in the engine."""
+    rng = random.Random(seed)
+    policy = make_policy("sloserve", step_time, step_time.max_num_batched_tokens)
+    states = _live_states(live, step_time, rng)
+    running = [r for r in states if r.decoding]
+    admits, steps = [], []
+    for repeat in range(repeats):
+        prompt = rng.randint(64, 2048)
+        new = LiveRequest(SLORequestState.create(f"new{repeat}", rng.choice(TIERS), 1.0, prompt, step_time), prompt, 0)
+        started = time.perf_counter()
+        policy.admit(1.0, new, states)
+        admitted = time.perf_counter()
+        policy.token_budget(running)
+        policy.held_back(running, admitted_waiting=False)
+        steps.append(time.perf_counter() - admitted)
+        admits.append(admitted - started)
+    totals = sorted(a + s for a, s in zip(admits, steps, strict=True))
+    return Overhead(
+        live=live,
+        admit_ms=statistics.median(admits) * 1000,
+        step_ms=statistics.median(steps) * 1000,
+        p99_ms=totals[min(len(totals) - 1, int(len(totals) * 0.99))] * 1000,
+    )
