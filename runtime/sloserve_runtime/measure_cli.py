@@ -333,10 +333,11 @@ def overhead_command(
         raise MeasureError(f"--live {live!r}: every size must be at least 1")
     step_time = _profile(profile).step_time
     table = Table(title=f"Planning overhead, policy sloserve, profile {step_time.name} (ms, median of {repeats})")
-    for column in ("live requests", "admission", "step budget + hold-back", "total", "p99 total"):
+    columns = ("live requests", "admission", "full admission check", "step budget + hold-back", "total", "p99 total")
+    for column in columns:
         table.add_column(column, justify="right")
     for size in sizes:
         result = measure_overhead(step_time, size, repeats)
-        figures = (result.admit_ms, result.step_ms, result.total_ms, result.p99_ms)
+        figures = (result.admit_ms, result.full_check_ms, result.step_ms, result.total_ms, result.p99_ms)
         table.add_row(str(size), *(f"{value:.3f}" for value in figures))
     console.print(table)
