@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from sloserve_runtime.slo_state import SLORequestState
-from sloserve_runtime.step_time import StepTimeModel, attended_pairs
+from sloserve_runtime.step_time import StepTimeModel
 
 
 class LiveRequest(NamedTuple):
@@ -48,6 +48,10 @@ class Decision:
 ADMITTED = Decision(True, "admitted")
 
 
+def _admitted_decodes(live: Sequence[LiveRequest]) -> list[LiveRequest]:
+    return [r for r in live if r.decoding and not r.state.best_effort]
+
+
 @dataclass
 class Planner:
     """Budget and admission for one engine, from its step-time model."""
@@ -62,20 +66,23 @@ class Planner:
 
     def step_bound(self, live: Sequence[LiveRequest]) -> float:
         """Seconds a step may take: the tightest TPOT among admitted decoding requests (inf: none)."""
-        tpots = [r.state.tpot_seconds for r in live if r.decoding and not r.state.best_effort]
-        return min(tpots, default=math.inf) * self.headroom
+        return self._bound(_admitted_decodes(live))
+
+    def _bound(self, decodes: Sequence[LiveRequest]) -> float:
+        return min((r.state.tpot_seconds for r in decodes), default=math.inf) * self.headroom
 
     def token_budget(self, running: Sequence[LiveRequest]) -> int:
         """Tokens the next step may schedule, given the running requests (decodes and chunks)."""
-        bound = self.step_bound(running)
+        # Best-effort decodes are left out: they run only on time left over (``held_back``).
+        decodes = _admitted_decodes(running)
+        bound = self._bound(decodes)
         if math.isinf(bound):
             return self.max_budget
-        # Best-effort decodes are left out: they run only on time left over (``held_back``).
-        decodes = [r for r in running if r.decoding and not r.state.best_effort]
+        # A decode attends to its whole context (``attended_pairs(1, n) == n``): the attention
+        # work of the decodes equals their context.
         context = sum(r.context + 1 for r in decodes)
-        attended = sum(attended_pairs(1, r.context + 1) for r in decodes)
         # One more request in the batch: the prefill chunk the leftover budget goes to.
-        budget = self.step_time.token_budget(bound, len(decodes) + 1, context, attended)
+        budget = self.step_time.token_budget(bound, len(decodes) + 1, context, context)
         # Admitted decodes always run: admission keeps them within the bound, and a step that
         # skipped one would break its TPOT for sure.
         return max(len(decodes), min(budget, self.max_budget), 1)
@@ -132,9 +139,8 @@ class Planner:
         if math.isinf(bound):
             return ADMITTED
         count = len(decoders)
-        context = sum(r.context + r.to_compute for r in decoders)
-        attended = sum(attended_pairs(1, r.context + r.to_compute) for r in decoders)
-        seconds = self.step_time.step_seconds(count, count, context, attended)
+        context = sum(r.context + r.to_compute for r in decoders)  # also their attention work, one query each
+        seconds = self.step_time.step_seconds(count, count, context, context)
         if seconds > bound:
             return Decision(
                 False,

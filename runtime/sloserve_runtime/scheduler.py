@@ -106,9 +106,10 @@ class SLOScheduler(Scheduler):
         started = time.perf_counter()
         self._forget_finished()
         self._order_queues()
-        self._defer_running()
+        live = [self._live(request) for request in self.running]  # in running order, as the simulator gives it
+        self._defer_running(live)
         engine_budget = self.max_num_scheduled_tokens
-        self.max_num_scheduled_tokens = self.slo_policy.token_budget([self._live(r) for r in self.running])
+        self.max_num_scheduled_tokens = self.slo_policy.token_budget(live)
         try:
             output = super().schedule(*args, **kwargs)
         finally:
@@ -135,9 +136,9 @@ class SLOScheduler(Scheduler):
         if len(self.running) > 1:
             self.running.sort(key=lambda request: policy.running_key(self._state(request), request.num_output_tokens))
 
-    def _defer_running(self) -> None:
+    def _defer_running(self, live: list[LiveRequest]) -> None:
         """Running requests the policy holds back this step are skipped by vLLM's own rule."""
-        held = self.slo_policy.held_back([self._live(r) for r in self.running], self._admitted_can_start())
+        held = self.slo_policy.held_back(live, self._admitted_can_start())
         for request, hold in zip(self.running, held, strict=True):
             if hold:
                 # schedule() advances current_step by one, then skips requests not yet eligible.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
 from itertools import count
 
 from sloserve_runtime.policies import SchedulingPolicy, SortKey
@@ -28,10 +27,6 @@ class WaitingQueue:
 
     def __len__(self) -> int:
         return len(self._heap)
-
-    def __iter__(self) -> Iterator[SimRequest]:
-        """The waiting requests, in no particular order."""
-        return (request for _, _, request in self._heap)
 
     def push_back(self, request: SimRequest) -> None:
         self._push(request, next(self._positions))
