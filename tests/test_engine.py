@@ -16,7 +16,7 @@ from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel, attended_
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 OUTCOME_KEYS = {"ttft_target_ms", "ttft_slowdown", "tpot_target_ms", "ttft_ms", "tpot_ms",
-                "worst_window_tpot_ms", "ttft_met", "tpot_met", "met"}  # fmt: skip
+                "worst_window_tpot_ms", "ttft_met", "tpot_met", "met", "admission", "admission_reason"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,9 @@ def client(engine) -> openai.OpenAI:
     return openai.OpenAI(base_url=engine.base_url, api_key="unused")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def aclient(engine) -> openai.AsyncOpenAI:
+    # One per test: its connections belong to the test's event loop.
     return openai.AsyncOpenAI(base_url=engine.base_url, api_key="unused")
 
 
@@ -35,6 +36,8 @@ def assert_consistent(outcome: dict) -> None:
     if outcome["ttft_target_ms"] is not None:
         assert outcome["ttft_met"] == (outcome["ttft_ms"] <= outcome["ttft_target_ms"])
     assert outcome["met"] == (outcome["ttft_met"] and outcome["tpot_met"])
+    assert outcome["admission"] in ("admitted", "best-effort")
+    assert (outcome["admission_reason"] == "admitted") == (outcome["admission"] == "admitted")
 
 
 def test_non_streamed_chat_reports_slo_from_headers(client, engine):
@@ -64,6 +67,9 @@ def test_impossible_target_is_reported_as_missed(client, engine):
     assert_consistent(outcome)
     assert outcome["ttft_met"] is False
     assert outcome["met"] is False
+    # The planner saw it coming: served as best effort, and the response says why.
+    assert outcome["admission"] == "best-effort"
+    assert outcome["admission_reason"].startswith("TTFT: first token predicted at")
 
 
 def test_streamed_chat_carries_the_outcome_in_the_final_chunk(client, engine):
@@ -223,3 +229,94 @@ async def test_step_log_records_features_and_busy_cycles(engine):
     cycles = [step for step in steps if "cycle_seconds" in step]
     assert len(cycles) >= 10
     assert all(step["cycle_seconds"] >= step["seconds"] > 0 for step in cycles)
+
+
+LONG_PROMPT = "Report. " + " ".join(f"item{j}" for j in range(300))
+
+
+async def _engine_queue(engine) -> float:
+    """Requests vLLM still holds (running plus waiting), from its own /metrics."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{engine.port}/metrics", timeout=10)).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{"))
+    )
+
+
+async def test_admission_reject_answers_429_with_retry_after_and_aborts(aclient, engine):
+    """In reject mode a request the planner cannot promise gets 429 at once; vLLM drops it."""
+    busy = [
+        asyncio.create_task(
+            aclient.completions.create(
+                model=engine.model, prompt=LONG_PROMPT, max_tokens=24, extra_body={"slo": {"ttft_ms": "120s"}}
+            )
+        )
+        for _ in range(4)
+    ]
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{engine.base_url}/completions",
+            json={"model": engine.model, "prompt": "Say hi.", "max_tokens": 64, "stream": True, "slo": {"ttft_ms": 5}},
+            headers={"x-slo-admission": "reject"},
+            timeout=60,
+        )
+    answered_in = time.monotonic() - started
+    assert response.status_code == 429, response.text
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.headers["x-slo-admission"] == "rejected"
+    error = response.json()["error"]
+    assert error["code"] == 429 and error["param"] == "slo"
+    assert "TTFT: first token predicted" in error["message"]
+    # Refused before the busy requests finish, not after being served.
+    assert not all(task.done() for task in busy), answered_in
+    # The openai client sees a RateLimitError and its message.
+    with pytest.raises(openai.RateLimitError) as caught:
+        await aclient.completions.create(
+            model=engine.model,
+            prompt="Say hi.",
+            max_tokens=4,
+            extra_body={"slo": {"ttft_ms": 1, "admission": "reject"}},
+        )
+    assert "not admitted" in caught.value.message
+    for task in busy:
+        assert (await task).model_extra["slo"]["admission"] == "admitted"
+    # Nothing is left in the engine: the rejected requests were aborted, not served later.
+    deadline = time.monotonic() + 10
+    while await _engine_queue(engine) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert await _engine_queue(engine) == 0
+
+
+def test_reject_mode_serves_what_it_admits(client, engine):
+    response = client.completions.create(
+        model=engine.model,
+        prompt="Say hi.",
+        max_tokens=4,
+        extra_body={"slo": {"ttft_ms": "60s", "admission": "reject"}},
+    )
+    assert response.choices[0].text
+    assert response.model_extra["slo"]["admission"] == "admitted"
+
+
+def test_prometheus_metrics_count_admission_per_tier(client, engine):
+    for ttft in ("45s", 0.001):
+        client.completions.create(
+            model=engine.model, prompt="Hello", max_tokens=2, extra_body={"slo": {"ttft_ms": ttft}}
+        )
+    text = httpx.get(f"http://127.0.0.1:{engine.port}/metrics", timeout=10).text
+    lines = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("sloserve_")
+    }
+    tier = f"ttft=45000ms,tpot={SERVER_DEFAULT_TPOT_MS}ms"
+    assert lines[f'sloserve_requests_total{{admission="admitted",tier="{tier}"}}'] >= 1
+    assert lines[f'sloserve_requests_finished_total{{admission="admitted",slo_met="true",tier="{tier}"}}'] >= 1
+    assert lines[f'sloserve_slo_attainment{{tier="{tier}"}}'] == 1.0
+    hopeless = f"ttft=0.001ms,tpot={SERVER_DEFAULT_TPOT_MS}ms"
+    assert lines[f'sloserve_requests_total{{admission="best_effort",tier="{hopeless}"}}'] >= 1
+    assert lines[f'sloserve_slo_attainment{{tier="{hopeless}"}}'] == 0.0

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from sloserve.slo import SLO, SLOError, parse_tpot, parse_ttft
 from sloserve_runtime import measure_cli, server
+from sloserve_runtime.admission import ADMISSION_MODES, REJECT
 from sloserve_runtime.app_loader import AppFileError, load_app, pick_program
 from sloserve_runtime.model import ModelConversionError
 from sloserve_runtime.report import program_attainment, stage_table
@@ -70,10 +71,21 @@ def serve(
     step_log: Annotated[
         Path | None, typer.Option(help="Append one JSON line per engine step (features, durations) to this file.")
     ] = None,
+    admission: Annotated[
+        str,
+        typer.Option(
+            help="What a request the planner cannot promise its SLO gets: best-effort (served from leftover "
+            "budget) or reject (HTTP 429 with Retry-After). A request may ask otherwise with x-slo-admission."
+        ),
+    ] = "best-effort",
 ) -> None:
     """Run vLLM's OpenAI-compatible server with SLO scheduling. Args after -- go to vLLM."""
     if scheduler not in server.SCHEDULERS:
         raise _fail(f"--scheduler {scheduler!r} is not one of {', '.join(server.SCHEDULERS)}")
+    if admission not in ADMISSION_MODES:
+        raise _fail(f"--admission {admission!r} is not one of {', '.join(ADMISSION_MODES)}")
+    if admission == REJECT and server.SCHEDULERS[scheduler] is None:
+        raise _fail("--admission reject needs our scheduler (sloserve): vLLM's stock one admits everything")
     if step_log is not None and server.SCHEDULERS[scheduler] is None:
         raise _fail("--step-log needs our scheduler (sloserve or sloserve-edf): steps are timed inside it")
     if step_log is not None and not step_log.resolve().parent.is_dir():
@@ -86,6 +98,7 @@ def serve(
         api_key=api_key,
         scheduler=scheduler,
         step_log=None if step_log is None else str(step_log.resolve()),
+        admission=admission,
         extra_args=list(_vllm_args),
     )
     if not server.port_is_free(host, port):
@@ -94,7 +107,9 @@ def serve(
         args = server.command(options)
     except USER_ERRORS as exc:
         raise _fail(str(exc)) from None
-    errors.print(f"Serving {server.resolve_model(model)[1]} on {options.url} (scheduler: {scheduler})")
+    errors.print(
+        f"Serving {server.resolve_model(model)[1]} on {options.url} (scheduler: {scheduler}, admission: {admission})"
+    )
     # vLLM's server takes over this process: signals and exit codes are its own.
     os.execvpe(args[0], args, server.environment(options))
 

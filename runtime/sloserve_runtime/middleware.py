@@ -4,21 +4,34 @@ In: the SLO of a request comes from the headers ``x-slo-ttft-ms`` / ``x-slo-tpot
 field ``"slo": {"ttft_ms": ..., "tpot_ms": ...}`` (the body wins), over the server's defaults.
 It is validated (HTTP 400 naming the field) and handed to the engine as ``vllm_xargs``.
 
-Out: every completion reports the SLO it ran under and its measured outcome in a ``"slo"``
-field: in the body when not streamed, and in the final streamed chunk. To measure TTFT of a
-non-streamed request, the middleware streams it from vLLM and reassembles the response.
+Admission: the scheduler's decision on the request arrives as a notice (``admission.py``) and is
+reported with the outcome. With the admission mode ``reject`` (``sloserve serve --admission
+reject``, or per request the header ``x-slo-admission`` / the body field ``slo.admission``) a
+request the planner cannot promise its SLO gets HTTP 429 with the reason and a ``Retry-After``,
+and vLLM aborts it; in ``best-effort`` mode it is served from leftover budget.
+
+Out: every completion reports the SLO it ran under, the admission decision and its measured
+outcome in a ``"slo"`` field: in the body when not streamed, and in the final streamed chunk. To
+measure TTFT of a non-streamed request, the middleware streams it from vLLM and reassembles the
+response. Each completion is counted in the Prometheus metrics of ``slo_metrics.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sloserve._reassemble import Reassembler
 from sloserve.slo import SLO, SLOError, judge, parse_tpot, parse_ttft
+from sloserve_runtime import slo_metrics
+from sloserve_runtime.admission import ADMISSION_MODES, BEST_EFFORT, REJECT, XARG_TAG, Notice, NoticeBoard
 from sloserve_runtime.slo_state import slo_to_xargs
 from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel
 
@@ -27,14 +40,22 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+logger = logging.getLogger(__name__)
+
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 HEADER_TTFT = "x-slo-ttft-ms"
 HEADER_TPOT = "x-slo-tpot-ms"
+HEADER_ADMISSION = "x-slo-admission"
 # Server-wide defaults, set by `sloserve serve --slo-ttft-ms/--slo-tpot-ms` for this process.
 ENV_DEFAULT_TTFT = "SLOSERVE_SLO_TTFT_MS"
 ENV_DEFAULT_TPOT = "SLOSERVE_SLO_TPOT_MS"
 ENV_PROFILE = "SLOSERVE_PROFILE"
-_BODY_FIELDS = {"ttft_ms", "tpot_ms"}
+ENV_ADMISSION = "SLOSERVE_ADMISSION"  # `sloserve serve --admission`: best-effort or reject
+ENV_NOTICES = "SLOSERVE_NOTICES"  # where the scheduler pushes admission notices (unset: none come)
+_BODY_FIELDS = {"ttft_ms", "tpot_ms", "admission"}
+# How long a request in reject mode waits for its admission notice before it is served anyway
+# (the notice is pushed as the engine takes the request, so only a stuck engine gets near this).
+NOTICE_TIMEOUT_S = 10.0
 
 
 def server_default_slo() -> SLO:
@@ -59,13 +80,37 @@ def request_slo(headers: dict[str, str], body: dict[str, Any]) -> SLO:
     return SLO(ttft_ms=ttft_ms, ttft_slowdown=ttft_slowdown, tpot_ms=tpot_ms)
 
 
+def request_admission(headers: dict[str, str], body: dict[str, Any], default: str) -> str:
+    """The admission mode a request asks for (header, then ``slo.admission``) over ``default``."""
+    mode = default
+    field = body.get("slo") if isinstance(body.get("slo"), dict) else {}
+    for value, where in (
+        (headers.get(HEADER_ADMISSION), f"header {HEADER_ADMISSION}"),
+        (field.get("admission"), "slo.admission"),
+    ):  # noqa: E501
+        if value is None:
+            continue
+        if not isinstance(value, str) or value.strip().lower() not in ADMISSION_MODES:
+            raise SLOError(where, value, f"unknown admission mode; use one of {', '.join(ADMISSION_MODES)}")
+        mode = value.strip().lower()
+    return mode
+
+
+def server_admission() -> str:
+    mode = os.environ.get(ENV_ADMISSION) or BEST_EFFORT
+    return mode if mode in ADMISSION_MODES else BEST_EFFORT
+
+
 class SLOMiddleware:
     """Pure ASGI middleware; vLLM installs it with ``--middleware``."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
         self.default_slo = server_default_slo()
+        self.default_admission = server_admission()
         self.step_time = StepTimeModel.load(os.environ.get(ENV_PROFILE) or DEFAULT_PROFILE)
+        notices = os.environ.get(ENV_NOTICES)
+        self.board = NoticeBoard.at(notices) if notices else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in COMPLETION_PATHS:
@@ -83,21 +128,83 @@ class SLOMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             slo = request_slo(headers, body).merged_over(self.default_slo)
+            mode = request_admission(headers, body, self.default_admission)
         except SLOError as exc:
             await _send_error(send, 400, str(exc), param=exc.field)
             return
-        exchange = _Exchange(slo, arrival, body, self.step_time)
+        tag = uuid.uuid4().hex
+        notice = self.board.expect(tag) if self.board is not None else None
+        exchange = _Exchange(slo, arrival, body, self.step_time, tag if notice is not None else None, notice)
         new_raw = json.dumps(exchange.engine_body()).encode()
         new_headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         new_headers.append((b"content-length", str(len(new_raw)).encode()))
-        await self.app({**scope, "headers": new_headers}, _replay(new_raw, receive), exchange.wrap(send))
+        app_scope = {**scope, "headers": new_headers}
+        try:
+            if mode == REJECT and notice is not None:
+                await self._admit_or_reject(app_scope, new_raw, receive, send, exchange)
+            else:
+                await self.app(app_scope, _replay(new_raw, receive), exchange.wrap(send))
+        finally:
+            if self.board is not None:
+                self.board.forget(tag)
+            exchange.count()
+
+    async def _admit_or_reject(
+        self, scope: Scope, raw: bytes, receive: Receive, send: Send, exchange: _Exchange
+    ) -> None:
+        """Hold the response until the admission notice comes: 429 if refused, else let it through.
+
+        The engine runs the request meanwhile (its output is held). On a refusal the app sees the
+        client disconnect, which makes vLLM abort the request.
+        """
+        assert exchange.notice is not None
+        gone = asyncio.Event()
+        held: list[Message] = []
+        state = {"open": False, "rejected": False}
+        inner = exchange.wrap(send)
+
+        async def gated_send(message: Message) -> None:
+            if state["rejected"]:
+                raise OSError("the request was rejected; nothing more goes to the client")
+            if state["open"]:
+                await inner(message)
+            else:
+                held.append(message)
+
+        app = asyncio.create_task(self.app(scope, _replay(raw, receive, gone), gated_send))
+        await asyncio.wait({app, exchange.notice}, timeout=NOTICE_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        decision = exchange.decision()
+        if decision is not None and not decision.admitted:
+            state["rejected"] = True
+            gone.set()
+            await _send_rejection(send, decision, exchange)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await app
+            return
+        if decision is None and not app.done():
+            logger.warning("no admission notice within %.0fs; serving the request", NOTICE_TIMEOUT_S)
+        state["open"] = True
+        for message in held:
+            await inner(message)
+        await app
 
 
 class _Exchange:
     """One completion request on its way through: rewrites the body, watches the stream."""
 
-    def __init__(self, slo: SLO, arrival: float, body: dict[str, Any], step_time: StepTimeModel) -> None:
+    def __init__(
+        self,
+        slo: SLO,
+        arrival: float,
+        body: dict[str, Any],
+        step_time: StepTimeModel,
+        tag: str | None = None,
+        notice: asyncio.Future[Notice] | None = None,
+    ) -> None:
         self.slo = slo
+        self.tag = tag  # matches the scheduler's admission notice to this request
+        self.notice = notice
+        self.rejected = False
         self.arrival = arrival
         self.body = body
         self.step_time = step_time
@@ -114,8 +221,35 @@ class _Exchange:
         body = {key: value for key, value in self.body.items() if key != "slo"}
         body["stream"] = True
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), **slo_to_xargs(self.slo, self.arrival)}
+        xargs = {**(body.get("vllm_xargs") or {}), **slo_to_xargs(self.slo, self.arrival)}
+        if self.tag is not None:
+            xargs[XARG_TAG] = self.tag
+        body["vllm_xargs"] = xargs
         return body
+
+    def decision(self) -> Notice | None:
+        """The scheduler's admission notice, if it has come."""
+        notice = self.notice
+        if notice is None or not notice.done() or notice.cancelled():
+            return None
+        return notice.result()
+
+    def admission(self) -> str:
+        """The admission decision as the metrics label it."""
+        if self.rejected:
+            return slo_metrics.REJECTED
+        decision = self.decision()
+        if decision is None:
+            return slo_metrics.UNKNOWN
+        return slo_metrics.ADMITTED if decision.admitted else slo_metrics.BEST_EFFORT
+
+    def count(self) -> None:
+        """Count this completion in the Prometheus metrics, once it has ended."""
+        if self.rejected or not self.token_times:
+            slo_metrics.record(self.slo, self.admission(), None, None)
+            return
+        met = bool(self.outcome()["met"])
+        slo_metrics.record(self.slo, self.admission(), met, self.token_times[0] - self.arrival)
 
     def wrap(self, send: Send) -> Send:
         async def wrapped(message: Message) -> None:
@@ -198,11 +332,14 @@ class _Exchange:
         prompt_tokens = self.reassembler.prompt_tokens
         ttft_target = self.slo.ttft_target_ms(self.step_time.prefill_seconds(prompt_tokens) * 1000.0)
         result = judge(self.arrival, self.token_times, ttft_target, self.slo.tpot_ms)
+        decision = self.decision()
         return {
             "ttft_target_ms": None if ttft_target is None else round(ttft_target, 3),
             "ttft_slowdown": self.slo.ttft_slowdown,
             "tpot_target_ms": self.slo.tpot_ms,
             **result.to_json(),
+            "admission": None if decision is None else _ADMISSION_WORDS[decision.admitted],
+            "admission_reason": None if decision is None else decision.reason,
         }
 
     async def _send_reassembled(self, send: Send) -> None:
@@ -230,6 +367,9 @@ def _carries_output(chunk: dict[str, Any]) -> bool:
     return False
 
 
+_ADMISSION_WORDS = {True: "admitted", False: "best-effort"}
+
+
 def _sse(chunk: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
@@ -243,8 +383,11 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-def _replay(raw: bytes, receive: Receive) -> Receive:
-    """Hand the (rewritten) body to the app once, then pass on the client's disconnect."""
+def _replay(raw: bytes, receive: Receive, gone: asyncio.Event | None = None) -> Receive:
+    """Hand the (rewritten) body to the app once, then pass on the client's disconnect.
+
+    ``gone``, once set, also reads as a disconnect: the middleware answered the client itself.
+    """
     sent = False
 
     async def replay() -> Message:
@@ -252,9 +395,33 @@ def _replay(raw: bytes, receive: Receive) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": raw, "more_body": False}
-        return await receive()
+        if gone is None:
+            return await receive()
+        client = asyncio.ensure_future(receive())
+        ours = asyncio.ensure_future(gone.wait())
+        done, pending = await asyncio.wait({client, ours}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return client.result() if client in done else {"type": "http.disconnect"}
 
     return replay
+
+
+async def _send_rejection(send: Send, decision: Notice, exchange: _Exchange) -> None:
+    """HTTP 429 with the planner's reason, a ``Retry-After`` and the SLO it was asked for."""
+    exchange.rejected = True
+    message = f"not admitted: the server cannot meet this request's SLO now ({decision.reason}); retry later"
+    error = {"message": message, "type": "RateLimitError", "param": "slo", "code": 429}
+    payload = json.dumps({"error": error, "slo": {**exchange.slo.to_json(), "admission": "rejected"}}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"retry-after", decision.retry_after_header.encode()),
+        (b"x-slo-admission", b"rejected"),
+        *exchange._slo_headers(),
+    ]
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 async def _send_error(send: Send, status: int, message: str, param: str | None = None) -> None:

@@ -4,6 +4,8 @@ It maps each engine request onto an ``SLORequestState`` and a ``LiveRequest`` vi
 no vLLM) and calls the policy the simulator runs too (``sloserve``: ``PlannerPolicy``):
 
 * on arrival, admission: admitted, or best effort (served from leftover budget, preempted first);
+  the decision goes to the HTTP front end as a ``Notice`` (``admission.py``), which reports it
+  and, in ``reject`` mode, turns a refusal into HTTP 429;
 * before every step, vLLM's own queues are reordered (waiting: admitted first, earliest
   first-token deadline first; running: admitted first, tightest next-token deadline first, so the
   last is preempted first when KV memory runs out) and the step's token budget is narrowed to the
@@ -28,7 +30,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from sloserve.slo import SLO
-from sloserve_runtime.planner import LiveRequest
+from sloserve_runtime.admission import XARG_TAG, Notice, NoticePublisher
+from sloserve_runtime.planner import Decision, LiveRequest
 from sloserve_runtime.policies import make_policy
 from sloserve_runtime.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_xargs
 from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel, attended_pairs
@@ -44,6 +47,7 @@ class SLOConfig:
     profile: str = str(DEFAULT_PROFILE)  # step-time profile used to resolve TTFT slowdowns
     step_log: str | None = None  # if set, append one JSON line per engine step (features, seconds)
     policy: str = "sloserve"  # a name from ``policies.POLICIES``
+    notices: str | None = None  # ZeroMQ address the front end reads admission notices from
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> SLOConfig:
@@ -53,6 +57,7 @@ class SLOConfig:
             profile=section.get("profile") or str(DEFAULT_PROFILE),
             step_log=section.get("step_log"),
             policy=section.get("policy") or "sloserve",
+            notices=section.get("notices"),
         )
 
     def to_additional_config(self) -> dict[str, Any]:
@@ -62,6 +67,7 @@ class SLOConfig:
             "profile": self.profile,
             "step_log": self.step_log,
             "policy": self.policy,
+            "notices": self.notices,
         }
         return {CONFIG_KEY: section}
 
@@ -76,12 +82,27 @@ class SLOScheduler(Scheduler):
         self.slo_policy = make_policy(self.slo_config.policy, self.step_time, self.max_num_scheduled_tokens)
         self.slo_states: dict[str, SLORequestState] = {}
         self.step_recorder = StepRecorder(self.slo_config.step_log) if self.slo_config.step_log else None
+        self.notices = NoticePublisher(self.slo_config.notices) if self.slo_config.notices else None
 
     def add_request(self, request: Request) -> None:
         state = self._state(request)
         live = [self._live(other) for other in (*self.running, *self.waiting)]
-        self.slo_policy.admit(time.time(), LiveRequest(state, request.num_tokens, 0), live)
+        decision = self.slo_policy.admit(time.time(), LiveRequest(state, request.num_tokens, 0), live)
         super().add_request(request)
+        self._notify(request, decision, live)
+
+    def _notify(self, request: Request, decision: Decision, live: list[LiveRequest]) -> None:
+        """Tell the front end what was decided (requests sent through our middleware carry a tag)."""
+        xargs = request.sampling_params.extra_args if request.sampling_params else None
+        tag = (xargs or {}).get(XARG_TAG)
+        if self.notices is None or not tag:
+            return
+        retry_after = 0.0
+        if not decision.admitted:
+            # Room returns once the admitted prefills ahead are done: the planner's own estimate.
+            backlog = sum(r.to_compute for r in live if not r.state.best_effort and not r.decoding)
+            retry_after = self.step_time.prefill_seconds(backlog)
+        self.notices.publish(Notice(str(tag), decision.admitted, decision.reason, retry_after))
 
     def _live(self, request: Request) -> LiveRequest:
         return LiveRequest(

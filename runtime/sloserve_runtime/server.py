@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ import httpx
 
 from sloserve.slo import SLO
 from sloserve_runtime import settings
-from sloserve_runtime.middleware import ENV_DEFAULT_TPOT, ENV_DEFAULT_TTFT, ENV_PROFILE
+from sloserve_runtime.admission import ADMISSION_MODES, BEST_EFFORT
+from sloserve_runtime.middleware import ENV_ADMISSION, ENV_DEFAULT_TPOT, ENV_DEFAULT_TTFT, ENV_NOTICES, ENV_PROFILE
 from sloserve_runtime.model import DEFAULT_MODEL_NAME, ensure_default_model
 from sloserve_runtime.step_time import DEFAULT_PROFILE
 
@@ -48,7 +50,20 @@ class ServerOptions:
     max_model_len: int = 2048
     max_num_batched_tokens: int = 512  # the chunked-prefill chunk size
     step_log: str | None = None  # if set, the scheduler logs each step's features and time here
+    admission: str = BEST_EFFORT  # what a request the planner cannot promise gets: best effort or HTTP 429
     extra_args: list[str] = field(default_factory=list)  # passed to vLLM unchanged
+    # Where the scheduler pushes admission notices to the middleware: a Linux abstract socket,
+    # so nothing is left on disk however the server ends.
+    notices: str = field(default_factory=lambda: f"ipc://@sloserve-notices-{uuid.uuid4().hex}")
+
+    def __post_init__(self) -> None:
+        if self.admission not in ADMISSION_MODES:
+            raise ValueError(f"admission {self.admission!r}: use one of {', '.join(ADMISSION_MODES)}")
+
+    @property
+    def reports_admission(self) -> bool:
+        """Our scheduler runs, so admission decisions reach the middleware."""
+        return SCHEDULERS[self.scheduler] is not None
 
     @property
     def url(self) -> str:
@@ -79,7 +94,9 @@ def command(options: ServerOptions) -> list[str]:
     ]  # fmt: skip
     scheduler_cls = SCHEDULERS[options.scheduler]
     if scheduler_cls is not None:
-        config = SLOConfig(options.default_slo, options.profile, options.step_log, policy=options.scheduler)
+        config = SLOConfig(
+            options.default_slo, options.profile, options.step_log, policy=options.scheduler, notices=options.notices
+        )
         args += ["--scheduler-cls", scheduler_cls, "--additional-config", json.dumps(config.to_additional_config())]
     if options.model is None:
         # tool_choice="required" needs a tool parser; SmolLM2's chat format is Hermes-like (ChatML).
@@ -96,6 +113,11 @@ def environment(options: ServerOptions) -> dict[str, str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", settings.kv_cache_gib())
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env[ENV_PROFILE] = options.profile
+    env[ENV_ADMISSION] = options.admission
+    if options.reports_admission:
+        env[ENV_NOTICES] = options.notices
+    else:
+        env.pop(ENV_NOTICES, None)
     slo = options.default_slo.to_json()
     for key, value in ((ENV_DEFAULT_TTFT, slo["ttft_ms"]), (ENV_DEFAULT_TPOT, slo["tpot_ms"])):
         if value is None:

@@ -1,0 +1,134 @@
+"""Admission notices: the scheduler's decision on each request, carried to the HTTP front end.
+
+The planner decides in vLLM's engine-core process (``SLOScheduler.add_request``); the client
+talks to the API-server process. The scheduler pushes one small JSON notice per request over a
+ZeroMQ socket (vLLM's own transport between those processes); the middleware pulls them and
+matches each to its request by a tag it put into the request's ``vllm_xargs``. It reports the
+decision in the response, counts it in the Prometheus metrics and, in ``reject`` mode, answers
+a request that was not admitted with HTTP 429 and a ``Retry-After``.
+
+Imports no vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import zmq
+import zmq.asyncio
+
+logger = logging.getLogger(__name__)
+
+# What happens to a request the planner cannot promise its SLO: served from leftover budget
+# ("best-effort", SLOs-Serve's choice), or refused with HTTP 429 ("reject").
+ADMISSION_MODES = ("best-effort", "reject")
+BEST_EFFORT, REJECT = ADMISSION_MODES
+XARG_TAG = "slo_tag"  # the key of the request's tag in ``vllm_xargs``
+
+
+class AdmissionModeError(ValueError):
+    """An admission mode that is not one of ``ADMISSION_MODES``."""
+
+
+def parse_mode(value: object, where: str) -> str:
+    """``value`` as an admission mode; the error names ``where`` it came from."""
+    if isinstance(value, str) and value.strip().lower() in ADMISSION_MODES:
+        return value.strip().lower()
+    raise AdmissionModeError(f"{where}: {value!r} is not an admission mode; use one of {', '.join(ADMISSION_MODES)}")
+
+
+@dataclass(frozen=True)
+class Notice:
+    """The scheduler's decision on one request."""
+
+    tag: str
+    admitted: bool
+    reason: str
+    retry_after_s: float = 0.0  # when the engine expects room again (meaningful when not admitted)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Notice:
+        data = json.loads(raw)
+        return cls(str(data["tag"]), bool(data["admitted"]), str(data["reason"]), float(data["retry_after_s"]))
+
+    @property
+    def retry_after_header(self) -> str:
+        """``Retry-After`` in whole seconds, at least one."""
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+
+class NoticePublisher:
+    """The engine's end: pushes notices, never blocks the scheduler (drops them if no one reads)."""
+
+    def __init__(self, address: str) -> None:
+        self._context = zmq.Context.instance()
+        self._socket = self._context.socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.SNDHWM, 10_000)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(address)
+
+    def publish(self, notice: Notice) -> None:
+        try:
+            self._socket.send(notice.to_bytes(), zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("admission notice for %s dropped: the front end is not reading", notice.tag)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+class NoticeBoard:
+    """The front end's end: receives notices and hands each to the request that waits for it.
+
+    One board per address and process (``NoticeBoard.at``); its reader runs in the event loop of
+    the first request that asks.
+    """
+
+    _boards: ClassVar[dict[str, NoticeBoard]] = {}
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._socket = zmq.asyncio.Context.instance().socket(zmq.PULL)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(address)
+        self._waiting: dict[str, asyncio.Future[Notice]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    def at(cls, address: str) -> NoticeBoard:
+        board = cls._boards.get(address)
+        if board is None:
+            board = cls._boards[address] = cls(address)
+        return board
+
+    def expect(self, tag: str) -> asyncio.Future[Notice]:
+        """A future that the notice for ``tag`` resolves; call before the request reaches the engine."""
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read(), name="sloserve-notices")
+        future = self._waiting[tag] = asyncio.get_running_loop().create_future()
+        return future
+
+    def forget(self, tag: str) -> None:
+        future = self._waiting.pop(tag, None)
+        if future is not None and not future.done():
+            future.cancel()
+
+    async def _read(self) -> None:
+        while True:
+            raw = await self._socket.recv()
+            try:
+                notice = Notice.from_bytes(raw)
+            except (ValueError, KeyError, TypeError):
+                logger.warning("ignoring a malformed admission notice: %r", raw[:200])
+                continue
+            future = self._waiting.pop(notice.tag, None)
+            if future is not None and not future.done():
+                future.set_result(notice)
