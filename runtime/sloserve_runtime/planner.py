@@ -215,3 +215,15 @@ class Planner:
             budget = min(budget, self.max_budget)
         prefill = max(budget - decodes, 0)
         return self._step_seconds(decodes, prefill, context), prefill
+
+    # ---- routing ----
+
+    def first_token_time(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> float:
+        """When ``new``'s first token is predicted if it joined the admitted requests in ``live`` now.
+
+        The same forward simulation admission runs: prefills in deadline order after the running
+        decodes. A router compares this with the deadline to find the replica with the most slack.
+        """
+        admitted = [r for r in live if not r.state.best_effort and r.state is not new.state]
+        waiting = [r for r in admitted if not r.decoding]
+        return self._first_tokens(now, [*waiting, new], admitted)[new.state.request_id]
