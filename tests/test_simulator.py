@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from itertools import pairwise
 
 import pytest
 
+from conftest import run_cli
 from sloserve.slo import SLO
 from sloserve_runtime.simulator import SimConfig, simulate
 from sloserve_runtime.simulator.loop import Simulation
@@ -164,3 +166,35 @@ def test_ten_thousand_requests_simulate_in_seconds():
     assert sum(len(result.token_times) for result in results) == sum(result.output_tokens for result in results)
     # About 10 s on the 2-core development machine; the bound only guards against a blow-up.
     assert elapsed < 60.0, f"{elapsed:.1f}s"
+
+
+def test_simulate_command_runs_each_cluster_and_counts_the_cluster_rate(tmp_path):
+    out = tmp_path / "cluster.json"
+    result = run_cli(
+        "simulate", "--scenario", "chatbot", "--profile", "a100-opt13b-slos-serve", "--scheduler", "sloserve",
+        "--replicas", "1,2", "--router", "slo,round-robin", "--capacity", "--num-requests", "60", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Routing: capacity per replica" in result.stdout
+    entries = json.loads(out.read_text())["results"]
+    # One replica needs no router: it runs once.
+    assert [(e["replicas"], e["router"]) for e in entries] == [(1, None), (2, "slo"), (2, "round-robin")]
+    for entry in entries:
+        assert entry["capacity_rps"] > 0
+        assert entry["capacity_per_replica_rps"] == pytest.approx(entry["capacity_rps"] / entry["replicas"])
+        assert entry["rate"] == entry["capacity_rps"]  # the cluster's rate, as probed
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--replicas", "0"], "--replicas '0': every count must be at least 1"),
+        (["--replicas", "two"], "--replicas 'two': expected whole numbers"),
+        (["--replicas", "2", "--router", "random"], "--router random: unknown; choose from slo, round-robin"),
+    ],
+)
+def test_simulate_cluster_option_mistakes_are_one_line_errors(args, message):
+    result = run_cli("simulate", "--scenario", "chatbot", "--rate", "1", *args, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

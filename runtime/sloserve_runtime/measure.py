@@ -39,8 +39,14 @@ class Measurement:
 
     label: str
     probes: list[tuple[float, Summary]] = field(default_factory=list)  # (rate, summary), in probe order
-    capacity_rps: float | None = None  # set by a capacity search
+    capacity_rps: float | None = None  # set by a capacity search; the whole cluster's rate
     results_at: dict[float, list[StageResult]] = field(default_factory=dict)  # raw results per rate
+    replicas: int = 1  # engine replicas the rates were spread over
+    router: str | None = None  # the router in front of them (None: one replica, nothing to route)
+
+    @property
+    def capacity_per_replica_rps(self) -> float | None:
+        return None if self.capacity_rps is None else self.capacity_rps / self.replicas
 
     def at(self, rate: float) -> Summary:
         return next(summary for probed, summary in reversed(self.probes) if probed == rate)
@@ -64,9 +70,14 @@ def measure(
     rates: list[float] | None,
     capacity_start: float | None,
     keep_results: bool = False,
+    replicas: int = 1,
+    router: str | None = None,
 ) -> Measurement:
-    """Run the trace at each rate, or search the capacity starting from ``capacity_start``."""
-    measurement = Measurement(label)
+    """Run the trace at each rate, or search the capacity starting from ``capacity_start``.
+
+    ``replicas`` and ``router`` only label the measurement: ``run`` is what serves the trace.
+    """
+    measurement = Measurement(label, replicas=replicas, router=router)
 
     def attainment_at(rate: float) -> float:
         results, duration = run(options.trace(scenario, rate))
@@ -83,9 +94,9 @@ def measure(
     return measurement
 
 
-def simulator_runner(policy: str, config: SimConfig) -> Runner:
+def simulator_runner(policy: str, config: SimConfig, replicas: int = 1, router: str = "slo") -> Runner:
     def run(trace: list[ProgramSpec]) -> tuple[list[StageResult], float]:
-        results = simulate(trace, policy, config.step_time, config)
+        results = simulate(trace, policy, config.step_time, config, replicas, router)
         end = max((t for result in results for t in result.token_times), default=0.0)
         return results, max(end, trace[-1].arrival_s if trace else 0.0)
 

@@ -18,6 +18,7 @@ from sloserve_runtime.measure import Measurement, TraceOptions, endpoint_runner,
 from sloserve_runtime.metrics import Summary, compare, summarize
 from sloserve_runtime.plots import attainment_and_ttft
 from sloserve_runtime.policies import POLICIES
+from sloserve_runtime.router import ROUTERS
 from sloserve_runtime.scenarios import SCENARIO_NAMES, load_scenario
 from sloserve_runtime.scenarios import Scenario as ScenarioSpec
 from sloserve_runtime.simulator import SimConfig
@@ -58,6 +59,25 @@ def _rates(rate: float | None, rates: str | None, capacity: bool) -> list[float]
     return rate_list or None
 
 
+def _names(option: str, value: str, known: dict) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        shown = ",".join(unknown) if unknown else repr(value)
+        raise MeasureError(f"{option} {shown}: unknown; choose from {', '.join(known)}")
+    return names
+
+
+def _replica_counts(replicas: str) -> list[int]:
+    try:
+        counts = [int(value) for value in replicas.split(",") if value.strip()]
+    except ValueError:
+        raise MeasureError(f"--replicas {replicas!r}: expected whole numbers like 1,2,4,8") from None
+    if not counts or min(counts) < 1:
+        raise MeasureError(f"--replicas {replicas!r}: every count must be at least 1")
+    return counts
+
+
 def _scenario(name: str) -> ScenarioSpec:
     try:
         return load_scenario(name)
@@ -92,14 +112,23 @@ SUMMARY_COLUMNS = (
 
 
 def results_table(title: str, rows: list[tuple[str, str, Measurement]]) -> Table:
+    """One row per rate run (or the capacity probe); replica columns when any target has several."""
+    clustered = any(measurement.replicas > 1 for _, _, measurement in rows)
+    columns = ("scenario", "scheduler", *(("replicas", "router") if clustered else ()), "rate", "capacity")
     table = Table(title=title)
-    for column in ("scenario", "scheduler", "rate", "capacity", *SUMMARY_COLUMNS):
-        table.add_column(column, justify="left" if column in ("scenario", "scheduler") else "right")
+    for column in (*columns, *(("per replica",) if clustered else ()), *SUMMARY_COLUMNS):
+        table.add_column(column, justify="left" if column in ("scenario", "scheduler", "router") else "right")
     for scenario, label, measurement in rows:
+        cluster = (str(measurement.replicas), measurement.router or "-") if clustered else ()
+        per_replica = (_rate(measurement.capacity_per_replica_rps),) if clustered else ()
         for rate, summary in measurement.probes if measurement.capacity_rps is None else [measurement.headline]:
-            capacity = "-" if measurement.capacity_rps is None else f"{measurement.capacity_rps:.3g}"
-            table.add_row(scenario, label, f"{rate:.3g}", capacity, *_summary_row(summary))
+            capacity = _rate(measurement.capacity_rps)
+            table.add_row(scenario, label, *cluster, f"{rate:.3g}", capacity, *per_replica, *_summary_row(summary))
     return table
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def json_entry(scenario: str, label: str, measurement: Measurement) -> dict:
@@ -111,6 +140,9 @@ def json_entry(scenario: str, label: str, measurement: Measurement) -> dict:
         "attainment": summary.program_attainment,
         "request_attainment": summary.attainment,
         "capacity_rps": measurement.capacity_rps,
+        "replicas": measurement.replicas,
+        "router": measurement.router,
+        "capacity_per_replica_rps": measurement.capacity_per_replica_rps,
         "ttft_p90_ms": summary.ttft_ms.p90,
         "tpot_p90_ms": summary.tpot_ms.p90,
         "goodput_rps": summary.goodput_rps,
@@ -123,6 +155,12 @@ def simulate_command(
     scenario: Annotated[str, typer.Option(help=f"One of {', '.join(SCENARIO_NAMES)}, or all.")] = "all",
     profile: Annotated[str, typer.Option(help="A profile JSON, or a bundled profile's name.")] = str(DEFAULT_PROFILE),
     scheduler: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(POLICIES)}.")] = "sloserve,vllm-fcfs",
+    replicas: Annotated[
+        str, typer.Option(help="Engine replicas behind a router; comma-separated counts run each, e.g. 1,2,4,8.")
+    ] = "1",
+    router: Annotated[
+        str, typer.Option(help=f"Comma-separated routers for --replicas > 1: {', '.join(ROUTERS)}.")
+    ] = "slo",
     rate: Rate = None,
     rates: Rates = None,
     capacity: Capacity = False,
@@ -133,29 +171,38 @@ def simulate_command(
     json_out: JsonOut = None,
     plot: PlotOut = None,
 ) -> None:
-    """Simulate schedulers on scenarios with a step-time profile (the same policy code as the engine)."""
+    """Simulate schedulers on scenarios with a step-time profile (the same policy code as the engine).
+
+    With ``--replicas K`` the trace goes to K engines behind a router; rates and ``capacity_rps``
+    are the whole cluster's, and the tables also give the capacity per replica.
+    """
     rate_list = _rates(rate, rates, capacity)
     config = _profile(profile)
-    schedulers = [name.strip() for name in scheduler.split(",") if name.strip()]
-    unknown = [name for name in schedulers if name not in POLICIES]
-    if unknown:
-        raise MeasureError(f"--scheduler {','.join(unknown)}: unknown; choose from {', '.join(POLICIES)}")
+    schedulers = _names("--scheduler", scheduler, POLICIES)
+    # One replica needs no router: it runs once, whatever --router says.
+    clusters = [(count, name) for count in _replica_counts(replicas) for name in _names("--router", router, ROUTERS)]
+    clusters = list(dict.fromkeys((count, name if count > 1 else None) for count, name in clusters))
     scenarios = list(SCENARIO_NAMES) if scenario == "all" else [scenario]
     options = TraceOptions(num_programs=num_requests, seed=seed, slo_scale=slo_scale, length_scale=length_scale)
     rows: list[tuple[str, str, Measurement]] = []
     with Progress(*_columns(), console=console, transient=True) as progress:
-        task = progress.add_task("Simulating", total=len(scenarios) * len(schedulers))
+        task = progress.add_task("Simulating", total=len(scenarios) * len(schedulers) * len(clusters))
         for name in scenarios:
             spec = _scenario(name)
             for policy in schedulers:
-                progress.update(task, description=f"Simulating {name} / {policy}")
-                runner = simulator_runner(policy, config)
-                result = measure(policy, runner, spec, options, rate_list, 0.5 if capacity else None, plot is not None)
-                rows.append((name, policy, result))
-                progress.advance(task)
+                for count, routing in clusters:
+                    progress.update(task, description=f"Simulating {name} / {policy} / {count} x {routing or '-'}")
+                    runner = simulator_runner(policy, config, count, routing or "slo")
+                    # The search starts at the same rate per replica for every cluster size.
+                    start = 0.5 * count if capacity else None
+                    result = measure(policy, runner, spec, options, rate_list, start, plot is not None, count, routing)
+                    rows.append((name, policy, result))
+                    progress.advance(task)
     console.print(results_table(f"Simulated on {config.step_time.name}", rows))
     if capacity and "vllm-fcfs" in schedulers:
         _print_capacity_ratios(rows, "vllm-fcfs")
+    if capacity and any(count > 1 for count, _ in clusters):
+        _print_routing(rows)
     if json_out is not None:
         _write_json(json_out, {"profile": config.step_time.name, "results": [json_entry(*row) for row in rows]})
     if plot is not None:
@@ -166,16 +213,45 @@ def _columns() -> tuple:
     return (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
+def _target(label: str, measurement: Measurement) -> str:
+    """A scheduler's name, with its cluster (``sloserve 4x slo``) when it has several replicas."""
+    return label if measurement.replicas == 1 else f"{label} {measurement.replicas}x {measurement.router}"
+
+
 def _print_capacity_ratios(rows: list[tuple[str, str, Measurement]], baseline: str) -> None:
+    """Each scheduler's capacity over ``baseline``'s on the same scenario and cluster."""
     table = Table(title=f"Capacity ratio over {baseline}")
     table.add_column("scheduler")
     table.add_column("per scenario")
     table.add_column("geometric mean", justify="right")
-    base = {scenario: m.capacity_rps for scenario, label, m in rows if label == baseline}
-    for label in dict.fromkeys(label for _, label, _ in rows if label != baseline):
-        ratios = {name: m.capacity_rps / base[name] for name, other, m in rows if other == label and base.get(name)}
+    base = {(scenario, m.replicas, m.router): m.capacity_rps for scenario, label, m in rows if label == baseline}
+    for target in dict.fromkeys(_target(label, m) for _, label, m in rows if label != baseline):
+        ratios = {
+            name: m.capacity_rps / base[name, m.replicas, m.router]
+            for name, label, m in rows
+            if _target(label, m) == target and base.get((name, m.replicas, m.router))
+        }
         geo = statistics.geometric_mean(ratios.values()) if ratios and all(ratios.values()) else 0.0
-        table.add_row(label, ", ".join(f"{s} {r:.2f}x" for s, r in ratios.items()), f"{geo:.2f}x")
+        table.add_row(target, ", ".join(f"{s} {r:.2f}x" for s, r in ratios.items()), f"{geo:.2f}x")
+    console.print(table)
+
+
+def _print_routing(rows: list[tuple[str, str, Measurement]]) -> None:
+    """Capacity per replica against one replica's, and each router's against round-robin's at the same K."""
+    table = Table(title="Routing: capacity per replica")
+    for column in ("scenario", "scheduler", "replicas", "router", "cluster", "per replica", "vs 1 replica",
+                   "vs round-robin"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("scenario", "scheduler", "router") else "right")
+    capacity = {(scenario, label, m.replicas, m.router): m.capacity_rps or 0.0 for scenario, label, m in rows}
+    for scenario, label, m in rows:
+        single = capacity.get((scenario, label, 1, None))
+        round_robin = capacity.get((scenario, label, m.replicas, "round-robin"))
+        per_replica = m.capacity_per_replica_rps or 0.0
+        table.add_row(
+            scenario, label, str(m.replicas), m.router or "-", f"{m.capacity_rps or 0.0:.3g}", f"{per_replica:.3g}",
+            f"{per_replica / single:.2f}x" if single else "-",
+            f"{m.capacity_rps / round_robin:.2f}x" if round_robin and m.capacity_rps else "-",
+        )  # fmt: skip
     console.print(table)
 
 

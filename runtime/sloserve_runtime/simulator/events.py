@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sloserve_runtime.simulator.cluster import Replica
 from sloserve_runtime.simulator.engine import Batch
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ class Event(ABC):
 
 @dataclass(frozen=True)
 class StageArrival(Event):
-    """A stage call reaches the engine: a program's first stage, or the next one after a finished stage."""
+    """A stage call reaches the cluster: a program's first stage, or the next one after a finished stage."""
 
     time: float
     program_index: int  # position of the program in the trace
@@ -34,28 +35,31 @@ class StageArrival(Event):
         request = sim.stages.start(self.program_index, self.stage_index, self.time)
         if request is None:
             return []
-        sim.engine.add(request, self.time)
-        if sim.stepping:
+        replica = sim.cluster.place(request, self.time)
+        replica.engine.add(request, self.time)
+        if replica.stepping:
             return []
         # An idle engine wakes up at once, as vLLM's busy loop does when a request comes in.
-        sim.stepping = True
-        return [EngineStep(self.time)]
+        replica.stepping = True
+        return [EngineStep(self.time, replica)]
 
 
 @dataclass(frozen=True)
 class EngineStep(Event):
-    """The engine is free: it forms the next batch, or goes idle when there is no work."""
+    """A replica's engine is free: it forms the next batch, or goes idle when there is no work."""
 
     time: float
+    replica: Replica
 
     def handle(self, sim: Simulation) -> list[Event]:
-        batch = sim.engine.schedule()
+        engine = self.replica.engine
+        batch = engine.schedule()
         if batch is None:
-            if sim.engine.has_work:
+            if engine.has_work:
                 raise RuntimeError(f"simulated engine stalled at t={self.time:.3f}s: the policy gave no token budget")
-            sim.stepping = False
+            self.replica.stepping = False
             return []
-        return [StepDone(self.time + batch.seconds, batch)]
+        return [StepDone(self.time + batch.seconds, self.replica, batch)]
 
 
 @dataclass(frozen=True)
@@ -63,14 +67,15 @@ class StepDone(Event):
     """A batch finishes: tokens come out, finished stages send their program's next stage."""
 
     time: float
+    replica: Replica
     batch: Batch
 
     def handle(self, sim: Simulation) -> list[Event]:
         events: list[Event] = []
-        for request in sim.engine.complete(self.batch, self.time):
+        for request in self.replica.engine.complete(self.batch, self.time):
             following = sim.stages.next_stage(request, self.time)
             if following is not None:
                 arrival, stage_index = following
                 events.append(StageArrival(arrival, request.program_index, stage_index))
-        events.append(EngineStep(self.time))
+        events.append(EngineStep(self.time, self.replica))
         return events

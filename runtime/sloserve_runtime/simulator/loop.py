@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 from itertools import count
 
-from sloserve_runtime.policies import make_policy
+from sloserve_runtime.simulator.cluster import Cluster
 from sloserve_runtime.simulator.config import SimConfig
 from sloserve_runtime.simulator.engine import Engine
 from sloserve_runtime.simulator.events import Event, StageArrival
@@ -15,12 +15,13 @@ from sloserve_runtime.workload import ProgramSpec, StageResult
 
 
 class Simulation:
-    """One run of a trace through one simulated engine under one policy."""
+    """One run of a trace through a cluster of simulated engines (by default one) under one policy."""
 
-    def __init__(self, trace: list[ProgramSpec], policy_name: str, config: SimConfig) -> None:
-        self.engine = Engine(make_policy(policy_name, config.step_time, config.batched_tokens), config)
+    def __init__(
+        self, trace: list[ProgramSpec], policy_name: str, config: SimConfig, replicas: int = 1, router: str = "slo"
+    ) -> None:
+        self.cluster = Cluster(policy_name, config, replicas, router)
         self.stages = StageCalls(trace, config)
-        self.stepping = False  # whether an engine step is under way or due (else the engine idles)
         self._events: list[tuple[float, int, Event]] = []
         # Ties in time go in the order events were scheduled, which keeps runs deterministic.
         self._seq = count()
@@ -34,6 +35,11 @@ class Simulation:
                 self._push(caused)
         return self.stages.results()
 
+    @property
+    def engine(self) -> Engine:
+        """The first replica's engine: with one replica, the engine."""
+        return self.cluster.replicas[0].engine
+
     def _push(self, event: Event) -> None:
         heapq.heappush(self._events, (event.time, next(self._seq), event))
 
@@ -43,11 +49,15 @@ def simulate(
     policy_name: str,
     step_time: StepTimeModel,
     config: SimConfig | None = None,
+    replicas: int = 1,
+    router: str = "slo",
 ) -> list[StageResult]:
     """Replay ``trace`` on a simulated vLLM engine scheduled by the policy ``policy_name``.
 
     Times in the results are simulated seconds from the start of the trace. ``config`` defaults
     to ``SimConfig.for_step_time(step_time)``; when given, it must carry the same ``step_time``.
+    With ``replicas`` > 1 the trace goes to that many such engines, each with its own policy
+    instance, and the router named ``router`` (see ``sloserve_runtime.router``) places each stage call.
 
     >>> from sloserve.slo import SLO
     >>> from sloserve_runtime.step_time import StepTimeModel, LinearPiece
@@ -61,4 +71,4 @@ def simulate(
         config = SimConfig.for_step_time(step_time)
     elif config.step_time != step_time:
         raise ValueError("config.step_time differs from step_time; pass the same model to both")
-    return Simulation(trace, policy_name, config).run()
+    return Simulation(trace, policy_name, config, replicas, router).run()
