@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -33,6 +34,15 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 errors = Console(stderr=True)
 USER_ERRORS = (AppFileError, ModelConversionError, server.ServerError, SLOError)
 
+ReplicasOption = Annotated[
+    int, typer.Option(min=1, help="Engine replicas on Ray, behind one endpoint that routes each request.")
+]
+RouterOption = Annotated[
+    str, typer.Option(help="With --replicas: slo (feasible with the most slack), round-robin or least-loaded.")
+]
+RayAddressOption = Annotated[
+    str | None, typer.Option(help="Join this Ray cluster (e.g. ray://head:10001 or auto) instead of a local one.")
+]
 ModelOption = Annotated[
     str | None,
     typer.Option("--model", help="A vLLM model name or path (default: the embedded SmolLM2-135M-Instruct)."),
@@ -78,6 +88,9 @@ def serve(
             "budget) or reject (HTTP 429 with Retry-After). A request may ask otherwise with x-slo-admission."
         ),
     ] = "best-effort",
+    replicas: ReplicasOption = 1,
+    router: RouterOption = "slo",
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Run vLLM's OpenAI-compatible server with SLO scheduling. Args after -- go to vLLM."""
     if scheduler not in server.SCHEDULERS:
@@ -103,6 +116,9 @@ def serve(
     )
     if not server.port_is_free(host, port):
         raise _fail(f"port {port} on {host} is in use; pick another with --port")
+    if replicas > 1 or ray_address is not None:
+        _serve_replicated(options, replicas, router, ray_address)
+        return
     try:
         args = server.command(options)
     except USER_ERRORS as exc:
@@ -112,6 +128,27 @@ def serve(
     )
     # vLLM's server takes over this process: signals and exit codes are its own.
     os.execvpe(args[0], args, server.environment(options))
+
+
+def _check_router(router: str) -> None:
+    from sloserve_runtime.router import ROUTERS
+
+    if router not in ROUTERS:
+        raise _fail(f"--router {router!r} is not one of {', '.join(ROUTERS)}")
+
+
+def _serve_replicated(options: server.ServerOptions, replicas: int, router: str, ray_address: str | None) -> None:
+    from sloserve_runtime.deployment import serve_forever
+    from sloserve_runtime.replicas import ReplicaError
+
+    _check_router(router)
+    where = ray_address or "a local Ray instance"
+    errors.print(f"Starting {replicas} replicas of {server.resolve_model(options.model)[1]} on {where} ...")
+    errors.print(f"Serving on {options.url} (router: {router}, scheduler: {options.scheduler})")
+    try:
+        serve_forever(options, replicas, router, ray_address)
+    except (*USER_ERRORS, ReplicaError) as exc:
+        raise _fail(str(exc)) from None
 
 
 @cli.command()
@@ -126,6 +163,9 @@ def run(
     concurrency: Annotated[int, typer.Option(min=1, help="Program runs in flight at once.")] = 1,
     requests: Annotated[int | None, typer.Option(min=1, help="Program runs in all (default: one per example).")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for --endpoint.")] = None,
+    replicas: ReplicasOption = 1,
+    router: RouterOption = "slo",
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Run an app's program on the embedded engine (or --endpoint) and print a per-stage SLO table."""
     try:
@@ -136,6 +176,9 @@ def run(
             _run_and_report(app, chosen, inputs, endpoint, concurrency, api_key, model)
             return
         options = server.ServerOptions(model=model, port=server.free_port())
+        if replicas > 1 or ray_address is not None:
+            _run_replicated(app, chosen, inputs, options, concurrency, replicas, router, ray_address)
+            return
         started = time.monotonic()
         with console.status("Starting the embedded engine (about half a minute)..."):
             running = server.start(options)
@@ -178,6 +221,22 @@ def profile(
     console.print(f"R² on {fit.test_points} held-out steps: {fit.r2_heldout:.3f} (fitted on {fit.train_points})")
     out.write_text(json.dumps(fit.model.to_json(**metadata), indent=2) + "\n")
     console.print(f"Wrote {out}")
+
+
+def _run_replicated(app, chosen, inputs, options, concurrency, replicas, router, ray_address) -> None:  # noqa: ANN001
+    from sloserve_runtime.deployment import replicated
+    from sloserve_runtime.replicas import ReplicaError
+
+    _check_router(router)
+    started = time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            with console.status(f"Starting {replicas} engine replicas on Ray (a minute or two)..."):
+                running = stack.enter_context(replicated(options, replicas, router, ray_address))
+            console.print(f"{replicas} replicas ready in {time.monotonic() - started:.0f}s behind {running.url}")
+            _run_and_report(app, chosen, inputs, running.url, concurrency, None, running.served_model)
+    except ReplicaError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _run_and_report(app, chosen, inputs, base_url, concurrency, api_key, model) -> None:  # noqa: ANN001

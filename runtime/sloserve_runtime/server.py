@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +54,7 @@ class ServerOptions:
     extra_args: list[str] = field(default_factory=list)  # passed to vLLM unchanged
     # Where the scheduler pushes admission notices to the middleware: a Linux abstract socket,
     # so nothing is left on disk however the server ends.
-    notices: str = field(default_factory=lambda: f"ipc://@sloserve-notices-{uuid.uuid4().hex}")
+    notices: str = field(default_factory=lambda: notices_address())
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSION_MODES:
@@ -68,6 +68,11 @@ class ServerOptions:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
+
+
+def notices_address() -> str:
+    """A fresh address for one engine's admission notices (each engine needs its own)."""
+    return f"ipc://@sloserve-notices-{uuid.uuid4().hex}"
 
 
 def resolve_model(model: str | None) -> tuple[str, str]:
@@ -101,7 +106,7 @@ def command(options: ServerOptions) -> list[str]:
     if options.model is None:
         # tool_choice="required" needs a tool parser; SmolLM2's chat format is Hermes-like (ChatML).
         args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-    if _is_cpu_build():
+    if is_cpu_build():
         args += ["--dtype", "bfloat16", "--enforce-eager"]
     if options.api_key:
         args += ["--api-key", options.api_key]
@@ -127,7 +132,7 @@ def environment(options: ServerOptions) -> dict[str, str]:
     return env
 
 
-def _is_cpu_build() -> bool:
+def is_cpu_build() -> bool:
     from importlib.metadata import PackageNotFoundError, distribution
 
     try:
@@ -177,8 +182,16 @@ class RunningServer:
             self.process.wait()
 
 
-def start(options: ServerOptions, log_path: Path | None = None, timeout: float = 300.0) -> RunningServer:
-    """Start vLLM's server in its own process group and wait until it answers."""
+def start(
+    options: ServerOptions,
+    log_path: Path | None = None,
+    timeout: float = 300.0,
+    preexec: Callable[[], None] | None = None,
+) -> RunningServer:
+    """Start vLLM's server in its own process group and wait until it answers.
+
+    ``preexec`` runs in the child before vLLM starts (a replica uses it to die with its actor).
+    """
     if not port_is_free(options.host, options.port):
         raise ServerError(f"port {options.port} on {options.host} is in use; pick another with --port")
     args = command(options)
@@ -186,7 +199,12 @@ def start(options: ServerOptions, log_path: Path | None = None, timeout: float =
         log_path = Path(tempfile.mkstemp(prefix="sloserve-engine-", suffix=".log")[1])
     log = log_path.open("wb")
     process = subprocess.Popen(
-        args, env=environment(options), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        args,
+        env=environment(options),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=preexec,  # a prctl call: no locks or threads involved
     )
     server = RunningServer(process, options, log_path, served_model=resolve_model(options.model)[1])
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from sloserve.slo import SLO, Outcome, judge
 from sloserve.stage import Stage
 from sloserve.tools import Tool, ToolCall
 
+PROGRAM_HEADER = "x-slo-program"  # which program run a stage call belongs to
 _current: contextvars.ContextVar[_ProgramRun] = contextvars.ContextVar("sloserve_program_run")
 
 
@@ -49,6 +51,12 @@ class _ProgramRun:
     run_id: int
     session: Session
     called: list[str] = field(default_factory=list)  # stage names, in call order
+
+    @property
+    def key(self) -> str:
+        """Names this run to the server (header ``x-slo-program``): a replicated endpoint keeps its
+        stages on one replica, which holds their shared prefix."""
+        return f"{self.session.session_id}-{self.run_id}"
 
     def llm_for(self, stage: Stage) -> LLM:
         graph = self.program.graph
@@ -120,6 +128,7 @@ class LLM:
             stream=True,
             stream_options={"include_usage": True},
             extra_body={"slo": self.stage.slo.to_json()},
+            extra_headers={PROGRAM_HEADER: self.run.key},
             **params,
         )
         assembled, token_times, server_outcome = Reassembler(), [], None
@@ -188,6 +197,7 @@ class Session:
         self.tools = tools or {}
         self.records: list[RequestRecord] = []
         self._run_ids = itertools.count()
+        self.session_id = uuid.uuid4().hex[:12]
 
     async def __aenter__(self) -> Session:
         if not self.model:
