@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from sloserve_runtime.slo_state import SLORequestState
@@ -52,15 +52,25 @@ def _admitted_decodes(live: Sequence[LiveRequest]) -> list[LiveRequest]:
     return [r for r in live if r.decoding and not r.state.best_effort]
 
 
+def _best_effort(live: Sequence[LiveRequest]) -> list[LiveRequest]:
+    return [r for r in live if r.state.best_effort]
+
+
 @dataclass
 class Planner:
     """Budget and admission for one engine, from its step-time model."""
 
     step_time: StepTimeModel
     max_budget: int  # the engine's own per-step token limit
-    # Plan steps this much shorter than the tightest TPOT: the step-time model's error on the real
-    # engine, and the windowed TPOT rule, leave no room for a step planned at exactly the bound.
-    headroom: float = 0.9
+    # Plan steps this much shorter than the tightest TPOT. Only a hair: attainment is judged on
+    # windows of 10 tokens, over which an unbiased error of the step-time model averages out,
+    # while every percent kept back costs decode slots and prefill budget (with a large
+    # per-request term, 10 % is one decode in five at a 50 ms TPOT). A step planned at exactly
+    # the bound would break it on clock rounding alone.
+    headroom: float = 0.99
+    # Whether an admitted request waits to start, as the engine last said (``held_back``) or as
+    # an admission implies; ``token_budget``, called first in a step, plans best effort by it.
+    _admitted_waiting: bool = field(default=False, repr=False)
 
     # ---- per-step budget ----
 
@@ -73,52 +83,62 @@ class Planner:
 
     def token_budget(self, running: Sequence[LiveRequest]) -> int:
         """Tokens the next step may schedule, given the running requests (decodes and chunks)."""
-        # Best-effort decodes are left out: they run only on time left over (``held_back``).
         decodes = _admitted_decodes(running)
         bound = self._bound(decodes)
         if math.isinf(bound):
             return self.max_budget
+        # Best effort joins only while no admitted prefill waits: a step planned for joiners that
+        # then sit out would leave the waiting request a budget cut by their per-request time.
+        joining = [] if self._admitted_waiting else self._best_effort_joining(running, bound)
         # A decode attends to its whole context (``attended_pairs(1, n) == n``): the attention
         # work of the decodes equals their context.
-        context = sum(r.context + 1 for r in decodes)
-        # One more request in the batch: the prefill chunk the leftover budget goes to.
-        budget = self.step_time.token_budget(bound, len(decodes) + 1, context, context)
+        context = sum(r.context + 1 for r in (*decodes, *joining))
+        # Each request of the step costs its per-request time: the admitted decodes and chunks, the
+        # best-effort requests that join, and one more, for a waiting request that takes what a
+        # finishing chunk leaves. A budget that counted one chunk only would overrun the bound.
+        requests = len(running) - len(_best_effort(running)) + len(joining) + 1
+        budget = self.step_time.token_budget(bound, requests, context, context)
         # Admitted decodes always run: admission keeps them within the bound, and a step that
         # skipped one would break its TPOT for sure.
-        return max(len(decodes), min(budget, self.max_budget), 1)
+        return max(len(decodes) + len(joining), min(budget, self.max_budget), 1)
 
     def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool) -> list[bool]:
         """Best effort runs on leftover time only: which running requests sit this step out.
 
         While an admitted request waits to start, every best-effort request waits too (vLLM would
-        serve running requests first). Otherwise best-effort requests join, in running order, as
-        long as the step stays within the bound: each costs its per-request time, which a token
-        budget alone does not see.
+        serve running requests first). Otherwise the best-effort requests that ``token_budget``
+        planned for join (see ``_best_effort_joining``) and the rest wait.
         """
-        held = [False] * len(running)
-        best_effort = [index for index, r in enumerate(running) if r.state.best_effort]
-        if not best_effort:
-            return held
+        self._admitted_waiting = admitted_waiting
         if admitted_waiting:
-            for index in best_effort:
-                held[index] = True
-            return held
+            return [r.state.best_effort for r in running]
         bound = self.step_bound(running)
         if math.isinf(bound):
-            return held
+            return [False] * len(running)
+        joining = {id(r) for r in self._best_effort_joining(running, bound)}
+        return [r.state.best_effort and id(r) not in joining for r in running]
+
+    def _best_effort_joining(self, running: Sequence[LiveRequest], bound: float) -> list[LiveRequest]:
+        """The best-effort running requests that join a step bounded by ``bound``, in running order.
+
+        None while an admitted prefill chunk runs: admission promised that chunk the prefill budget
+        the admitted decodes leave, and a best-effort request would take a per-request time of it.
+        Otherwise they join as long as the step, with one token for each and one more request for
+        whoever takes the leftover budget, stays within the bound.
+        """
+        best_effort = _best_effort(running)
         admitted = [r for r in running if not r.state.best_effort]
-        tokens = sum(r.to_compute for r in admitted)
-        requests, context = len(admitted), sum(r.context + r.to_compute for r in admitted)
-        for position, index in enumerate(best_effort):
-            r = running[index]
-            # A best-effort decode takes 1 token; a chunk at least one; either adds a request.
-            step = self.step_time.step_seconds(tokens + 1, requests + 1, context + r.context + 1, context + r.context)
-            if step > bound:
-                for later in best_effort[position:]:  # the step is full: the rest wait too
-                    held[later] = True
-                break
+        if not best_effort or any(not r.decoding for r in admitted):
+            return []
+        tokens = requests = len(admitted)
+        context = sum(r.context + 1 for r in admitted)
+        joining = []
+        for r in best_effort:
             tokens, requests, context = tokens + 1, requests + 1, context + r.context + 1
-        return held
+            if self.step_time.step_seconds(tokens, requests + 1, context, context) > bound:
+                break  # the step is full: the rest wait too
+            joining.append(r)
+        return joining
 
     # ---- admission ----
 
@@ -128,6 +148,7 @@ class Planner:
         decision = self._decode_fits(new, admitted)
         if decision.admitted:
             decision = self._prefills_fit(now, new, admitted)
+        self._admitted_waiting |= decision.admitted
         return decision
 
     def _decode_fits(self, new: LiveRequest, admitted: list[LiveRequest]) -> Decision:
@@ -182,7 +203,11 @@ class Planner:
         bound = min((r.state.tpot_seconds for r in decodes), default=math.inf)
         count, context = len(decodes), sum(r.context + 1 for r in decodes)
         clock = now
-        if decodes or len(pending) > 1:  # a step of admitted work is under way
+        if decodes:
+            # A step is under way, and the budget lets it fill the bound: best-effort work and
+            # prefill chunks take what the decodes leave.
+            clock += self._prefill_rate(bound, count, context)[0]
+        elif len(pending) > 1:  # a step of admitted prefill is under way
             _, per_step = self._prefill_rate(bound, count, context)
             queued = sum(r.to_compute for r in admitted if not r.decoding)
             clock += self._step_seconds(count, min(per_step, queued), context)
