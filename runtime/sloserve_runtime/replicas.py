@@ -1,7 +1,8 @@
 """Engine replicas on Ray: each replica is a Ray actor that runs one `sloserve serve` engine.
 
 The actor owns the engine process (vLLM's OpenAI server with our scheduler and middleware) and
-dies with it: a watchdog ends the actor when the engine exits, so Ray restarts the actor
+dies with it: a watchdog ends the actor when the engine exits, and a reaper ends the engine's
+process group when the actor exits, so Ray restarts the actor
 (``max_restarts=-1``) and with it a fresh engine, on a new port. The gateway (``gateway.py``)
 asks each actor for its current URL and routes requests to the engines directly over HTTP.
 
@@ -12,10 +13,10 @@ existing cluster (``--ray-address``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -33,11 +34,24 @@ class ReplicaError(RuntimeError):
     """A replica could not be started; the message says why and where its log is."""
 
 
-def _die_with_parent() -> None:
-    """In the engine's process: get SIGTERM when the actor that started it dies (Linux)."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+def _reap_with_actor(engine: subprocess.Popen) -> None:
+    """End the engine's whole process group (its server and engine core) once this actor is gone.
+
+    A small detached shell waits for the actor process to disappear, however it ends (even
+    SIGKILL, when no Python code of ours runs), then stops the group: SIGTERM, and SIGKILL after
+    a grace period.
+    """
+    script = (
+        f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 0.5; done; "
+        f"kill -TERM -{engine.pid} 2>/dev/null; sleep 10; kill -KILL -{engine.pid} 2>/dev/null"
+    )
+    subprocess.Popen(  # noqa: S603 - a fixed script with two integers
+        ["/bin/sh", "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 class EngineReplica:
@@ -48,16 +62,13 @@ class EngineReplica:
         host = "127.0.0.1" if options.host in ("127.0.0.1", "localhost") else _node_ip()
         self.options = replace(options, host=host, port=server.free_port(host), notices=server.notices_address())
         self.log_path = f"{log_dir}/replica-{index}-{os.getpid()}.log"
-        self.running = server.start(self.options, Path(self.log_path), preexec=_die_with_parent)
+        self.running = server.start(self.options, Path(self.log_path), on_spawn=_reap_with_actor)
         self.started_at = time.time()
-        self.stopping = False
         threading.Thread(target=self._watch, name="engine-watchdog", daemon=True).start()
 
     def _watch(self) -> None:
         """End this actor when the engine exits, so Ray restarts both."""
         self.running.process.wait()
-        if self.stopping:
-            return
         logger.error("replica %d: engine exited with %s; restarting", self.index, self.running.process.returncode)
         # Its engine-core child may outlive it (a killed server cannot stop it): end the whole group.
         with contextlib.suppress(ProcessLookupError):
@@ -74,10 +85,6 @@ class EngineReplica:
             "started_at": self.started_at,
             "log": self.log_path,
         }
-
-    def shutdown(self) -> None:
-        self.stopping = True
-        self.running.stop()
 
 
 def _node_ip() -> str:
@@ -115,8 +122,19 @@ class ReplicaSet:
         # The engine's own threads are outside Ray's CPU accounting; a GPU build takes a GPU each.
         resources = {"num_cpus": 0, "num_gpus": 0 if server.is_cpu_build() else 1}
         actor = ray.remote(max_restarts=-1, max_task_retries=0, **resources)(EngineReplica)
-        self.actors = [actor.remote(index, self.options, self.log_dir) for index in range(self.count)]
+        self.actors = [actor.remote(index, self._options_of(index), self.log_dir) for index in range(self.count)]
         return self.infos(timeout)
+
+    def _options_of(self, index: int) -> server.ServerOptions:
+        """Replica ``index``'s options: on the CPU build of a local instance, its own share of the cores."""
+        if self.ray_address is not None or not server.is_cpu_build():
+            return self.options
+        cores = sorted(os.sched_getaffinity(0))
+        share = [core for position, core in enumerate(cores) if position % self.count == index % len(cores)]
+        if len(cores) < self.count:
+            share = [cores[index % len(cores)]]
+        bind = ",".join(str(core) for core in share)
+        return replace(self.options, env={**self.options.env, "VLLM_CPU_OMP_THREADS_BIND": bind})
 
     def infos(self, timeout: float) -> list[dict[str, Any]]:
         """Each replica's ``EngineReplica.info()``; raises ReplicaError if one does not come up in time."""
@@ -147,11 +165,9 @@ class ReplicaSet:
     def stop(self) -> None:
         import ray
 
+        # Killing the actor is enough, even while it is still starting: its reaper then stops the
+        # engine's process group.
         for actor in getattr(self, "actors", []):
-            try:
-                ray.get(actor.shutdown.remote(), timeout=30)
-            except ray.exceptions.RayError:
-                pass
             ray.kill(actor, no_restart=True)
         self.actors = []
 

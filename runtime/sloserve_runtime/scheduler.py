@@ -13,6 +13,11 @@ no vLLM) and calls the policy the simulator runs too (``sloserve``: ``PlannerPol
 
 vLLM's ``schedule()`` then does the batching.
 
+With speculative decoding on (vLLM's ``--speculative-config``, e.g. n-gram), the drafts of each
+request are cut to its tier's speculation length (``speculation.py``): the shortest that keeps
+the tier's TPOT at the acceptance rate measured for that tier, so loose tiers leave the compute
+to tight ones.
+
 Server-wide defaults, the step-time profile and an optional step log (for ``sloserve profile``)
 arrive as ``--additional-config '{"sloserve": {...}}'`` (see ``SLOConfig``).
 """
@@ -34,6 +39,7 @@ from sloserve_runtime.admission import XARG_TAG, Notice, NoticePublisher
 from sloserve_runtime.planner import Decision, LiveRequest
 from sloserve_runtime.policies import make_policy
 from sloserve_runtime.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_xargs
+from sloserve_runtime.speculation import AcceptanceRates, choose_length
 from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel, attended_pairs
 
 CONFIG_KEY = "sloserve"
@@ -83,6 +89,10 @@ class SLOScheduler(Scheduler):
         self.slo_states: dict[str, SLORequestState] = {}
         self.step_recorder = StepRecorder(self.slo_config.step_log) if self.slo_config.step_log else None
         self.notices = NoticePublisher(self.slo_config.notices) if self.slo_config.notices else None
+        # Speculative decoding: the most tokens a step verifies per request, and acceptance per tier.
+        self.max_spec_length = 1 + (self.num_spec_tokens or 0)
+        self.acceptance = AcceptanceRates()
+        self.spec_lengths: dict[float, int] = {}  # tier (TPOT seconds) -> length, for this step
 
     def add_request(self, request: Request) -> None:
         state = self._state(request)
@@ -125,6 +135,7 @@ class SLOScheduler(Scheduler):
 
     def schedule(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's SchedulerOutput
         started = time.perf_counter()
+        self.spec_lengths.clear()
         self._forget_finished()
         self._order_queues()
         live = [self._live(request) for request in self.running]  # in running order, as the simulator gives it
@@ -147,6 +158,53 @@ class SLOScheduler(Scheduler):
         outputs = super().update_from_output(*args, **kwargs)
         recorder.executed(executed_at, busy_after=self.has_unfinished_requests())
         return outputs
+
+    # ---- speculative decoding per tier ----
+
+    def update_draft_token_ids(self, draft_token_ids: Any) -> None:
+        """vLLM hands over the next step's drafts; keep as many as each request's tier should verify."""
+        super().update_draft_token_ids(draft_token_ids)
+        for request_id in draft_token_ids.req_ids:
+            request = self.requests.get(request_id)
+            if request is None or not request.spec_token_ids:
+                continue
+            keep = self.spec_length(self._state(request)) - 1
+            if len(request.spec_token_ids) > keep:
+                request.spec_token_ids = request.spec_token_ids[:keep]
+
+    def make_spec_decoding_stats(
+        self, spec_decoding_stats: Any, num_draft_tokens: int, num_accepted_tokens: int,
+        num_invalid_spec_tokens: dict[str, int] | None, request_id: str,
+    ) -> Any:  # fmt: skip
+        """vLLM counts one request's verified drafts: measure acceptance per tier, then count as vLLM does."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            invalid = (num_invalid_spec_tokens or {}).get(request_id, 0)
+            self.acceptance.record(self._state(request).tpot_seconds, num_draft_tokens - invalid, num_accepted_tokens)
+        return super().make_spec_decoding_stats(
+            spec_decoding_stats, num_draft_tokens, num_accepted_tokens, num_invalid_spec_tokens, request_id
+        )
+
+    def spec_length(self, state: SLORequestState) -> int:
+        """Tokens a decode of this request's tier verifies per step (1: no speculation)."""
+        tier = state.tpot_seconds
+        if self.max_spec_length <= 1:
+            return 1
+        length = self.spec_lengths.get(tier)
+        if length is None:
+            decodes = [r for r in self.running if r.num_output_tokens > 0]
+            count = max(1, len(decodes))
+            context = sum(r.num_computed_tokens for r in decodes)
+
+            def step_seconds(length: int) -> float:
+                # Every decode of the batch verifying ``length`` tokens: the step this tier would cause.
+                # Each query attends to the context and the drafts before it: attended_pairs per decode.
+                attended = length * context + count * attended_pairs(length, length)
+                return self.step_time.step_seconds(count * length, count, context, attended)
+
+            length = choose_length(tier, self.acceptance.alpha(tier), step_seconds, self.max_spec_length)
+            self.spec_lengths[tier] = length
+        return length
 
     def _order_queues(self) -> None:
         policy = self.slo_policy

@@ -52,6 +52,7 @@ class ServerOptions:
     step_log: str | None = None  # if set, the scheduler logs each step's features and time here
     admission: str = BEST_EFFORT  # what a request the planner cannot promise gets: best effort or HTTP 429
     extra_args: list[str] = field(default_factory=list)  # passed to vLLM unchanged
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of the engine (e.g. its CPU cores)
     # Where the scheduler pushes admission notices to the middleware: a Linux abstract socket,
     # so nothing is left on disk however the server ends.
     notices: str = field(default_factory=lambda: notices_address())
@@ -117,6 +118,7 @@ def environment(options: ServerOptions) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", settings.kv_cache_gib())
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(options.env)
     env[ENV_PROFILE] = options.profile
     env[ENV_ADMISSION] = options.admission
     if options.reports_admission:
@@ -186,11 +188,11 @@ def start(
     options: ServerOptions,
     log_path: Path | None = None,
     timeout: float = 300.0,
-    preexec: Callable[[], None] | None = None,
+    on_spawn: Callable[[subprocess.Popen], None] | None = None,
 ) -> RunningServer:
     """Start vLLM's server in its own process group and wait until it answers.
 
-    ``preexec`` runs in the child before vLLM starts (a replica uses it to die with its actor).
+    ``on_spawn`` is called with the process as soon as it exists (a replica ties its life to it).
     """
     if not port_is_free(options.host, options.port):
         raise ServerError(f"port {options.port} on {options.host} is in use; pick another with --port")
@@ -204,8 +206,9 @@ def start(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=preexec,  # a prctl call: no locks or threads involved
     )
+    if on_spawn is not None:
+        on_spawn(process)
     server = RunningServer(process, options, log_path, served_model=resolve_model(options.model)[1])
     try:
         _wait_ready(server, timeout)
