@@ -44,6 +44,54 @@ def test_budget_shrinks_when_a_tighter_tpot_arrives():
     assert planner.token_budget([decoding("x", SLO.parse("1s", None))]) == 512
 
 
+# 10 ms a step, 1 ms a token, 5 ms a request in the batch: the per-request term matters.
+PER_REQUEST = StepTimeModel(
+    "planner-test-per-request", (LinearPiece(per_token=0.001, per_request=0.005, constant=0.010),), 512
+)
+
+
+def best_effort(live: LiveRequest) -> LiveRequest:
+    live.state.best_effort = True
+    return live
+
+
+def test_budget_counts_every_request_of_the_step():
+    planner = Planner(PER_REQUEST, max_budget=512, headroom=1.0)
+    decodes = [decoding(f"l{i}", LOOSE) for i in range(2)]
+    # Two decodes and the chunk that takes the rest: 100 ms - 10 - 3 x 5 = 75 tokens.
+    assert planner.token_budget(decodes) == 75
+    # A running chunk is one more request, and a waiting request may take what it leaves.
+    chunk = LiveRequest(state("c", LOOSE), to_compute=300, context=100)
+    assert planner.token_budget([*decodes, chunk]) == 70
+
+
+def test_best_effort_joins_only_within_the_bound():
+    planner = Planner(PER_REQUEST, max_budget=512, headroom=1.0)
+    admitted = [decoding(f"l{i}", LOOSE) for i in range(2)]
+    extra = [best_effort(decoding(f"b{i}", LOOSE)) for i in range(20)]
+    running = [*admitted, *extra]
+    held = planner.held_back(running, admitted_waiting=False)
+    joined = len(running) - sum(held)
+    budget = planner.token_budget(running)
+    # Every joiner is planned for: the step that uses the whole budget, with the joiners and a
+    # waiting request taking the rest, stays within the 100 ms bound.
+    assert PER_REQUEST.step_seconds(budget, joined + 1) <= 0.100 + 1e-9
+    assert 2 < joined < len(running) and held[-1]
+
+
+def test_best_effort_yields_the_budget_to_an_admitted_request_that_waits():
+    planner = Planner(PER_REQUEST, max_budget=512, headroom=1.0)
+    running = [
+        *(decoding(f"l{i}", LOOSE) for i in range(2)),
+        *(best_effort(decoding(f"b{i}", LOOSE)) for i in range(4)),
+    ]
+    shared = planner.token_budget(running)
+    assert planner.admit(0.0, arriving("new", LOOSE, 50), running[:2]).admitted
+    # The newcomer waits: best effort sits out and its per-request time goes back to the prefill.
+    assert planner.token_budget(running) == 75 > shared
+    assert planner.held_back(running, admitted_waiting=True) == [False, False, True, True, True, True]
+
+
 def test_admitted_decodes_always_fit_the_budget():
     planner = Planner(MODEL, max_budget=512, headroom=1.0)
     crowd = [decoding(f"t{i}", TIGHT) for i in range(60)]  # 60 decodes: 70 ms, over the 50 ms bound
@@ -113,14 +161,20 @@ def met(result: StageResult) -> bool:
     return judge(result.arrival, result.token_times, result.ttft_target_ms, result.tpot_target_ms).met
 
 
-def test_a_tight_tier_is_not_starved_by_a_flood_of_loose_requests():
+def flood() -> list[ProgramSpec]:
+    """50 requests/s, one in ten of the tight tier: far over what these engines serve."""
     trace = []
     for index in range(400):
         tight = index % 10 == 0
         slo, prompt = (TIGHT, 200) if tight else (LOOSE, 400)
         stage = StageSpec("chat", prompt_tokens=prompt, output_tokens=40, slo=slo)
         trace.append(ProgramSpec(index, index * 0.02, "coding" if tight else "chatbot", (stage,)))
-    results = simulate(trace, "sloserve", MODEL)  # 50 requests/s: far over what this engine serves
+    return trace
+
+
+def test_a_tight_tier_is_not_starved_by_a_flood_of_loose_requests():
+    trace = flood()
+    results = simulate(trace, "sloserve", MODEL)
     admitted = [result for result in results if not result.best_effort]
     assert admitted and all(met(result) for result in admitted)  # every promise kept
     tight = [result for result in results if result.kind == "coding"]
