@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -19,7 +20,7 @@ from sloserve_runtime.metrics import Summary, compare, summarize
 from sloserve_runtime.plots import attainment_and_ttft
 from sloserve_runtime.policies import POLICIES
 from sloserve_runtime.router import ROUTERS
-from sloserve_runtime.scenarios import SCENARIO_NAMES, load_scenario
+from sloserve_runtime.scenarios import ALL_SCENARIOS, SCENARIO_NAMES, load_scenario
 from sloserve_runtime.scenarios import Scenario as ScenarioSpec
 from sloserve_runtime.simulator import SimConfig
 from sloserve_runtime.step_time import DEFAULT_PROFILE, PROFILES_DIR
@@ -164,7 +165,9 @@ def simulate_command(
     rate: Rate = None,
     rates: Rates = None,
     capacity: Capacity = False,
-    num_requests: NumRequests = 1000,
+    num_requests: Annotated[
+        int, typer.Option(help="Programs per run and replica: K replicas get a trace of K times as many.")
+    ] = 1000,
     seed: Seed = 0,
     slo_scale: SloScale = 1.0,
     length_scale: LengthScale = 1.0,
@@ -174,7 +177,9 @@ def simulate_command(
     """Simulate schedulers on scenarios with a step-time profile (the same policy code as the engine).
 
     With ``--replicas K`` the trace goes to K engines behind a router; rates and ``capacity_rps``
-    are the whole cluster's, and the tables also give the capacity per replica.
+    are the whole cluster's, and the tables also give the capacity per replica. The trace has K
+    times the programs, so that at K times the rate it spans the same time (a burst lasts as long
+    and holds as many programs per replica) and cluster sizes compare like for like.
     """
     rate_list = _rates(rate, rates, capacity)
     config = _profile(profile)
@@ -182,7 +187,7 @@ def simulate_command(
     # One replica needs no router: it runs once, whatever --router says.
     clusters = [(count, name) for count in _replica_counts(replicas) for name in _names("--router", router, ROUTERS)]
     clusters = list(dict.fromkeys((count, name if count > 1 else None) for count, name in clusters))
-    scenarios = list(SCENARIO_NAMES) if scenario == "all" else [scenario]
+    scenarios = list(ALL_SCENARIOS) if scenario == "all" else [scenario]
     options = TraceOptions(num_programs=num_requests, seed=seed, slo_scale=slo_scale, length_scale=length_scale)
     rows: list[tuple[str, str, Measurement]] = []
     with Progress(*_columns(), console=console, transient=True) as progress:
@@ -193,9 +198,11 @@ def simulate_command(
                 for count, routing in clusters:
                     progress.update(task, description=f"Simulating {name} / {policy} / {count} x {routing or '-'}")
                     runner = simulator_runner(policy, config, count, routing or "slo")
+                    cluster_options = dataclasses.replace(options, num_programs=num_requests * count)
                     # The search starts at the same rate per replica for every cluster size.
                     start = 0.5 * count if capacity else None
-                    result = measure(policy, runner, spec, options, rate_list, start, plot is not None, count, routing)
+                    keep = plot is not None
+                    result = measure(policy, runner, spec, cluster_options, rate_list, start, keep, count, routing)
                     rows.append((name, policy, result))
                     progress.advance(task)
     console.print(results_table(f"Simulated on {config.step_time.name}", rows))
@@ -204,7 +211,8 @@ def simulate_command(
     if capacity and any(count > 1 for count, _ in clusters):
         _print_routing(rows)
     if json_out is not None:
-        _write_json(json_out, {"profile": config.step_time.name, "results": [json_entry(*row) for row in rows]})
+        payload = {"profile": config.step_time.name, "num_requests": num_requests, "seed": seed}
+        _write_json(json_out, {**payload, "results": [json_entry(*row) for row in rows]})
     if plot is not None:
         _plot(plot, f"simulated on {config.step_time.name}: {', '.join(scenarios)}", rows)
 
@@ -287,6 +295,13 @@ def bench_command(
         str | None, typer.Option("--compare", help="A second endpoint: the same trace, in the same run.")
     ] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for the endpoints.")] = None,
+    server_slo: Annotated[
+        bool,
+        typer.Option(
+            help="Send requests without an SLO, so each server's defaults (--slo-ttft-ms) apply; "
+            "the scenario's SLOs still judge them."
+        ),
+    ] = False,
     profile: Annotated[str, typer.Option(help="Profile that resolves TTFT slowdowns.")] = str(DEFAULT_PROFILE),
     seed: Seed = 0,
     slo_scale: SloScale = 1.0,
@@ -302,7 +317,8 @@ def bench_command(
     rate_list = _rates(rate, rates, capacity)
     config = _profile(profile)
     spec = _scenario(scenario)
-    targets = [Endpoint(endpoint, api_key)] + ([Endpoint(compare_to, api_key)] if compare_to else [])
+    urls = [endpoint] + ([compare_to] if compare_to else [])
+    targets = [Endpoint(url, api_key, send_slo=not server_slo) for url in urls]
     policies = [name.strip() for name in simulate_as.split(",")] if simulate_as else []
     if policies and (len(policies) != len(targets) or any(name not in POLICIES for name in policies)):
         raise MeasureError(f"--simulate-as needs one of {', '.join(POLICIES)} per endpoint ({len(targets)})")

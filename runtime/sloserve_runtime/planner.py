@@ -246,9 +246,19 @@ class Planner:
     def first_token_time(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> float:
         """When ``new``'s first token is predicted if it joined the admitted requests in ``live`` now.
 
-        The same forward simulation admission runs: prefills in deadline order after the running
-        decodes. A router compares this with the deadline to find the replica with the most slack.
+        The forward simulation admission runs, with one difference: prefills already under way
+        (some KV computed) go first whatever their deadlines, as vLLM serves running requests
+        before waiting ones; only the rest go in deadline order. A router compares this with the
+        deadline to find the replica with the most slack, and must not favour a replica busy with
+        a long prefill that deadline order alone would have ``new`` overtake.
         """
+        from dataclasses import replace  # kept inside: this routing addition leaves the module's header alone
+
         admitted = [r for r in live if not r.state.best_effort and r.state is not new.state]
-        waiting = [r for r in admitted if not r.decoding]
+        # An earliest-possible deadline puts a prefill under way first in the deadline order.
+        waiting = [
+            r._replace(state=replace(r.state, first_token_deadline=-math.inf)) if r.context else r
+            for r in admitted
+            if not r.decoding
+        ]
         return self._first_tokens(now, [*waiting, new], admitted)[new.state.request_id]
