@@ -30,6 +30,9 @@ class Endpoint:
 
     base_url: str  # e.g. http://127.0.0.1:8011/v1
     api_key: str | None = None
+    # False: send no SLO with the requests, so the server's defaults (``--slo-ttft-ms``) apply;
+    # the trace's SLOs still judge the results.
+    send_slo: bool = True
 
     def client(self) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -59,6 +62,7 @@ class _Run:
     step_time: StepTimeModel
     salt: int
     start: float
+    send_slo: bool = True
 
 
 async def _stage_call(run: _Run, program: ProgramSpec, index: int, stage: StageSpec) -> StageResult:
@@ -69,8 +73,9 @@ async def _stage_call(run: _Run, program: ProgramSpec, index: int, stage: StageS
         "ignore_eos": True,
         "stream": True,
         "return_token_ids": True,
-        "slo": stage.slo.to_json(),
     }
+    if run.send_slo:
+        body["slo"] = stage.slo.to_json()
     zero_load_ms = run.step_time.prefill_seconds(stage.prompt_tokens) * 1000.0
     result = StageResult(
         program_id=program.program_id,
@@ -129,7 +134,7 @@ async def replay(
             on_program_done()
 
     async with endpoint.client() as client:
-        run = _Run(client, model, step_time, salt=secrets.randbits(32), start=time.time())
+        run = _Run(client, model, step_time, salt=secrets.randbits(32), start=time.time(), send_slo=endpoint.send_slo)
         per_program = await asyncio.gather(*(tracked(run, program) for program in trace))
         duration = time.time() - run.start
     return [result for results in per_program for result in results], duration

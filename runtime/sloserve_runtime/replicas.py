@@ -1,8 +1,8 @@
 """Engine replicas on Ray: each replica is a Ray actor that runs one `sloserve serve` engine.
 
 The actor owns the engine process (vLLM's OpenAI server with our scheduler and middleware) and
-dies with it: a watchdog ends the actor when the engine exits, and a reaper ends the engine's
-process group when the actor exits, so Ray restarts the actor
+dies with it: a watchdog ends the actor when the engine exits, and the engine's processes end
+when the actor does (parent-death signals down the chain: actor, server, engine core, worker), so Ray restarts the actor
 (``max_restarts=-1``) and with it a fresh engine, on a new port. The gateway (``gateway.py``)
 asks each actor for its current URL and routes requests to the engines directly over HTTP.
 
@@ -13,10 +13,10 @@ existing cluster (``--ray-address``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -28,30 +28,20 @@ from sloserve_runtime import server
 logger = logging.getLogger(__name__)
 
 RAY_NAMESPACE = "sloserve"
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class ReplicaError(RuntimeError):
     """A replica could not be started; the message says why and where its log is."""
 
 
-def _reap_with_actor(engine: subprocess.Popen) -> None:
-    """End the engine's whole process group (its server and engine core) once this actor is gone.
+def _die_with_actor() -> None:
+    """In the engine's server process, before vLLM starts: SIGTERM when the actor that started it dies.
 
-    A small detached shell waits for the actor process to disappear, however it ends (even
-    SIGKILL, when no Python code of ours runs), then stops the group: SIGTERM, and SIGKILL after
-    a grace period.
+    The engine core below it dies with the server in turn (``scheduler.die_with_server``).
     """
-    script = (
-        f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 0.5; done; "
-        f"kill -TERM -{engine.pid} 2>/dev/null; sleep 10; kill -KILL -{engine.pid} 2>/dev/null"
-    )
-    subprocess.Popen(  # noqa: S603 - a fixed script with two integers
-        ["/bin/sh", "-c", script],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EngineReplica:
@@ -62,7 +52,7 @@ class EngineReplica:
         host = "127.0.0.1" if options.host in ("127.0.0.1", "localhost") else _node_ip()
         self.options = replace(options, host=host, port=server.free_port(host), notices=server.notices_address())
         self.log_path = f"{log_dir}/replica-{index}-{os.getpid()}.log"
-        self.running = server.start(self.options, Path(self.log_path), on_spawn=_reap_with_actor)
+        self.running = server.start(self.options, Path(self.log_path), preexec=_die_with_actor)
         self.started_at = time.time()
         threading.Thread(target=self._watch, name="engine-watchdog", daemon=True).start()
 
@@ -141,10 +131,15 @@ class ReplicaSet:
         import ray
 
         refs = [actor.info.remote() for actor in self.actors]
+        deadline = time.monotonic() + timeout
+        pending = list(refs)
+        # Short waits, so Ctrl-C (KeyboardInterrupt) gets through while the engines start.
+        while pending and time.monotonic() < deadline:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        if pending:
+            raise ReplicaError(f"the replicas did not start within {timeout:.0f}s; see {self.log_dir}")
         try:
-            return ray.get(refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise ReplicaError(f"the replicas did not start within {timeout:.0f}s; see {self.log_dir}") from None
+            return ray.get(refs)
         except ray.exceptions.RayActorError as exc:
             raise ReplicaError(f"a replica failed to start: {_first_line(exc)}; logs in {self.log_dir}") from None
 
@@ -165,8 +160,7 @@ class ReplicaSet:
     def stop(self) -> None:
         import ray
 
-        # Killing the actor is enough, even while it is still starting: its reaper then stops the
-        # engine's process group.
+        # Killing the actor is enough, even while it is still starting: its engine dies with it.
         for actor in getattr(self, "actors", []):
             ray.kill(actor, no_restart=True)
         self.actors = []

@@ -24,7 +24,11 @@ arrive as ``--additional-config '{"sloserve": {...}}'`` (see ``SLOConfig``).
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import signal
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -38,6 +42,7 @@ from sloserve.slo import SLO
 from sloserve_runtime.admission import XARG_TAG, Notice, NoticePublisher
 from sloserve_runtime.planner import Decision, LiveRequest
 from sloserve_runtime.policies import make_policy
+from sloserve_runtime.server import ENV_SERVER_GROUP
 from sloserve_runtime.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_xargs
 from sloserve_runtime.speculation import AcceptanceRates, choose_length
 from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel, attended_pairs
@@ -78,10 +83,25 @@ class SLOConfig:
         return {CONFIG_KEY: section}
 
 
+def die_with_server() -> None:
+    """In vLLM's engine-core process: end it if the API server that started it dies.
+
+    vLLM does not watch for that, so a killed server would leave its engine core (and the KV cache
+    it holds) behind. Only under `sloserve serve`, whose server leads its own process group: if the
+    server is already gone, the parent is no longer the group's leader and the core exits now.
+    """
+    if os.environ.get(ENV_SERVER_GROUP) != "1" or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != os.getpgid(0):
+        os._exit(1)
+
+
 class SLOScheduler(Scheduler):
     """vLLM v1 scheduler that serves requests in SLO-deadline order."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        die_with_server()
         super().__init__(*args, **kwargs)
         self.slo_config = SLOConfig.from_additional_config(self.vllm_config.additional_config)
         self.step_time = StepTimeModel.load(self.slo_config.profile)

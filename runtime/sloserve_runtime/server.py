@@ -25,6 +25,8 @@ from sloserve_runtime.middleware import ENV_ADMISSION, ENV_DEFAULT_TPOT, ENV_DEF
 from sloserve_runtime.model import DEFAULT_MODEL_NAME, ensure_default_model
 from sloserve_runtime.step_time import DEFAULT_PROFILE
 
+ENV_SERVER_GROUP = "SLOSERVE_SERVER_GROUP"  # set: the engine core's parent leads its process group
+
 SCHEDULERS = {
     "sloserve": "sloserve_runtime.scheduler.SLOScheduler",  # the planner: budget, admission, best effort
     "sloserve-edf": "sloserve_runtime.scheduler.SLOScheduler",  # deadline order only (an ablation)
@@ -119,6 +121,7 @@ def environment(options: ServerOptions) -> dict[str, str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", settings.kv_cache_gib())
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.update(options.env)
+    env[ENV_SERVER_GROUP] = "1"  # the server leads its own process group (start_new_session)
     env[ENV_PROFILE] = options.profile
     env[ENV_ADMISSION] = options.admission
     if options.reports_admission:
@@ -188,11 +191,11 @@ def start(
     options: ServerOptions,
     log_path: Path | None = None,
     timeout: float = 300.0,
-    on_spawn: Callable[[subprocess.Popen], None] | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> RunningServer:
     """Start vLLM's server in its own process group and wait until it answers.
 
-    ``on_spawn`` is called with the process as soon as it exists (a replica ties its life to it).
+    ``preexec`` runs in the child before vLLM starts (a replica ties the engine's life to its own).
     """
     if not port_is_free(options.host, options.port):
         raise ServerError(f"port {options.port} on {options.host} is in use; pick another with --port")
@@ -206,9 +209,8 @@ def start(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=preexec,  # a prctl call: no locks or threads involved
     )
-    if on_spawn is not None:
-        on_spawn(process)
     server = RunningServer(process, options, log_path, served_model=resolve_model(options.model)[1])
     try:
         _wait_ready(server, timeout)

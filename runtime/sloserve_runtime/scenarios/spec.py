@@ -58,7 +58,7 @@ class StageClass(_Spec):
     prompt: LogNormal = Field(description="prompt tokens this call adds to the program's context")
     output: LogNormal = Field(description="tokens the call generates")
     ttft: str | float = Field(description="TTFT target: a slowdown like '3x' or ms like '300ms'")
-    tpot: str | float = Field(description="TPOT target in ms, e.g. '50ms'")
+    tpot: str | float | None = Field(None, description="TPOT target in ms, e.g. '50ms'; unset: none")
     delay_s: NonNegativeFloat | LogNormal = Field(
         0.0, description="wait before the call (a tool's run time); a program's first call never waits"
     )
@@ -74,7 +74,7 @@ class StageClass(_Spec):
 
     @field_validator("tpot")
     @classmethod
-    def _tpot_parses(cls, value: str | float) -> str | float:
+    def _tpot_parses(cls, value: str | float | None) -> str | float | None:
         parse_tpot(value)
         return value
 
