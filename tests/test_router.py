@@ -82,6 +82,16 @@ def test_queued_prefill_and_decodes_delay_the_predicted_first_token():
     assert first_token(queued(), new) > 0.010 + 0.400 + 0.010 + 0.400
 
 
+def test_a_prefill_under_way_goes_before_a_new_request_whatever_its_deadline():
+    new = arriving("new", LOOSE, 100)
+    # 1,500 of 2,000 prompt tokens still to compute, due in 10 s: deadline order alone would let
+    # new overtake it, but vLLM serves a running request before a waiting one.
+    under_way = LiveRequest(SLORequestState.create("long", SLO.parse("10s", "100ms"), 0.0, 2000, MODEL), 1500, 500)
+    long_prefill = replica(under_way)
+    assert first_token(long_prefill, new) > 1.5  # three 512-token steps (0.522 s each) come first
+    assert SLORouter().route(0.0, new, [long_prefill, busy_decoding()]) == Route(1, True)
+
+
 # ---- the SLO router ----
 
 
@@ -204,12 +214,16 @@ def test_round_robin_cluster_is_deterministic_and_uses_every_replica():
     assert all(replica.engine.kv.free_blocks == config.kv_capacity_blocks for replica in sim.cluster.replicas)
 
 
-@pytest.mark.parametrize("router", ["round-robin", "slo"])
-def test_two_replicas_at_twice_the_rate_attain_like_one(router):
+def test_two_replicas_at_twice_the_rate_attain_like_one():
     one = attainment(simulate(chat_trace(400, rate=3.0), "sloserve", ENGINE))
-    two = attainment(simulate(chat_trace(400, rate=6.0), "sloserve", ENGINE, replicas=2, router=router))
+    two = {
+        router: attainment(simulate(chat_trace(400, rate=6.0), "sloserve", ENGINE, replicas=2, router=router))
+        for router in ("round-robin", "slo")
+    }
     assert 0.5 < one < 0.95  # a loaded engine, where routing matters
-    assert two == pytest.approx(one, abs=0.1)
+    assert two["round-robin"] == pytest.approx(one, abs=0.1)
+    # The SLO router pools the two: a request one replica cannot serve in time goes to the other.
+    assert one <= two["round-robin"] <= two["slo"] <= one + 0.15
 
 
 def test_slo_router_spreads_long_prompts_that_round_robin_piles_on_one_replica():
@@ -219,7 +233,7 @@ def test_slo_router_spreads_long_prompts_that_round_robin_piles_on_one_replica()
     trace = [ProgramSpec(index, 0.2 * index, "chatbot", (call,)) for index, call in enumerate(calls)]
     by_router = {name: attainment(simulate(trace, "sloserve", ENGINE, replicas=2, router=name)) for name in ROUTERS}
     assert by_router["slo"] == 1.0
-    assert by_router["round-robin"] <= 0.8
+    assert by_router["round-robin"] < 0.9
 
 
 def test_cluster_needs_a_replica_and_a_known_router():
