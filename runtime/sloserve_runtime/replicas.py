@@ -109,6 +109,10 @@ class ReplicaSet:
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = self.ray_address or "a local Ray instance"
                 raise ReplicaError(f"cannot start or reach {where}: {exc}") from None
+            # Ray's core replaces the process's SIGINT/SIGTERM handling; put Python's back, so
+            # Ctrl-C (or a TERM) while the engines start ends with ``stop()`` like any exit.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         # The engine's own threads are outside Ray's CPU accounting; a GPU build takes a GPU each.
         resources = {"num_cpus": 0, "num_gpus": 0 if server.is_cpu_build() else 1}
         actor = ray.remote(max_restarts=-1, max_task_retries=0, **resources)(EngineReplica)
@@ -164,6 +168,10 @@ class ReplicaSet:
         for actor in getattr(self, "actors", []):
             ray.kill(actor, no_restart=True)
         self.actors = []
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _first_line(exc: BaseException) -> str:
