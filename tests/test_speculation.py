@@ -1,9 +1,10 @@
-"""Speculation length per tier from (1 - α^s) / (1 - α), without the engine."""
+"""Speculation length per tier from (1 - α^s) / (1 - α); then on the real engine with n-gram drafts."""
 
 from __future__ import annotations
 
 import math
 
+import httpx
 import pytest
 
 from sloserve_runtime.speculation import AcceptanceRates, choose_length, expected_tokens
@@ -54,3 +55,46 @@ def test_acceptance_moves_from_the_prior_to_what_is_measured():
     assert rates.alpha(0.2) < 0.05
     rates.record(0.05, drafted=0, accepted=0)  # no drafts: nothing learnt
     assert rates.alpha(0.3) == 0.5  # an unseen tier starts at the prior
+
+
+# ---- on the real engine, with vLLM's n-gram speculation ----
+
+NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+REPETITIVE = " ".join(["alpha beta gamma delta epsilon"] * 40)  # n-gram lookup finds drafts in it
+
+
+@pytest.fixture(scope="module")
+def speculating_engine():
+    from sloserve_runtime import server
+
+    options = server.ServerOptions(port=server.free_port(), extra_args=["--speculative-config", NGRAM])
+    with server.embedded_server(options) as running:
+        yield running
+
+
+def _drafts(running) -> tuple[float, float]:
+    text = httpx.get(running.url.removesuffix("/v1") + "/metrics", timeout=10).text
+    totals = []
+    for name in ("vllm:spec_decode_num_draft_tokens_total", "vllm:spec_decode_num_accepted_tokens_total"):
+        totals.append(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")))
+    return totals[0], totals[1]
+
+
+def _complete(running, slo: dict | None) -> dict:
+    body = {"model": running.served_model, "prompt": REPETITIVE, "max_tokens": 48, "temperature": 0}
+    if slo is not None:
+        body["slo"] = slo
+    response = httpx.post(f"{running.url}/completions", json=body, timeout=300)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_only_a_tight_tier_speculates(speculating_engine):
+    """Loose tiers verify one token a step (their drafts are cut); a tight TPOT gets drafts verified."""
+    loose = [_complete(speculating_engine, slo) for slo in (None, {"tpot_ms": 2000})]
+    assert _drafts(speculating_engine) == (0.0, 0.0)
+    assert all(response["choices"][0]["text"] for response in loose)
+    tight = _complete(speculating_engine, {"tpot_ms": 5})
+    assert tight["choices"][0]["text"]
+    drafted, accepted = _drafts(speculating_engine)
+    assert drafted > 0 and accepted > 0

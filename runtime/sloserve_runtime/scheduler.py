@@ -42,7 +42,6 @@ from sloserve.slo import SLO
 from sloserve_runtime.admission import XARG_TAG, Notice, NoticePublisher
 from sloserve_runtime.planner import Decision, LiveRequest
 from sloserve_runtime.policies import make_policy
-from sloserve_runtime.server import ENV_SERVER_GROUP
 from sloserve_runtime.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_xargs
 from sloserve_runtime.speculation import AcceptanceRates, choose_length
 from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel, attended_pairs
@@ -84,16 +83,15 @@ class SLOConfig:
 
 
 def die_with_server() -> None:
-    """In vLLM's engine-core process: end it if the API server that started it dies.
+    """In vLLM's engine-core process: end it when the process that started it (the API server) dies.
 
-    vLLM does not watch for that, so a killed server would leave its engine core (and the KV cache
-    it holds) behind. Only under `sloserve serve`, whose server leads its own process group: if the
-    server is already gone, the parent is no longer the group's leader and the core exits now.
+    vLLM does not watch for that, so a killed server would leave its engine core, and the KV cache
+    it holds, behind. If the server is already gone (the core was handed to init), exit now.
     """
-    if os.environ.get(ENV_SERVER_GROUP) != "1" or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != os.getpgid(0):
+    if os.getppid() == 1:
         os._exit(1)
 
 

@@ -25,8 +25,6 @@ from sloserve_runtime.middleware import ENV_ADMISSION, ENV_DEFAULT_TPOT, ENV_DEF
 from sloserve_runtime.model import DEFAULT_MODEL_NAME, ensure_default_model
 from sloserve_runtime.step_time import DEFAULT_PROFILE
 
-ENV_SERVER_GROUP = "SLOSERVE_SERVER_GROUP"  # set: the engine core's parent leads its process group
-
 SCHEDULERS = {
     "sloserve": "sloserve_runtime.scheduler.SLOScheduler",  # the planner: budget, admission, best effort
     "sloserve-edf": "sloserve_runtime.scheduler.SLOScheduler",  # deadline order only (an ablation)
@@ -121,7 +119,6 @@ def environment(options: ServerOptions) -> dict[str, str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", settings.kv_cache_gib())
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.update(options.env)
-    env[ENV_SERVER_GROUP] = "1"  # the server leads its own process group (start_new_session)
     env[ENV_PROFILE] = options.profile
     env[ENV_ADMISSION] = options.admission
     if options.reports_admission:
