@@ -192,3 +192,30 @@ def test_every_request_finishes_under_every_policy(policy):
     results = simulate(trace, policy, MODEL)
     assert all(len(r.token_times) == r.output_tokens for r in results)
     assert all(math.isfinite(r.token_times[-1]) for r in results)
+
+
+def test_decode_without_tpot_yields_to_a_waiting_prefill_but_is_not_starved():
+    planner = Planner(MODEL, max_budget=512, max_yields=2)
+    free = decoding("no-tpot", SLO.parse("1s", None))
+    paced = decoding("paced", LOOSE)
+    running = [paced, free]
+    # While an admitted request waits, the decode with no deadline sits out; the paced one never.
+    assert planner.held_back(running, admitted_waiting=True) == [False, True]
+    assert planner.held_back(running, admitted_waiting=True) == [False, True]
+    # Two steps in a row given up: it runs the third even though prefills still wait.
+    assert planner.held_back(running, admitted_waiting=True) == [False, False]
+    assert planner.held_back(running, admitted_waiting=True) == [False, True]
+    # Nothing waits: it runs, and its count starts over.
+    assert planner.held_back(running, admitted_waiting=False) == [False, False]
+    assert free.state.yielded_steps == 0
+
+
+def test_prefill_chunks_go_before_decodes_without_tpot():
+    policy = make_policy("sloserve", MODEL, 512)
+    paced, free, chunk = state("paced", LOOSE), state("free", SLO.parse("1s", None)), state("chunk", TIGHT)
+    keys = {
+        "paced decode": policy.running_key(paced, 5),
+        "chunk": policy.running_key(chunk, 0),
+        "free decode": policy.running_key(free, 5),
+    }
+    assert sorted(keys, key=keys.get) == ["paced decode", "chunk", "free decode"]

@@ -68,6 +68,8 @@ class Planner:
     # per-request term, 10 % is one decode in five at a 50 ms TPOT). A step planned at exactly
     # the bound would break it on clock rounding alone.
     headroom: float = 0.99
+    # Steps in a row a decode without a TPOT target may give up to waiting prefills (``_yields``).
+    max_yields: int = 4
     # Whether an admitted request waits to start, as the engine last said (``held_back``) or as
     # an admission implies; ``token_budget``, called first in a step, plans best effort by it.
     _admitted_waiting: bool = field(default=False, repr=False)
@@ -111,12 +113,29 @@ class Planner:
         """
         self._admitted_waiting = admitted_waiting
         if admitted_waiting:
-            return [r.state.best_effort for r in running]
+            return [r.state.best_effort or self._yields(r) for r in running]
+        for r in running:
+            r.state.yielded_steps = 0
         bound = self.step_bound(running)
         if math.isinf(bound):
             return [False] * len(running)
         joining = {id(r) for r in self._best_effort_joining(running, bound)}
         return [r.state.best_effort and id(r) not in joining for r in running]
+
+    def _yields(self, r: LiveRequest) -> bool:
+        """Whether an admitted running request gives this step to the admitted prefill that waits.
+
+        Only a decode without a TPOT target does: it has no deadline, and the waiting request's
+        first token does. At most ``max_yields`` steps in a row, so a stream of prefills never
+        starves it.
+        """
+        if not r.decoding or not math.isinf(r.state.tpot_seconds):
+            return False
+        if r.state.yielded_steps >= self.max_yields:
+            r.state.yielded_steps = 0
+            return False
+        r.state.yielded_steps += 1
+        return True
 
     def _best_effort_joining(self, running: Sequence[LiveRequest], bound: float) -> list[LiveRequest]:
         """The best-effort running requests that join a step bounded by ``bound``, in running order.

@@ -7,6 +7,7 @@ Policies are registered by name in ``POLICIES``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -74,9 +75,11 @@ class PlannerPolicy(DeadlinePolicy):
         self.planner = Planner(step_time, max_budget)
 
     def running_key(self, state: SLORequestState, output_tokens: int) -> SortKey:
-        # Decodes first (each needs one token this step to keep its TPOT), then prefill chunks;
-        # each group by deadline. Best effort after all admitted work.
-        return (state.best_effort, output_tokens == 0, state.token_deadline(output_tokens), state.tpot_seconds)
+        # Decodes with a TPOT target first (each needs one token this step to keep it), then prefill
+        # chunks, then decodes without one (no deadline: they take what the chunks leave); each group
+        # by deadline. Best effort after all admitted work.
+        group = 1 if output_tokens == 0 else 2 if math.isinf(state.tpot_seconds) else 0
+        return (state.best_effort, group, state.token_deadline(output_tokens), state.tpot_seconds)
 
     def token_budget(self, running: Sequence[LiveRequest]) -> int:
         return self.planner.token_budget(running)

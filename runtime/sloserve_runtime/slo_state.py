@@ -49,6 +49,7 @@ class SLORequestState:
     first_token_deadline: float  # first output token due by this time (inf: no TTFT target)
     tpot_seconds: float  # each later output token due this long after the previous (inf: none)
     best_effort: bool = False  # not admitted: served from leftover budget, preempted first
+    yielded_steps: int = 0  # steps in a row this decode (no TPOT target) gave up to a waiting prefill
     admission: str = "admitted"  # the planner's decision and its reason
 
     @classmethod
