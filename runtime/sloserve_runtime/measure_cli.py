@@ -104,11 +104,14 @@ def _summary_row(summary: Summary) -> list[str]:
         f"{100 * summary.program_attainment:.1f}%", f"{100 * summary.attainment:.1f}%",
         f"{summary.goodput_rps:.2f}", ms(summary.ttft_ms.p50), ms(summary.ttft_ms.p90), ms(summary.ttft_ms.p99),
         ms(summary.tpot_ms.p50), ms(summary.tpot_ms.p90), f"{summary.output_throughput_tps:.0f}",
+        "-" if summary.admitted_attainment is None else f"{100 * summary.admitted_attainment:.1f}%",
+        f"{summary.best_effort_completed}/{summary.best_effort}" if summary.best_effort else "-",
     ]  # fmt: skip
 
 
 SUMMARY_COLUMNS = (
     "attain", "req attain", "goodput/s", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p90", "tok/s",
+    "admitted attain", "best effort done",
 )  # fmt: skip
 
 
@@ -148,6 +151,9 @@ def json_entry(scenario: str, label: str, measurement: Measurement) -> dict:
         "tpot_p90_ms": summary.tpot_ms.p90,
         "goodput_rps": summary.goodput_rps,
         "output_throughput_tps": summary.output_throughput_tps,
+        "admitted_attainment": summary.admitted_attainment,
+        "best_effort": summary.best_effort,
+        "best_effort_completed": summary.best_effort_completed,
         "probes": [{"rate": r, **s.to_json()} for r, s in measurement.probes],
     }
 

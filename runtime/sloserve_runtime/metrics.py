@@ -60,6 +60,11 @@ class Summary:
     ttft_ms: Latency  # over completed calls
     tpot_ms: Latency  # per-call mean gap between tokens, over completed calls with >= 2 tokens
     by_kind: dict[str, KindSummary]
+    # The scheduler's admission, where it reports one (the simulator does): the attainment of the
+    # calls it admitted, and how many it served as best effort and how many of those finished.
+    admitted_attainment: float | None = None
+    best_effort: int = 0
+    best_effort_completed: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,7 +95,18 @@ def summarize(results: Sequence[StageResult], duration_s: float) -> Summary:
         ttft_ms=Latency.of([outcome.ttft_ms for outcome in judged if outcome.ttft_ms is not None]),
         tpot_ms=Latency.of([outcome.tpot_ms for outcome in judged if outcome.tpot_ms is not None]),
         by_kind=_by_kind(results, met),
+        admitted_attainment=_admitted_attainment(results, met),
+        best_effort=sum(result.best_effort for result in results),
+        best_effort_completed=sum(result.best_effort and _completed(result) for result in results),
     )
+
+
+def _admitted_attainment(results: Sequence[StageResult], met: Sequence[bool]) -> float | None:
+    """Attainment among the calls the scheduler admitted (None: it reported no admission)."""
+    if all(result.admission is None for result in results):
+        return None
+    admitted = [call_met for result, call_met in zip(results, met, strict=True) if not result.best_effort]
+    return _fraction(sum(admitted), len(admitted))
 
 
 def compare(ours: Summary, theirs: Summary) -> dict[str, float | None]:
