@@ -212,11 +212,13 @@ class Planner:
         return ADMITTED  # those already late are late with or without it
 
     def _first_tokens(self, now: float, pending: list[LiveRequest], admitted: list[LiveRequest]) -> dict[str, float]:
-        """Predicted first-token times (by request id) of ``pending`` prefills, one after another by deadline.
+        """Predicted first-token times (by request id) of ``pending`` prefills, one after another.
 
-        The running decodes take their tokens first in every step; each prefill, once done, decodes
-        too and narrows the prefill budget of the ones after it (finishing decodes are not counted:
-        the prediction errs late). The step under way when the request arrives is counted whole.
+        Prefills already under way (some KV computed) go first whatever their deadlines, as vLLM
+        serves running requests before waiting ones; the rest in deadline order. The running
+        decodes take their tokens first in every step; each prefill, once done, decodes too and
+        narrows the prefill budget of the ones after it (finishing decodes are not counted: the
+        prediction errs late). The step under way when the request arrives is counted whole.
         """
         decodes = [r for r in admitted if r.decoding]
         bound = min((r.state.tpot_seconds for r in decodes), default=math.inf)
@@ -231,7 +233,7 @@ class Planner:
             queued = sum(r.to_compute for r in admitted if not r.decoding)
             clock += self._step_seconds(count, min(per_step, queued), context)
         times = {}
-        for request in sorted(pending, key=lambda r: (r.state.first_token_deadline, r.state.arrival)):
+        for request in sorted(pending, key=lambda r: (r.context == 0, r.state.first_token_deadline, r.state.arrival)):
             seconds, per_step = self._prefill_rate(bound, count, context)
             if per_step <= 0:
                 clock = math.inf
@@ -265,19 +267,9 @@ class Planner:
     def first_token_time(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> float:
         """When ``new``'s first token is predicted if it joined the admitted requests in ``live`` now.
 
-        The forward simulation admission runs, with one difference: prefills already under way
-        (some KV computed) go first whatever their deadlines, as vLLM serves running requests
-        before waiting ones; only the rest go in deadline order. A router compares this with the
-        deadline to find the replica with the most slack, and must not favour a replica busy with
-        a long prefill that deadline order alone would have ``new`` overtake.
+        The forward simulation admission runs (prefills under way first, then deadline order). A
+        router compares it with the deadline to find the replica with the most slack.
         """
-        from dataclasses import replace  # kept inside: this routing addition leaves the module's header alone
-
         admitted = [r for r in live if not r.state.best_effort and r.state is not new.state]
-        # An earliest-possible deadline puts a prefill under way first in the deadline order.
-        waiting = [
-            r._replace(state=replace(r.state, first_token_deadline=-math.inf)) if r.context else r
-            for r in admitted
-            if not r.decoding
-        ]
+        waiting = [r for r in admitted if not r.decoding]
         return self._first_tokens(now, [*waiting, new], admitted)[new.state.request_id]
