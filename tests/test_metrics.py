@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
+from sloserve_runtime.bench import _sse_lines
 from sloserve_runtime.metrics import Latency, compare, summarize
 from sloserve_runtime.workload import StageResult
 
@@ -115,3 +117,14 @@ def test_compare_gives_ours_over_theirs():
 def test_duration_must_be_positive():
     with pytest.raises(ValueError, match="duration_s must be positive"):
         summarize(run(), duration_s=0.0)
+
+
+async def test_bench_splits_the_stream_only_at_line_ends():
+    """A model's text may hold U+2028 or U+0085 inside an event's JSON; httpx's aiter_lines splits there."""
+    event = json.dumps({"choices": [{"text": "a\u2028b\x85c\x1cd"}]}, ensure_ascii=False)
+    payload = f"data: {event}\r\n\r\ndata: [DONE]\n\n".encode()
+    response = httpx.Response(200, stream=httpx.ByteStream(payload))
+    lines = [line async for line in _sse_lines(response)]
+    assert lines[0] == f"data: {event}"
+    assert json.loads(lines[0][5:])["choices"][0]["text"] == "a\u2028b\x85c\x1cd"
+    assert [line for line in lines if line] == [f"data: {event}", "data: [DONE]"]

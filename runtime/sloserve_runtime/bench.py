@@ -12,7 +12,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -93,7 +93,7 @@ async def _stage_call(run: _Run, program: ProgramSpec, index: int, stage: StageS
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
                 return result
-            async for line in response.aiter_lines():
+            async for line in _sse_lines(response):
                 if not line.startswith("data:") or line.endswith("[DONE]"):
                     continue
                 now = time.time()
@@ -103,6 +103,19 @@ async def _stage_call(run: _Run, program: ProgramSpec, index: int, stage: StageS
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     return result
+
+
+async def _sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The stream's lines, split only at LF or CRLF as SSE says (httpx's ``aiter_lines`` also splits
+    at U+2028, U+0085 and the like, which a model's text may hold inside an event's JSON)."""
+    buffer = ""
+    async for text in response.aiter_text():
+        buffer += text
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if buffer:
+        yield buffer.removesuffix("\r")
 
 
 async def _program(run: _Run, program: ProgramSpec) -> list[StageResult]:

@@ -46,6 +46,8 @@ def token_counter(model: str | None) -> Callable[[dict[str, Any]], int]:
                 ids = tokenizer.apply_chat_template(body["messages"], tokenize=True, add_generation_prompt=True)
                 return len(ids)
             prompt = body.get("prompt", "")
+            if isinstance(prompt, list) and all(isinstance(token, int) for token in prompt):
+                return len(prompt)  # already token ids
             if isinstance(prompt, list):
                 prompt = " ".join(str(part) for part in prompt)
             return len(tokenizer.encode(str(prompt)))
