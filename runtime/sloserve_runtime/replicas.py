@@ -97,7 +97,8 @@ class ReplicaSet:
 
         if self.count < 1:
             raise ReplicaError(f"--replicas must be at least 1, got {self.count}")
-        if not ray.is_initialized():
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
             try:
                 ray.init(
                     address=self.ray_address,
@@ -168,6 +169,8 @@ class ReplicaSet:
         for actor in getattr(self, "actors", []):
             ray.kill(actor, no_restart=True)
         self.actors = []
+        if getattr(self, "_owns_ray", False) and ray.is_initialized():
+            ray.shutdown()  # the local instance we started goes too, before any exception reaches Ray's hooks
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
