@@ -87,7 +87,7 @@ def request_admission(headers: dict[str, str], body: dict[str, Any], default: st
     for value, where in (
         (headers.get(HEADER_ADMISSION), f"header {HEADER_ADMISSION}"),
         (field.get("admission"), "slo.admission"),
-    ):  # noqa: E501
+    ):
         if value is None:
             continue
         if not isinstance(value, str) or value.strip().lower() not in ADMISSION_MODES:
@@ -257,7 +257,7 @@ class _Exchange:
                 self.status = message["status"]
                 if self.status == 200 and not self.client_streams:
                     return  # sent once the whole response is reassembled
-                headers = [*message.get("headers", []), *self._slo_headers()]
+                headers = [*message.get("headers", []), *self.slo_headers()]
                 await send({**message, "headers": headers})
             elif message["type"] == "http.response.body":
                 if self.status != 200:
@@ -269,7 +269,7 @@ class _Exchange:
 
         return wrapped
 
-    def _slo_headers(self) -> list[tuple[bytes, bytes]]:
+    def slo_headers(self) -> list[tuple[bytes, bytes]]:
         headers = []
         if self.slo.ttft_ms is not None:
             headers.append((HEADER_TTFT.encode(), f"{self.slo.ttft_ms:g}".encode()))
@@ -351,7 +351,7 @@ class _Exchange:
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
-            *self._slo_headers(),
+            *self.slo_headers(),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
@@ -418,7 +418,7 @@ async def _send_rejection(send: Send, decision: Notice, exchange: _Exchange) -> 
         (b"content-length", str(len(payload)).encode()),
         (b"retry-after", decision.retry_after_header.encode()),
         (b"x-slo-admission", b"rejected"),
-        *exchange._slo_headers(),
+        *exchange.slo_headers(),
     ]
     await send({"type": "http.response.start", "status": 429, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
