@@ -1,10 +1,11 @@
 """Engine replicas on Ray: each replica is a Ray actor that runs one `sloserve serve` engine.
 
-The actor owns the engine process (vLLM's OpenAI server with our scheduler and middleware) and
-dies with it: a watchdog ends the actor when the engine exits, and the engine's processes end
-when the actor does (parent-death signals down the chain: actor, server, engine core, worker), so Ray restarts the actor
-(``max_restarts=-1``) and with it a fresh engine, on a new port. The gateway (``gateway.py``)
-asks each actor for its current URL and routes requests to the engines directly over HTTP.
+The actor owns the engine process (vLLM's OpenAI server with our scheduler and middleware), and
+the two live and die together: a watchdog ends the actor when the engine exits, and the engine's
+processes end when the actor does (parent-death signals down the chain: actor, server, engine
+core, worker). Ray then restarts the actor (``max_restarts=-1``) and with it a fresh engine, on
+a new port. The gateway (``gateway.py``) asks each actor for its current URL and routes requests
+to the engines directly over HTTP.
 
 Ray runs locally by default (``ray.init()`` starts an instance for this process) or joins an
 existing cluster (``--ray-address``).
