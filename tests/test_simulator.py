@@ -109,12 +109,23 @@ def test_fcfs_serves_equal_requests_in_arrival_order():
 def test_tight_request_jumps_a_queue_of_loose_long_prefills(policy, loose_served_first):
     loose = SLO.parse("120s", "100ms")
     trace = [program(index, 0.001 * index, chat(1400, 1, loose)) for index in range(6)]
-    # It arrives while the first long prompt is prefilling and the other five are queued.
-    trace.append(program(99, 0.05, chat(10, 1, SLO.parse("500ms", "100ms"))))
+    # It arrives while the first long prompt is prefilling and the other five are queued; its
+    # TTFT is attainable only if it goes next (the prefill under way takes about 0.66 s more).
+    trace.append(program(99, 0.05, chat(10, 1, SLO.parse("1s", "100ms"))))
     first = first_tokens(simulate(trace, policy, MODEL))
     # Deadline order lets only the in-flight prefill finish first (the tight prompt rides in its
     # last step's leftover budget); FCFS serves it after every loose prompt has been admitted.
     assert sum(first[index] <= first[99] for index in range(6)) == loose_served_first
+
+
+def test_a_tight_request_that_cannot_make_it_goes_best_effort():
+    loose = SLO.parse("120s", "100ms")
+    trace = [program(index, 0.001 * index, chat(1400, 1, loose)) for index in range(6)]
+    trace.append(program(99, 0.05, chat(10, 1, SLO.parse("500ms", "100ms"))))
+    tight = next(result for result in simulate(trace, "sloserve", MODEL) if result.program_id == 99)
+    # The prefill under way alone ends after its deadline: no promise is made, and it says why.
+    assert tight.best_effort
+    assert tight.admission.startswith("TTFT: first token predicted at")
 
 
 def test_same_trace_gives_identical_results():
