@@ -41,7 +41,7 @@ from starlette.routing import Route
 from sloserve._reassemble import Reassembler
 from sloserve.session import PROGRAM_HEADER
 from sloserve.slo import SLO, SLOError
-from sloserve_runtime.middleware import HEADER_ADMISSION, request_admission, request_slo
+from sloserve_runtime.middleware import HEADER_ADMISSION, request_admission, request_slo, sse_data
 from sloserve_runtime.planner import LiveRequest, Planner
 from sloserve_runtime.router import NoHealthyReplicaError, ReplicaView, make_router
 from sloserve_runtime.slo_state import SLORequestState
@@ -49,7 +49,6 @@ from sloserve_runtime.step_time import StepTimeModel
 
 logger = logging.getLogger(__name__)
 
-HEADER_PROGRAM = PROGRAM_HEADER  # the SDK's program run id: stages of one run share a prefix
 HEADER_REPLICA = "x-sloserve-replica"  # which replica served the response
 HEALTH_INTERVAL_S = 0.5
 HEALTH_TIMEOUT_S = 1.0
@@ -200,7 +199,7 @@ class Gateway:
         )
         forward = _forward_headers(request)
         forward[HEADER_ADMISSION] = admission
-        program = headers.get(HEADER_PROGRAM)
+        program = headers.get(PROGRAM_HEADER)  # the SDK's program run: its stages share a prefix
         tried: set[int] = set()
         while True:
             slot = self._choose(flight, program, tried)
@@ -249,7 +248,7 @@ class Gateway:
         """Send to ``slot``; raises ReplicaUnavailable if it fails before any output."""
         streams = bool(body.get("stream"))
         upstream_body = body if streams else {**body, "stream": True, "stream_options": {"include_usage": True}}
-        key = f"{flight.state.request_id}"
+        key = flight.state.request_id
         slot.in_flight[key] = flight
         self.metrics.routed.labels(str(slot.index)).inc()
         try:
@@ -377,13 +376,8 @@ async def _sse_events(upstream: httpx.Response) -> AsyncIterator[bytes]:
 
 
 def _chunk(event: bytes) -> dict[str, Any] | None:
-    payload = event.strip()
-    if not payload.startswith(b"data:"):
-        return None
-    data = payload[len(b"data:") :].strip()
-    if data == b"[DONE]":
-        return None
-    return json.loads(data)
+    data = sse_data(event)
+    return None if data is None or data == b"[DONE]" else json.loads(data)
 
 
 def _forward_headers(request: Request) -> dict[str, str]:

@@ -296,10 +296,9 @@ class _Exchange:
 
     def _on_event(self, event: bytes) -> list[bytes]:
         """Watch one SSE event; return the events to pass on to a streaming client."""
-        payload = event.strip()
-        if not payload.startswith(b"data:"):
+        data = sse_data(event)
+        if data is None:
             return [event + b"\n\n"]
-        data = payload[len(b"data:") :].strip()
         if data == b"[DONE]":
             return [*self._release_held(None), event + b"\n\n"]
         chunk = json.loads(data)
@@ -368,6 +367,14 @@ def _carries_output(chunk: dict[str, Any]) -> bool:
 
 
 _ADMISSION_WORDS = {True: "admitted", False: "best-effort"}
+
+
+def sse_data(event: bytes) -> bytes | None:
+    """The payload of an SSE ``data:`` event (``b"[DONE]"`` at the end), None for any other event."""
+    payload = event.strip()
+    if not payload.startswith(b"data:"):
+        return None
+    return payload[len(b"data:") :].strip()
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:

@@ -14,7 +14,6 @@ existing cluster (``--ray-address``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -29,7 +28,6 @@ from sloserve_runtime import server
 logger = logging.getLogger(__name__)
 
 RAY_NAMESPACE = "sloserve"
-PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class ReplicaError(RuntimeError):
@@ -41,8 +39,7 @@ def _die_with_actor() -> None:
 
     The engine core below it dies with the server in turn (``scheduler.die_with_server``).
     """
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    server.parent_death_signal(signal.SIGTERM)
 
 
 class EngineReplica:

@@ -24,7 +24,6 @@ arrive as ``--additional-config '{"sloserve": {...}}'`` (see ``SLOConfig``).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -42,6 +41,7 @@ from sloserve.slo import SLO
 from sloserve_runtime.admission import XARG_TAG, Notice, NoticePublisher
 from sloserve_runtime.planner import Decision, LiveRequest
 from sloserve_runtime.policies import make_policy
+from sloserve_runtime.server import parent_death_signal
 from sloserve_runtime.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_xargs
 from sloserve_runtime.speculation import AcceptanceRates, choose_length
 from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel, attended_pairs
@@ -88,10 +88,8 @@ def die_with_server() -> None:
     vLLM does not watch for that, so a killed server would leave its engine core, and the KV cache
     it holds, behind. If the server is already gone (the core was handed to init), exit now.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:
+    parent_death_signal(signal.SIGKILL)
+    if sys.platform.startswith("linux") and os.getppid() == 1:
         os._exit(1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -24,6 +25,8 @@ from sloserve_runtime.admission import ADMISSION_MODES, BEST_EFFORT
 from sloserve_runtime.middleware import ENV_ADMISSION, ENV_DEFAULT_TPOT, ENV_DEFAULT_TTFT, ENV_NOTICES, ENV_PROFILE
 from sloserve_runtime.model import DEFAULT_MODEL_NAME, ensure_default_model
 from sloserve_runtime.step_time import DEFAULT_PROFILE
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 SCHEDULERS = {
     "sloserve": "sloserve_runtime.scheduler.SLOScheduler",  # the planner: budget, admission, best effort
@@ -69,6 +72,16 @@ class ServerOptions:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
+
+
+def parent_death_signal(signum: int) -> None:
+    """Have the kernel send this process ``signum`` when its parent dies (Linux; elsewhere nothing).
+
+    Used before vLLM starts in a replica's server (it ends with its Ray actor) and in vLLM's
+    engine-core process (it ends with its server, ``scheduler.die_with_server``).
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
 
 
 def notices_address() -> str:
