@@ -70,8 +70,8 @@ class Planner:
     headroom: float = 0.99
     # Steps in a row a decode without a TPOT target may give up to waiting prefills (``_yields``).
     max_yields: int = 4
-    # Whether an admitted request waits to start, as the engine last said (``held_back``) or as
-    # an admission implies; ``token_budget``, called first in a step, plans best effort by it.
+    # Whether an admitted request waits to start, as the engine said this step (``held_back``,
+    # called before ``token_budget``) or as an admission since implies.
     _admitted_waiting: bool = field(default=False, repr=False)
 
     # ---- per-step budget ----
@@ -96,9 +96,10 @@ class Planner:
         # work of the decodes equals their context.
         context = sum(r.context + 1 for r in (*decodes, *joining))
         # Each request of the step costs its per-request time: the admitted decodes and chunks, the
-        # best-effort requests that join, and one more, for a waiting request that takes what a
-        # finishing chunk leaves. A budget that counted one chunk only would overrun the bound.
-        requests = len(running) - len(_best_effort(running)) + len(joining) + 1
+        # best-effort requests that join, and, while an admitted request waits to start, one more
+        # for it (it takes what a finishing chunk leaves). Reserving that time when nobody waits
+        # would cost the running chunk a per-request time of tokens every step.
+        requests = len(running) - len(_best_effort(running)) + len(joining) + int(self._admitted_waiting)
         budget = self.step_time.token_budget(bound, requests, context, context)
         # Admitted decodes always run: admission keeps them within the bound, and a step that
         # skipped one would break its TPOT for sure.

@@ -155,7 +155,7 @@ class SLOScheduler(Scheduler):
         self._forget_finished()
         self._order_queues()
         live = [self._live(request) for request in self.running]  # in running order, as the simulator gives it
-        self._defer_running(live)
+        self._defer_running(live)  # before the budget: the policy plans the step with what it holds back
         engine_budget = self.max_num_scheduled_tokens
         self.max_num_scheduled_tokens = self.slo_policy.token_budget(live)
         try:

@@ -60,8 +60,8 @@ class Engine:
             running.sort(key=lambda request: policy.running_key(request.state, request.output_count))
         # The policy's view of the running requests, in running order, as the vLLM adapter gives it.
         live = [request.live() for request in running]
-        budget = policy.token_budget(live)
         held = policy.held_back(live, self._admitted_can_start())
+        budget = policy.token_budget(live)
         budget, preempted = self._schedule_running(budget, held, requests, tokens)
         # vLLM admits no waiting request in a step that had to preempt: memory is short.
         if not preempted:
