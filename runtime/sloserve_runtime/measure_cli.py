@@ -69,14 +69,15 @@ def _names(option: str, value: str, known: dict) -> list[str]:
     return names
 
 
-def _replica_counts(replicas: str) -> list[int]:
+def _counts(option: str, values: str, minimum: int) -> list[int]:
+    """Comma-separated whole numbers, each at least ``minimum``, in the order given, once each."""
     try:
-        counts = [int(value) for value in replicas.split(",") if value.strip()]
+        counts = [int(value) for value in values.split(",") if value.strip()]
     except ValueError:
-        raise MeasureError(f"--replicas {replicas!r}: expected whole numbers like 1,2,4,8") from None
-    if not counts or min(counts) < 1:
-        raise MeasureError(f"--replicas {replicas!r}: every count must be at least 1")
-    return counts
+        raise MeasureError(f"{option} {values!r}: expected whole numbers like {minimum},{minimum + 1}") from None
+    if not counts or min(counts) < minimum:
+        raise MeasureError(f"{option} {values!r}: every count must be at least {minimum}")
+    return list(dict.fromkeys(counts))
 
 
 def _scenario(name: str) -> ScenarioSpec:
@@ -177,6 +178,16 @@ def simulate_command(
     seed: Seed = 0,
     slo_scale: SloScale = 1.0,
     length_scale: LengthScale = 1.0,
+    speculative_tokens: Annotated[
+        str,
+        typer.Option(
+            help="Drafts a decode may verify per step, as vLLM's num_speculative_tokens (0: off); "
+            "comma-separated counts run each, e.g. 0,4. A scheduler run with drafts is labelled name+specN."
+        ),
+    ] = "0",
+    spec_acceptance: Annotated[
+        float, typer.Option(help="Chance that each draft is accepted (after all drafts before it were).")
+    ] = 0.6,
     json_out: JsonOut = None,
     plot: PlotOut = None,
 ) -> None:
@@ -189,9 +200,17 @@ def simulate_command(
     """
     rate_list = _rates(rate, rates, capacity)
     config = _profile(profile)
-    schedulers = _names("--scheduler", scheduler, POLICIES)
+    if not 0.0 <= spec_acceptance <= 1.0:
+        raise MeasureError(f"--spec-acceptance {spec_acceptance}: give a probability between 0 and 1")
+    drafts = _counts("--speculative-tokens", speculative_tokens, minimum=0)
+    schedulers = [
+        (f"{policy}+spec{count}" if count else policy, policy, count)
+        for policy in _names("--scheduler", scheduler, POLICIES)
+        for count in drafts
+    ]
     # One replica needs no router: it runs once, whatever --router says.
-    clusters = [(count, name) for count in _replica_counts(replicas) for name in _names("--router", router, ROUTERS)]
+    counts = _counts("--replicas", replicas, minimum=1)
+    clusters = [(count, name) for count in counts for name in _names("--router", router, ROUTERS)]
     clusters = list(dict.fromkeys((count, name if count > 1 else None) for count, name in clusters))
     scenarios = list(ALL_SCENARIOS) if scenario == "all" else [scenario]
     options = TraceOptions(num_programs=num_requests, seed=seed, slo_scale=slo_scale, length_scale=length_scale)
@@ -200,24 +219,30 @@ def simulate_command(
         task = progress.add_task("Simulating", total=len(scenarios) * len(schedulers) * len(clusters))
         for name in scenarios:
             spec = _scenario(name)
-            for policy in schedulers:
+            for label, policy, draft_count in schedulers:
+                engine = dataclasses.replace(
+                    config, num_speculative_tokens=draft_count, spec_acceptance=spec_acceptance
+                )
                 for count, routing in clusters:
-                    progress.update(task, description=f"Simulating {name} / {policy} / {count} x {routing or '-'}")
-                    runner = simulator_runner(policy, config, count, routing or "slo")
+                    progress.update(task, description=f"Simulating {name} / {label} / {count} x {routing or '-'}")
+                    runner = simulator_runner(policy, engine, count, routing or "slo")
                     cluster_options = dataclasses.replace(options, num_programs=num_requests * count)
                     # The search starts at the same rate per replica for every cluster size.
                     start = 0.5 * count if capacity else None
                     keep = plot is not None
-                    result = measure(policy, runner, spec, cluster_options, rate_list, start, keep, count, routing)
-                    rows.append((name, policy, result))
+                    result = measure(label, runner, spec, cluster_options, rate_list, start, keep, count, routing)
+                    rows.append((name, label, result))
                     progress.advance(task)
     console.print(results_table(f"Simulated on {config.step_time.name}", rows))
-    if capacity and "vllm-fcfs" in schedulers:
+    if capacity and any(label == "vllm-fcfs" for label, _, _ in schedulers):
         _print_capacity_ratios(rows, "vllm-fcfs")
     if capacity and any(count > 1 for count, _ in clusters):
         _print_routing(rows)
     if json_out is not None:
-        payload = {"profile": config.step_time.name, "num_requests": num_requests, "seed": seed}
+        payload = {
+            "profile": config.step_time.name, "num_requests": num_requests, "seed": seed,
+            "spec_acceptance": spec_acceptance if any(drafts) else None,
+        }  # fmt: skip
         _write_json(json_out, {**payload, "results": [json_entry(*row) for row in rows]})
     if plot is not None:
         _plot(plot, f"simulated on {config.step_time.name}: {', '.join(scenarios)}", rows)

@@ -12,6 +12,9 @@ policy, on ``LiveRequest`` views of their own request objects.
   the prefill queue in deadline order, at the budget those decodes leave, must still bring every
   admitted request's first token before its deadline. Otherwise it goes to the best-effort
   class: served after every admitted request from leftover budget, and preempted first.
+* **Speculation.** With speculative decoding on, a decode of each tier verifies its tier's length
+  of tokens per step (``TierSpeculation``) and yields more than one token per step on average, so
+  the step may take that many TPOTs: the bound is the tightest ``TPOT x tokens per step``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from sloserve_runtime.slo_state import SLORequestState
+from sloserve_runtime.speculation import TierSpeculation
 from sloserve_runtime.step_time import StepTimeModel
 
 
@@ -35,6 +39,15 @@ class LiveRequest(NamedTuple):
     @property
     def decoding(self) -> bool:
         return self.to_compute <= 1 and self.context > 0
+
+
+class _DecodeLoad(NamedTuple):
+    """The decodes a forward simulation of the prefill queue carries in every step."""
+
+    bound: float  # seconds a step may take: the tightest TPOT x tokens per step (inf: none)
+    requests: int  # decoding requests
+    tokens: int  # tokens they compute per step (more than one each with speculation)
+    context: int  # their KV context, which their queries attend to
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,8 @@ class Planner:
 
     step_time: StepTimeModel
     max_budget: int  # the engine's own per-step token limit
+    # Speculation lengths per tier; None (or a max length of 1): every decode verifies one token.
+    speculation: TierSpeculation | None = None
     # Plan steps this much shorter than the tightest TPOT. Only a hair: attainment is judged on
     # windows of 10 tokens, over which an unbiased error of the step-time model averages out,
     # while every percent kept back costs decode slots and prefill budget (with a large
@@ -81,29 +96,43 @@ class Planner:
         return self._bound(_admitted_decodes(live))
 
     def _bound(self, decodes: Sequence[LiveRequest]) -> float:
-        return min((r.state.tpot_seconds for r in decodes), default=math.inf) * self.headroom
+        return min((self._seconds_per_step(r.state.tpot_seconds) for r in decodes), default=math.inf) * self.headroom
+
+    def _seconds_per_step(self, tpot_seconds: float) -> float:
+        """How long a step may take for a decode of this tier: its TPOT times the tokens a step yields it."""
+        if self.speculation is None or math.isinf(tpot_seconds):
+            return tpot_seconds
+        return tpot_seconds * self.speculation.window_tokens_per_step(tpot_seconds)
+
+    def _verified(self, tpot_seconds: float) -> int:
+        """Tokens a decode of this tier computes per step: one, or its speculation length."""
+        return 1 if self.speculation is None else self.speculation.length(tpot_seconds)
 
     def token_budget(self, running: Sequence[LiveRequest]) -> int:
         """Tokens the next step may schedule, given the running requests (decodes and chunks)."""
         decodes = _admitted_decodes(running)
+        if self.speculation is not None:
+            self.speculation.plan(len(decodes), sum(r.context for r in decodes))
         bound = self._bound(decodes)
         if math.isinf(bound):
             return self.max_budget
         # Best effort joins only while no admitted prefill waits: a step planned for joiners that
         # then sit out would leave the waiting request a budget cut by their per-request time.
         joining = [] if self._admitted_waiting else self._best_effort_joining(running, bound)
-        # A decode attends to its whole context (``attended_pairs(1, n) == n``): the attention
-        # work of the decodes equals their context.
+        # A decode attends to its whole context (``attended_pairs(1, n) == n``), once per verified
+        # token: without speculation the attention work of the decodes equals their context.
+        verified = [self._verified(r.state.tpot_seconds) for r in decodes]
         context = sum(r.context + 1 for r in (*decodes, *joining))
+        attended = context + sum((length - 1) * (r.context + 1) for r, length in zip(decodes, verified, strict=True))
         # Each request of the step costs its per-request time: the admitted decodes and chunks, the
         # best-effort requests that join, and, while an admitted request waits to start, one more
         # for it (it takes what a finishing chunk leaves). Reserving that time when nobody waits
         # would cost the running chunk a per-request time of tokens every step.
         requests = len(running) - len(_best_effort(running)) + len(joining) + int(self._admitted_waiting)
-        budget = self.step_time.token_budget(bound, requests, context, context)
+        budget = self.step_time.token_budget(bound, requests, context, attended)
         # Admitted decodes always run: admission keeps them within the bound, and a step that
         # skipped one would break its TPOT for sure.
-        return max(len(decodes) + len(joining), min(budget, self.max_budget), 1)
+        return max(sum(verified) + len(joining), min(budget, self.max_budget), 1)
 
     def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool) -> list[bool]:
         """Best effort runs on leftover time only: which running requests sit this step out.
@@ -176,19 +205,30 @@ class Planner:
         # Every admitted request decodes (or will, once its prefill is done) and costs step time;
         # the TPOTs among them bound that time.
         decoders = [*admitted, new]
-        bound = min(r.state.tpot_seconds for r in decoders) * self.headroom
-        if math.isinf(bound):
+        tiers = {r.state.tpot_seconds for r in decoders}
+        if all(math.isinf(tpot) for tpot in tiers):
             return ADMITTED
         count = len(decoders)
-        context = sum(r.context + r.to_compute for r in decoders)  # also their attention work, one query each
-        seconds = self.step_time.step_seconds(count, count, context, context)
-        if seconds > bound:
-            return Decision(
-                False,
-                f"decode capacity: {count} decodes would take {seconds * 1000:.1f} ms a step, "
-                f"over the tightest TPOT budget of {bound * 1000:.1f} ms",
+        context = sum(r.context + r.to_compute for r in decoders)
+        # With speculation, any length that keeps every tier will do: the per-step choice then
+        # picks the shortest that still does.
+        spec = self.speculation
+        for length in range(1, 1 + (spec.max_length if spec is not None else 1)):
+            bound = self.headroom * min(
+                tpot if spec is None or math.isinf(tpot) else tpot * spec.window_tokens_per_step(tpot, length)
+                for tpot in tiers
             )
-        return ADMITTED
+            if spec is None:  # one query each: their attention work is their context
+                seconds = self.step_time.step_seconds(count, count, context, context)
+            else:
+                seconds = spec.uniform_step(length, count, context)
+            if seconds <= bound:
+                return ADMITTED
+        return Decision(
+            False,
+            f"decode capacity: {count} decodes would take {seconds * 1000:.1f} ms a step, "
+            f"over the tightest TPOT budget of {bound * 1000:.1f} ms",
+        )
 
     def _prefills_fit(self, now: float, new: LiveRequest, admitted: list[LiveRequest]) -> Decision:
         """Simulate the prefill queue in deadline order: every first token must come on time."""
@@ -222,46 +262,56 @@ class Planner:
         prediction errs late). The step under way when the request arrives is counted whole.
         """
         decodes = [r for r in admitted if r.decoding]
-        bound = min((r.state.tpot_seconds for r in decodes), default=math.inf)
-        count, context = len(decodes), sum(r.context + 1 for r in decodes)
+        load = _DecodeLoad(math.inf, 0, 0, 0)
+        for r in decodes:
+            load = self._with_decode(load, r.state.tpot_seconds, r.context + 1)
         clock = now
         if decodes:
             # A step is under way, and the budget lets it fill the bound: best-effort work and
             # prefill chunks take what the decodes leave.
-            clock += self._prefill_rate(bound, count, context)[0]
+            clock += self._prefill_rate(load)[0]
         elif len(pending) > 1:  # a step of admitted prefill is under way
-            _, per_step = self._prefill_rate(bound, count, context)
+            _, per_step = self._prefill_rate(load)
             queued = sum(r.to_compute for r in admitted if not r.decoding)
-            clock += self._step_seconds(count, min(per_step, queued), context)
+            clock += self._step_seconds(load, min(per_step, queued))
         times = {}
         for request in sorted(pending, key=lambda r: (r.context == 0, r.state.first_token_deadline, r.state.arrival)):
-            seconds, per_step = self._prefill_rate(bound, count, context)
+            seconds, per_step = self._prefill_rate(load)
             if per_step <= 0:
                 clock = math.inf
             else:
                 full_steps, rest = divmod(request.to_compute, per_step)
-                clock += full_steps * seconds + (self._step_seconds(count, rest, context) if rest else 0.0)
+                clock += full_steps * seconds + (self._step_seconds(load, rest) if rest else 0.0)
             times[request.state.request_id] = clock
-            bound = min(bound, request.state.tpot_seconds)
-            count, context = count + 1, context + request.context + request.to_compute
+            load = self._with_decode(load, request.state.tpot_seconds, request.context + request.to_compute)
         return times
 
-    def _step_seconds(self, decodes: int, prefill: int, context: int) -> float:
-        """A step of ``decodes`` decodes (over ``context`` tokens) and one chunk of ``prefill`` tokens.
+    def _with_decode(self, load: _DecodeLoad, tpot_seconds: float, context: int) -> _DecodeLoad:
+        """``load`` with one more decode of this tier over ``context`` KV tokens."""
+        return _DecodeLoad(
+            min(load.bound, self._seconds_per_step(tpot_seconds)),
+            load.requests + 1,
+            load.tokens + self._verified(tpot_seconds),
+            load.context + context,
+        )
+
+    def _step_seconds(self, load: _DecodeLoad, prefill: int) -> float:
+        """A step of the decodes of ``load`` and one chunk of ``prefill`` tokens.
 
         The chunk's attention over its own prompt is left out; its tokens' cost dominates.
         """
-        return self.step_time.step_seconds(decodes + prefill, decodes + (prefill > 0), context, context)
+        tokens, requests = load.tokens + prefill, load.requests + (prefill > 0)
+        return self.step_time.step_seconds(tokens, requests, load.context, load.context)
 
-    def _prefill_rate(self, tpot_bound: float, decodes: int, context: int) -> tuple[float, int]:
-        """Seconds per full step, and prefill tokens per step, while ``decodes`` decode beside the chunks."""
-        if math.isinf(tpot_bound):
+    def _prefill_rate(self, load: _DecodeLoad) -> tuple[float, int]:
+        """Seconds per full step, and prefill tokens per step, while the decodes of ``load`` run beside the chunks."""
+        if math.isinf(load.bound):
             budget = self.max_budget
         else:
-            budget = self.step_time.token_budget(tpot_bound * self.headroom, decodes + 1, context, context)
-            budget = min(budget, self.max_budget)
-        prefill = max(budget - decodes, 0)
-        return self._step_seconds(decodes, prefill, context), prefill
+            requests, bound = load.requests + 1, load.bound * self.headroom
+            budget = min(self.step_time.token_budget(bound, requests, load.context, load.context), self.max_budget)
+        prefill = max(budget - load.tokens, 0)
+        return self._step_seconds(load, prefill), prefill
 
     # ---- routing ----
 

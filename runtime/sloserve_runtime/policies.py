@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from sloserve_runtime.planner import ADMITTED, Decision, LiveRequest, Planner
 from sloserve_runtime.slo_state import SLORequestState
+from sloserve_runtime.speculation import TierSpeculation
 from sloserve_runtime.step_time import StepTimeModel
 
 SortKey = tuple[float, ...]
@@ -23,14 +24,16 @@ class SchedulingPolicy(ABC):
 
     Rules for callers: call ``waiting_key``/``running_key`` on every request of the queue and sort
     ascending (stable); the first request is served first, and the last running request is the
-    first to be preempted when KV memory runs out.
+    first to be preempted when KV memory runs out. Each step, ask ``held_back`` first, then
+    ``token_budget``, then ``spec_length`` for the decodes that run.
     """
 
     name: str
 
-    def __init__(self, step_time: StepTimeModel, max_budget: int) -> None:
+    def __init__(self, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1) -> None:
         self.step_time = step_time
         self.max_budget = max_budget  # the engine's own per-step token limit
+        self.max_spec_length = max_spec_length  # tokens a decode may verify per step (1: no speculation)
 
     @abstractmethod
     def waiting_key(self, state: SLORequestState) -> SortKey:
@@ -52,6 +55,14 @@ class SchedulingPolicy(ABC):
         """Which running requests (in running order) sit this step out; vLLM would serve them all first."""
         return [False] * len(running)
 
+    def spec_length(self, state: SLORequestState) -> int:
+        """Tokens a decode of this request verifies this step; vLLM verifies every draft it has."""
+        return self.max_spec_length
+
+    def record_acceptance(self, state: SLORequestState, drafted: int, accepted: int) -> None:
+        """The engine verified ``drafted`` drafts of this request and kept ``accepted``; stock vLLM learns nothing."""
+        return None
+
 
 class DeadlinePolicy(SchedulingPolicy):
     """sloserve-edf: deadline order only: earliest first-token deadline; running by next-token deadline."""
@@ -70,9 +81,10 @@ class PlannerPolicy(DeadlinePolicy):
 
     name = "sloserve"
 
-    def __init__(self, step_time: StepTimeModel, max_budget: int) -> None:
-        super().__init__(step_time, max_budget)
-        self.planner = Planner(step_time, max_budget)
+    def __init__(self, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1) -> None:
+        super().__init__(step_time, max_budget, max_spec_length)
+        self.speculation = TierSpeculation(step_time, max_spec_length)
+        self.planner = Planner(step_time, max_budget, self.speculation if self.speculation.enabled else None)
 
     def running_key(self, state: SLORequestState, output_tokens: int) -> SortKey:
         # Decodes with a TPOT target first (each needs one token this step to keep it), then prefill
@@ -92,6 +104,13 @@ class PlannerPolicy(DeadlinePolicy):
 
     def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool) -> list[bool]:
         return self.planner.held_back(running, admitted_waiting)
+
+    def spec_length(self, state: SLORequestState) -> int:
+        # Its tier's length, planned in ``token_budget``; best effort runs on leftovers and drafts nothing.
+        return 1 if state.best_effort else self.speculation.length(state.tpot_seconds)
+
+    def record_acceptance(self, state: SLORequestState, drafted: int, accepted: int) -> None:
+        self.speculation.record(state.tpot_seconds, drafted, accepted)
 
 
 class FCFSPolicy(SchedulingPolicy):
@@ -133,10 +152,10 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {
 }
 
 
-def make_policy(name: str, step_time: StepTimeModel, max_budget: int) -> SchedulingPolicy:
-    """The policy registered as ``name``, for an engine with this step-time model and token limit."""
+def make_policy(name: str, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1) -> SchedulingPolicy:
+    """The policy registered as ``name``, for an engine with this step-time model, token limit and speculation."""
     try:
         policy = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(POLICIES)}") from None
-    return policy(step_time, max_budget)
+    return policy(step_time, max_budget, max_spec_length)

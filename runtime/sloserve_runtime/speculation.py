@@ -13,13 +13,18 @@ Per tier (the request's TPOT target) the planner takes the **shortest length tha
 tier's TPOT** (a loose tier does not speculate and leaves the compute to others); a tier whose
 TPOT no length keeps gets the length with the least time per token. ``α`` is measured per tier
 from the engine's own acceptance counts (``AcceptanceRates``), starting from a prior.
+``TierSpeculation`` holds both for one engine: the planner plans its steps with it, and the vLLM
+adapter and the simulator cut each request's drafts to its length.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from sloserve_runtime.step_time import StepTimeModel, attended_pairs
 
 
 def expected_tokens(alpha: float, length: int) -> float:
@@ -74,3 +79,95 @@ class AcceptanceRates:
     def alpha(self, tier: float) -> float:
         passed, tried = self.counts.get(tier, (0, 0))
         return (passed + self.prior * self.prior_weight) / (tried + self.prior_weight)
+
+
+WINDOW = 10  # tokens per attainment window (``sloserve.slo.ATTAINMENT_WINDOW``)
+WINDOW_QUANTILE = 0.9  # how surely a window's tokens come within the steps the planner counts on
+
+
+@functools.lru_cache(maxsize=4096)
+def steps_for_tokens(alpha: float, length: int, tokens: int, quantile: float) -> int:
+    """The fewest steps that yield ``tokens`` tokens with probability at least ``quantile``.
+
+    A step verifying ``length`` tokens yields k < length tokens with probability α^(k-1)(1 - α),
+    and all ``length`` with probability α^(length-1).
+    """
+    yields = [alpha ** (k - 1) * (1 - alpha) for k in range(1, length)] + [alpha ** (length - 1)]
+    short = {0: 1.0}  # tokens so far (fewer than ``tokens``) -> probability, after ``steps`` steps
+    steps = 0
+    while sum(short.values()) > 1 - quantile:
+        steps += 1
+        after: dict[int, float] = {}
+        for have, p in short.items():
+            for k, q in enumerate(yields, start=1):
+                if have + k < tokens:
+                    after[have + k] = after.get(have + k, 0.0) + p * q
+        short = after
+    return max(steps, 1)
+
+
+class TierSpeculation:
+    """The speculation length of each tier for one engine's next step, and the acceptance it measured.
+
+    Rules for callers: ``plan`` once per step with the step's decodes, before asking ``length``;
+    ``record`` every verification the engine reports. With ``max_length`` 1 (no speculation
+    configured) every length is 1.
+    """
+
+    def __init__(self, step_time: StepTimeModel, max_length: int, prior: float = 0.5, headroom: float = 0.5) -> None:
+        self.step_time = step_time
+        self.headroom = headroom
+        self.max_length = max_length  # tokens a step may verify per request: 1 + vLLM's num_speculative_tokens
+        self.acceptance = AcceptanceRates(prior=prior)
+        self._lengths: dict[float, int] = {}  # tier (TPOT seconds) -> length, for the planned step
+        self._decodes, self._context = 1, 0  # the planned step's decodes and their KV context
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_length > 1
+
+    def plan(self, decodes: int, context: int) -> None:
+        """A new step with ``decodes`` decoding requests over ``context`` KV tokens: choose lengths afresh."""
+        self._lengths.clear()
+        self._decodes, self._context = max(1, decodes), context
+
+    def length(self, tpot_seconds: float) -> int:
+        """Tokens a decode of this tier verifies in the planned step (1: no speculation)."""
+        if not self.enabled:
+            return 1
+        length = self._lengths.get(tpot_seconds)
+        if length is None:
+            alpha = self.acceptance.alpha(tpot_seconds)
+            length = choose_length(tpot_seconds, alpha, self.uniform_step, self.max_length, self.headroom)
+            self._lengths[tpot_seconds] = length
+        return length
+
+    def tokens_per_step(self, tpot_seconds: float, length: int | None = None) -> float:
+        """Output tokens a decode of this tier yields per step on average, at its length or at ``length``."""
+        length = self.length(tpot_seconds) if length is None else length
+        return expected_tokens(self.acceptance.alpha(tpot_seconds), length) if length > 1 else 1.0
+
+    def window_tokens_per_step(self, tpot_seconds: float, length: int | None = None) -> float:
+        """Output tokens per step a decode of this tier can count on over an attainment window.
+
+        Attainment judges the mean gap over windows of ``WINDOW`` tokens, and acceptance is random:
+        a window that meets several rejections takes more steps than the mean suggests. This is
+        ``WINDOW`` over the steps that bring ``WINDOW`` tokens with probability ``WINDOW_QUANTILE``.
+        """
+        length = self.length(tpot_seconds) if length is None else length
+        if length <= 1:
+            return 1.0
+        return WINDOW / steps_for_tokens(self.acceptance.alpha(tpot_seconds), length, WINDOW, WINDOW_QUANTILE)
+
+    def record(self, tpot_seconds: float, drafted: int, accepted: int) -> None:
+        self.acceptance.record(tpot_seconds, drafted, accepted)
+
+    def uniform_step(self, length: int, decodes: int | None = None, context: int | None = None) -> float:
+        """Predicted step time when every decode (by default the planned step's) verifies ``length`` tokens.
+
+        Each query attends to its request's context and to the drafts before it.
+        """
+        count = self._decodes if decodes is None else decodes
+        context = self._context if context is None else context
+        attended = length * context + count * attended_pairs(length, length)
+        return self.step_time.step_seconds(count * length, count, context, attended)

@@ -22,10 +22,24 @@ class SimConfig:
     max_num_seqs: int = 256  # vLLM's cap on running requests
     max_num_batched_tokens: int | None = None  # tokens per step; None: the profile's own chunk size
     block_size: int = 16  # tokens per KV block
+    # Speculative decoding, as vLLM's ``--speculative-config``: drafts a decode may verify per step
+    # (0: off), and the chance that each draft is accepted (after all drafts before it were).
+    num_speculative_tokens: int = 0
+    spec_acceptance: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kv_capacity_blocks < 1 or self.max_num_seqs < 1 or self.batched_tokens < 1:
             raise ValueError(f"simulator limits must be positive: {self}")
+        if self.num_speculative_tokens < 0 or not 0.0 <= self.spec_acceptance <= 1.0:
+            raise ValueError(
+                f"speculation needs 0 or more draft tokens and an acceptance rate in [0, 1]; got "
+                f"{self.num_speculative_tokens} and {self.spec_acceptance}"
+            )
+
+    @property
+    def max_spec_length(self) -> int:
+        """Tokens a decode may verify per step: its own plus the drafts."""
+        return 1 + self.num_speculative_tokens
 
     @property
     def batched_tokens(self) -> int:

@@ -7,6 +7,7 @@ capped by the remaining budget, and preemption of the last running request when 
 
 from __future__ import annotations
 
+import random
 from typing import NamedTuple
 
 from sloserve_runtime.policies import SchedulingPolicy
@@ -21,14 +22,15 @@ class Batch(NamedTuple):
     """One engine step: who runs, how many tokens each computes, and how long it takes."""
 
     requests: list[SimRequest]  # scheduled requests, in scheduling order
-    tokens: list[int]  # tokens computed for each (a decode: 1; a prefill: its chunk)
+    tokens: list[int]  # tokens computed for each (a decode: 1 plus its drafts; a prefill: its chunk)
+    drafts: list[int]  # drafted tokens each verifies (0 unless it decodes with speculation)
     seconds: float  # predicted duration of the step
 
 
 class Engine:
     """Waiting queue, running list and KV cache of one simulated vLLM engine."""
 
-    def __init__(self, policy: SchedulingPolicy, config: SimConfig) -> None:
+    def __init__(self, policy: SchedulingPolicy, config: SimConfig, seed: int = 0) -> None:
         self.policy = policy
         self.config = config
         self.kv = KVCache(config.kv_capacity_blocks, config.block_size)
@@ -38,6 +40,7 @@ class Engine:
         # arrival against, so admission under a long best-effort backlog stays cheap.
         self.admitted: dict[int, SimRequest] = {}
         self.preemptions = 0  # requests sent back to recompute, over the whole run
+        self.rng = random.Random(seed)  # draws which drafts are accepted: a seed gives the same run
 
     @property
     def has_work(self) -> bool:
@@ -55,6 +58,7 @@ class Engine:
         """Form the next step's batch and advance its requests' computed tokens; None if nothing runs."""
         requests: list[SimRequest] = []
         tokens: list[int] = []
+        drafts: list[int] = []
         policy, running = self.policy, self.running
         if len(running) > 1:
             running.sort(key=lambda request: policy.running_key(request.state, request.output_count))
@@ -70,11 +74,14 @@ class Engine:
             return None
         context_tokens = attended = 0
         for request, count in zip(requests, tokens, strict=True):
-            request.computed_tokens += count
+            # A decode's drafts are verified, not yet computed: only accepted ones keep their KV.
+            drafted = count - 1 if request.decoding else 0
+            drafts.append(drafted)
+            request.computed_tokens += count - drafted
             context_tokens += request.computed_tokens
-            attended += attended_pairs(count, request.computed_tokens)
+            attended += attended_pairs(count, request.computed_tokens + drafted)
         seconds = self.config.step_time.step_seconds(sum(tokens), len(requests), context_tokens, attended)
-        return Batch(requests, tokens, seconds)
+        return Batch(requests, tokens, drafts, seconds)
 
     def complete(self, batch: Batch, now: float) -> list[SimRequest]:
         """End the step at ``now``: requests whose tokens are all computed sample one token each.
@@ -82,8 +89,14 @@ class Engine:
         Returns the requests that produced their last token; their KV blocks are freed.
         """
         finished = []
-        for request in batch.requests:
+        for request, drafted in zip(batch.requests, batch.drafts, strict=True):
             if request.computed_tokens == request.num_tokens:
+                if drafted:
+                    accepted = self._accepted(drafted)
+                    self.policy.record_acceptance(request.state, drafted, accepted)
+                    for _ in range(accepted):  # each accepted draft is an output token of this step
+                        request.emit_token(now)
+                        request.computed_tokens += 1
                 request.emit_token(now)
                 if request.finished:
                     self.kv.free(request)
@@ -92,6 +105,13 @@ class Engine:
         if finished:
             self.running = [request for request in self.running if not request.finished]
         return finished
+
+    def _accepted(self, drafted: int) -> int:
+        """How many of ``drafted`` drafts verification keeps: the longest prefix that passes."""
+        accepted, alpha = 0, self.config.spec_acceptance
+        while accepted < drafted and self.rng.random() < alpha:
+            accepted += 1
+        return accepted
 
     def _schedule_running(
         self, budget: int, held: list[bool], requests: list[SimRequest], tokens: list[int]
@@ -105,6 +125,9 @@ class Engine:
                 index += 1
                 continue
             count = min(request.num_tokens - request.computed_tokens, budget)
+            if request.decoding and self.config.num_speculative_tokens:
+                # Drafts never run past the output asked for: the last token is the sampled one.
+                count = min(self.policy.spec_length(request.state), budget, request.output_left)
             while not kv.allocate(request, request.computed_tokens + count):
                 victim = running.pop()
                 self._preempt(victim)

@@ -30,6 +30,15 @@ class SimRequest:
         return LiveRequest(self.state, self.num_tokens - self.computed_tokens, self.computed_tokens)
 
     @property
+    def decoding(self) -> bool:
+        """All but the last sampled token computed: the next step decodes (and may verify drafts)."""
+        return self.output_count > 0 and self.num_tokens - self.computed_tokens == 1
+
+    @property
+    def output_left(self) -> int:
+        return self.output_tokens - self.output_count
+
+    @property
     def output_count(self) -> int:
         return len(self.result.token_times)
 
