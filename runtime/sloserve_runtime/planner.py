@@ -108,8 +108,11 @@ class Planner:
         """Tokens a decode of this tier computes per step: one, or its speculation length."""
         return 1 if self.speculation is None else self.speculation.length(tpot_seconds)
 
-    def token_budget(self, running: Sequence[LiveRequest]) -> int:
-        """Tokens the next step may schedule, given the running requests (decodes and chunks)."""
+    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True) -> int:
+        """Tokens the next step may schedule, given the running requests (decodes and chunks).
+
+        ``waiting``: a request waits that could start this step and take what the running ones leave.
+        """
         decodes = _admitted_decodes(running)
         if self.speculation is not None:
             self.speculation.plan(len(decodes), sum(r.context for r in decodes))
@@ -125,10 +128,10 @@ class Planner:
         context = sum(r.context + 1 for r in (*decodes, *joining))
         attended = context + sum((length - 1) * (r.context + 1) for r, length in zip(decodes, verified, strict=True))
         # Each request of the step costs its per-request time: the admitted decodes and chunks, the
-        # best-effort requests that join, and, while an admitted request waits to start, one more
-        # for it (it takes what a finishing chunk leaves). Reserving that time when nobody waits
-        # would cost the running chunk a per-request time of tokens every step.
-        requests = len(running) - len(_best_effort(running)) + len(joining) + int(self._admitted_waiting)
+        # best-effort requests that join, and, while a request waits to start, one more for it (it
+        # takes what a finishing chunk leaves). Reserving that time when nobody waits would cost
+        # the running chunk a per-request time of tokens every step.
+        requests = len(running) - len(_best_effort(running)) + len(joining) + int(waiting)
         budget = self.step_time.token_budget(bound, requests, context, attended)
         # Admitted decodes always run: admission keeps them within the bound, and a step that
         # skipped one would break its TPOT for sure.

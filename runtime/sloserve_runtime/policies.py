@@ -43,8 +43,10 @@ class SchedulingPolicy(ABC):
     def running_key(self, state: SLORequestState, output_tokens: int) -> SortKey:
         """Sort key of a running request that has produced ``output_tokens`` tokens."""
 
-    def token_budget(self, running: Sequence[LiveRequest]) -> int:
-        """Tokens the next step may schedule, given the running requests; by default the engine's own."""
+    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True) -> int:
+        """Tokens the next step may schedule, given the running requests and whether any request waits
+        that could start; by default the engine's own.
+        """
         return self.max_budget
 
     def admit(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
@@ -93,8 +95,8 @@ class PlannerPolicy(DeadlinePolicy):
         group = 1 if output_tokens == 0 else 2 if math.isinf(state.tpot_seconds) else 0
         return (state.best_effort, group, state.token_deadline(output_tokens), state.tpot_seconds)
 
-    def token_budget(self, running: Sequence[LiveRequest]) -> int:
-        return self.planner.token_budget(running)
+    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True) -> int:
+        return self.planner.token_budget(running, waiting)
 
     def admit(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
         decision = self.planner.admit(now, new, live)
@@ -143,7 +145,7 @@ class SarathiPolicy(FCFSPolicy):
     name = "sarathi"
     chunk_tokens = 256
 
-    def token_budget(self, running: Sequence[LiveRequest]) -> int:
+    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True) -> int:
         return min(self.max_budget, self.chunk_tokens)
 
 

@@ -157,7 +157,8 @@ class SLOScheduler(Scheduler):
         live = [self._live(request) for request in self.running]  # in running order, as the simulator gives it
         self._defer_running(live)  # before the budget: the policy plans the step with what it holds back
         engine_budget = self.max_num_scheduled_tokens
-        self.max_num_scheduled_tokens = self.slo_policy.token_budget(live)
+        can_start = bool(self.waiting) and len(self.running) < self.max_num_running_reqs
+        self.max_num_scheduled_tokens = self.slo_policy.token_budget(live, can_start)
         try:
             output = super().schedule(*args, **kwargs)
         finally:
