@@ -108,8 +108,8 @@ class PlannerPolicy(DeadlinePolicy):
         return self.planner.held_back(running, admitted_waiting)
 
     def spec_length(self, state: SLORequestState) -> int:
-        # Its tier's length, planned in ``token_budget``; best effort runs on leftovers and drafts nothing.
-        return 1 if state.best_effort else self.speculation.length(state.tpot_seconds)
+        # Its tier's length, planned in ``token_budget`` (best effort too: a tier's drafts serve its TPOT).
+        return self.speculation.length(state.tpot_seconds)
 
     def record_acceptance(self, state: SLORequestState, drafted: int, accepted: int) -> None:
         self.speculation.record(state.tpot_seconds, drafted, accepted)

@@ -14,9 +14,9 @@ no vLLM) and calls the policy the simulator runs too (``sloserve``: ``PlannerPol
 vLLM's ``schedule()`` then does the batching.
 
 With speculative decoding on (vLLM's ``--speculative-config``, e.g. n-gram), the drafts of each
-request are cut to its tier's speculation length (``speculation.py``): the shortest that keeps
-the tier's TPOT at the acceptance rate measured for that tier, so loose tiers leave the compute
-to tight ones.
+request are cut to its tier's speculation length, which the policy chooses as the simulator's
+does (``speculation.py``): the shortest that keeps the tier's TPOT with room to spare at the
+acceptance rate measured for that tier, so loose tiers leave the compute to tight ones.
 
 Server-wide defaults, the step-time profile and an optional step log (for ``sloserve profile``)
 arrive as ``--additional-config '{"sloserve": {...}}'`` (see ``SLOConfig``).
@@ -43,7 +43,6 @@ from sloserve_runtime.planner import Decision, LiveRequest
 from sloserve_runtime.policies import make_policy
 from sloserve_runtime.server import parent_death_signal
 from sloserve_runtime.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_xargs
-from sloserve_runtime.speculation import AcceptanceRates, choose_length
 from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel, attended_pairs
 
 CONFIG_KEY = "sloserve"
@@ -101,14 +100,14 @@ class SLOScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.slo_config = SLOConfig.from_additional_config(self.vllm_config.additional_config)
         self.step_time = StepTimeModel.load(self.slo_config.profile)
-        self.slo_policy = make_policy(self.slo_config.policy, self.step_time, self.max_num_scheduled_tokens)
+        # With speculative decoding on, a step may verify 1 + num_spec_tokens tokens per request.
+        max_spec_length = 1 + (self.num_spec_tokens or 0)
+        self.slo_policy = make_policy(
+            self.slo_config.policy, self.step_time, self.max_num_scheduled_tokens, max_spec_length
+        )
         self.slo_states: dict[str, SLORequestState] = {}
         self.step_recorder = StepRecorder(self.slo_config.step_log) if self.slo_config.step_log else None
         self.notices = NoticePublisher(self.slo_config.notices) if self.slo_config.notices else None
-        # Speculative decoding: the most tokens a step verifies per request, and acceptance per tier.
-        self.max_spec_length = 1 + (self.num_spec_tokens or 0)
-        self.acceptance = AcceptanceRates()
-        self.spec_lengths: dict[float, int] = {}  # tier (TPOT seconds) -> length, for this step
 
     def add_request(self, request: Request) -> None:
         state = self._state(request)
@@ -151,7 +150,6 @@ class SLOScheduler(Scheduler):
 
     def schedule(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's SchedulerOutput
         started = time.perf_counter()
-        self.spec_lengths.clear()
         self._forget_finished()
         self._order_queues()
         live = [self._live(request) for request in self.running]  # in running order, as the simulator gives it
@@ -185,7 +183,7 @@ class SLOScheduler(Scheduler):
             request = self.requests.get(request_id)
             if request is None or not request.spec_token_ids:
                 continue
-            keep = self.spec_length(self._state(request)) - 1
+            keep = self.slo_policy.spec_length(self._state(request)) - 1
             if len(request.spec_token_ids) > keep:
                 request.spec_token_ids = request.spec_token_ids[:keep]
 
@@ -197,31 +195,10 @@ class SLOScheduler(Scheduler):
         request = self.requests.get(request_id)
         if request is not None:
             invalid = (num_invalid_spec_tokens or {}).get(request_id, 0)
-            self.acceptance.record(self._state(request).tpot_seconds, num_draft_tokens - invalid, num_accepted_tokens)
+            self.slo_policy.record_acceptance(self._state(request), num_draft_tokens - invalid, num_accepted_tokens)
         return super().make_spec_decoding_stats(
             spec_decoding_stats, num_draft_tokens, num_accepted_tokens, num_invalid_spec_tokens, request_id
         )
-
-    def spec_length(self, state: SLORequestState) -> int:
-        """Tokens a decode of this request's tier verifies per step (1: no speculation)."""
-        tier = state.tpot_seconds
-        if self.max_spec_length <= 1:
-            return 1
-        length = self.spec_lengths.get(tier)
-        if length is None:
-            decodes = [r for r in self.running if r.num_output_tokens > 0]
-            count = max(1, len(decodes))
-            context = sum(r.num_computed_tokens for r in decodes)
-
-            def step_seconds(length: int) -> float:
-                # Every decode of the batch verifying ``length`` tokens: the step this tier would cause.
-                # Each query attends to the context and the drafts before it: attended_pairs per decode.
-                attended = length * context + count * attended_pairs(length, length)
-                return self.step_time.step_seconds(count * length, count, context, attended)
-
-            length = choose_length(tier, self.acceptance.alpha(tier), step_seconds, self.max_spec_length)
-            self.spec_lengths[tier] = length
-        return length
 
     def _order_queues(self) -> None:
         policy = self.slo_policy
