@@ -219,3 +219,41 @@ def test_prefill_chunks_go_before_decodes_without_tpot():
         "free decode": policy.running_key(free, 5),
     }
     assert sorted(keys, key=keys.get) == ["paced decode", "chunk", "free decode"]
+
+
+def test_budget_reserves_a_waiting_request_only_when_one_waits():
+    planner = Planner(PER_REQUEST, max_budget=512, headroom=1.0)
+    decodes = [decoding(f"l{i}", LOOSE) for i in range(2)]
+    chunk = LiveRequest(state("c", LOOSE), to_compute=300, context=100)
+    # Two decodes and the running chunk: 100 ms - 10 - 3 x 5 = 75 tokens when nobody waits;
+    # one request's 5 ms (5 tokens) fewer when a waiting request may start beside them.
+    assert planner.token_budget([*decodes, chunk], waiting=False) == 75
+    assert planner.token_budget([*decodes, chunk], waiting=True) == 70
+
+
+def speculating_planner(alpha: float) -> Planner:
+    policy = make_policy("sloserve", PER_REQUEST, 512, max_spec_length=4)
+    policy.speculation.acceptance.prior = alpha
+    return policy.planner
+
+
+def test_speculation_lets_a_tight_tier_decode_more_requests():
+    # 50 ms TPOT, 10 ms a step and 5 ms a request: 7 decodes (46 ms) fit a step, 8 (51 ms) do not.
+    crowd = [decoding(f"t{i}", TIGHT) for i in range(7)]
+    newcomer = arriving("n", TIGHT, prompt=10)
+    assert not Planner(PER_REQUEST, max_budget=512).admit(0.0, newcomer, crowd).admitted
+    # Drafts accepted 90 % of the time: a step yields several tokens, so it may take several TPOTs.
+    assert speculating_planner(0.9).admit(0.0, newcomer, crowd).admitted
+    # Drafts never accepted: speculation buys nothing, and the answer stays no.
+    assert not speculating_planner(0.0).admit(0.0, newcomer, crowd).admitted
+
+
+def test_speculating_tier_gets_a_budget_for_its_drafts_and_a_longer_step():
+    planner = speculating_planner(0.9)
+    decodes = [decoding(f"t{i}", TIGHT) for i in range(7)]
+    budget = planner.token_budget(decodes, waiting=False)
+    length = planner.speculation.length(TIGHT.tpot_ms / 1000)
+    assert length > 1
+    assert budget >= 7 * length  # every decode verifies its drafts
+    bound = 0.050 * planner.speculation.window_tokens_per_step(0.050)
+    assert PER_REQUEST.step_seconds(budget, 7) <= bound * planner.headroom + 1e-9  # nobody waits: 7 requests

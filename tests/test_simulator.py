@@ -209,3 +209,46 @@ def test_simulate_cluster_option_mistakes_are_one_line_errors(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def spec_config(drafts: int, alpha: float) -> SimConfig:
+    return SimConfig(step_time=MODEL, num_speculative_tokens=drafts, spec_acceptance=alpha)
+
+
+def steps_per_token(results: list[StageResult]) -> float:
+    """Distinct token times per token after the first: 1 without speculation, less with it."""
+    distinct = sum(len(set(result.token_times[1:])) for result in results)
+    return distinct / sum(len(result.token_times) - 1 for result in results)
+
+
+def test_speculation_yields_the_expected_tokens_per_step_and_replays_the_same():
+    trace = [program(index, index * 0.5, chat(100, 400, SLO.parse("5x", None))) for index in range(4)]
+    runs = [simulate(trace, "vllm-fcfs", MODEL, spec_config(3, 0.5)) for _ in range(2)]
+    assert [r.token_times for r in runs[0]] == [r.token_times for r in runs[1]]
+    for result in runs[0]:
+        assert len(result.token_times) == result.output_tokens
+    # vLLM verifies all 3 drafts: (1 - 0.5^4) / (1 - 0.5) = 1.875 tokens a step on average.
+    assert 1 / steps_per_token(runs[0]) == pytest.approx(1.875, rel=0.08)
+    # Drafts that are never accepted give one token a step, as without speculation.
+    assert steps_per_token(simulate(trace, "vllm-fcfs", MODEL, spec_config(3, 0.0))) == 1.0
+
+
+def test_loose_tier_drafts_nothing_and_tight_tier_speculates():
+    loose = [program(index, index * 0.5, chat(100, 200, SLO.parse("5x", "2s"))) for index in range(3)]
+    tight = [program(index, index * 0.5, chat(100, 200, SLO.parse("5x", "20ms"))) for index in range(3)]
+    config = spec_config(3, 0.8)
+    assert steps_per_token(simulate(loose, "sloserve", MODEL, config)) == 1.0
+    assert steps_per_token(simulate(tight, "sloserve", MODEL, config)) < 0.6
+
+
+def test_simulate_cli_labels_speculating_schedulers(tmp_path):
+    out = tmp_path / "spec.json"
+    result = run_cli(
+        "simulate", "--scenario", "coding", "--profile", "a100-opt13b-slos-serve", "--scheduler", "sloserve",
+        "--speculative-tokens", "0,4", "--rate", "0.5", "--num-requests", "30", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [row["scheduler"] for row in rows] == ["sloserve", "sloserve+spec4"]
+    bad = run_cli("simulate", "--scenario", "coding", "--speculative-tokens", "-1", "--rate", "1")
+    assert bad.returncode != 0 and "--speculative-tokens" in bad.stderr

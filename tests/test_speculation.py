@@ -7,7 +7,7 @@ import math
 import httpx
 import pytest
 
-from sloserve_runtime.speculation import AcceptanceRates, choose_length, expected_tokens
+from sloserve_runtime.speculation import AcceptanceRates, choose_length, expected_tokens, steps_for_tokens
 
 
 def test_expected_tokens_follows_the_formula():
@@ -55,6 +55,13 @@ def test_acceptance_moves_from_the_prior_to_what_is_measured():
     assert rates.alpha(0.2) < 0.05
     rates.record(0.05, drafted=0, accepted=0)  # no drafts: nothing learnt
     assert rates.alpha(0.3) == 0.5  # an unseen tier starts at the prior
+
+
+def test_window_steps_cover_the_window_at_its_quantile():
+    assert steps_for_tokens(1.0, 4, 10, 0.9) == 3  # every draft kept: 4 tokens a step
+    assert steps_for_tokens(0.0, 4, 10, 0.9) == 10  # none kept: one token a step
+    # Somewhere between, and more steps the surer the window must be.
+    assert 3 < steps_for_tokens(0.6, 4, 10, 0.5) <= steps_for_tokens(0.6, 4, 10, 0.99) < 10
 
 
 # ---- on the real engine, with vLLM's n-gram speculation ----

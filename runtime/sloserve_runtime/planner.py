@@ -197,6 +197,8 @@ class Planner:
     def admit(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
         """Whether ``new`` can join the admitted requests in ``live`` without breaking any promise."""
         admitted = [r for r in live if not r.state.best_effort and r.state is not new.state]
+        if self.speculation is not None:  # lengths for the decodes there will be once it runs
+            self.speculation.plan(len(admitted) + 1, sum(r.context + r.to_compute for r in (*admitted, new)))
         decision = self._decode_fits(new, admitted)
         if decision.admitted:
             decision = self._prefills_fit(now, new, admitted)
