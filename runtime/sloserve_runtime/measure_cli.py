@@ -220,12 +220,12 @@ def simulate_command(
         for name in scenarios:
             spec = _scenario(name)
             for label, policy, draft_count in schedulers:
-                engine = dataclasses.replace(
+                engine_config = dataclasses.replace(
                     config, num_speculative_tokens=draft_count, spec_acceptance=spec_acceptance
                 )
                 for count, routing in clusters:
                     progress.update(task, description=f"Simulating {name} / {label} / {count} x {routing or '-'}")
-                    runner = simulator_runner(policy, engine, count, routing or "slo")
+                    runner = simulator_runner(policy, engine_config, count, routing or "slo")
                     cluster_options = dataclasses.replace(options, num_programs=num_requests * count)
                     # The search starts at the same rate per replica for every cluster size.
                     start = 0.5 * count if capacity else None

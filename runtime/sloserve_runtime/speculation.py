@@ -142,11 +142,6 @@ class TierSpeculation:
             self._lengths[tpot_seconds] = length
         return length
 
-    def tokens_per_step(self, tpot_seconds: float, length: int | None = None) -> float:
-        """Output tokens a decode of this tier yields per step on average, at its length or at ``length``."""
-        length = self.length(tpot_seconds) if length is None else length
-        return expected_tokens(self.acceptance.alpha(tpot_seconds), length) if length > 1 else 1.0
-
     def window_tokens_per_step(self, tpot_seconds: float, length: int | None = None) -> float:
         """Output tokens per step a decode of this tier can count on over an attainment window.
 
