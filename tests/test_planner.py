@@ -149,7 +149,7 @@ def test_best_effort_work_is_preempted_first():
     assert best_effort.state.best_effort and not admitted.state.best_effort
     now = 0.0
     while engine.preemptions == 0:
-        batch = engine.schedule()
+        batch = engine.schedule(now)
         now += batch.seconds
         engine.complete(batch, now)
     # KV ran out as both grew: the best-effort request went back to waiting, the admitted one runs on.

@@ -50,6 +50,20 @@ class _DecodeLoad(NamedTuple):
     context: int  # their KV context, which their queries attend to
 
 
+class _Path(NamedTuple):
+    """One way through the promotion DP: the requests taken, and where the forward simulation stands."""
+
+    end: float  # when the last prefill so far brings its first token
+    load: _DecodeLoad  # the decodes every later step carries
+    taken: tuple[LiveRequest, ...]  # the pending requests promoted on this path
+
+
+def _keep(paths: dict[tuple[int, ...], _Path], key: tuple[int, ...], path: _Path) -> None:
+    """Of two paths to the same tier counts, the one whose prefills end earlier dominates."""
+    if key not in paths or path.end < paths[key].end:
+        paths[key] = path
+
+
 @dataclass(frozen=True)
 class Decision:
     """An admission decision and why, as responses and metrics report it."""
@@ -69,6 +83,12 @@ def _best_effort(live: Sequence[LiveRequest]) -> list[LiveRequest]:
     return [r for r in live if r.state.best_effort]
 
 
+def _prefill_order(r: LiveRequest) -> tuple[bool, float, float]:
+    """The forward simulation's prefill order: those under way first (vLLM serves running requests
+    before waiting ones), then by first-token deadline."""
+    return (r.context == 0, r.state.first_token_deadline, r.state.arrival)
+
+
 @dataclass
 class Planner:
     """Budget and admission for one engine, from its step-time model."""
@@ -85,6 +105,12 @@ class Planner:
     headroom: float = 0.99
     # Steps in a row a decode without a TPOT target may give up to waiting prefills (``_yields``).
     max_yields: int = 4
+    # How best-effort requests that still wait for their first token are promised their SLO once
+    # room returns (``promote``): "none", "edf" (the arrival check, in deadline order) or "dp"
+    # (SLOs-Serve's dynamic programme: the most requests that fit together).
+    promotion: str = "edf"
+    # The earliest-deadline best-effort requests weighed for promotion each step.
+    promotion_candidates: int = 8
     # Whether an admitted request waits to start, as the engine said this step (``held_back``,
     # called before ``token_budget``) or as an admission since implies.
     _admitted_waiting: bool = field(default=False, repr=False)
@@ -197,12 +223,17 @@ class Planner:
     def admit(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
         """Whether ``new`` can join the admitted requests in ``live`` without breaking any promise."""
         admitted = [r for r in live if not r.state.best_effort and r.state is not new.state]
+        decision = self._check(now, new, admitted)
+        self._admitted_waiting |= decision.admitted
+        return decision
+
+    def _check(self, now: float, new: LiveRequest, admitted: list[LiveRequest]) -> Decision:
+        """The forward-EDF check: ``new``'s decode fits beside the admitted ones and every first token is on time."""
         if self.speculation is not None:  # lengths for the decodes there will be once it runs
             self.speculation.plan(len(admitted) + 1, sum(r.context + r.to_compute for r in (*admitted, new)))
         decision = self._decode_fits(new, admitted)
         if decision.admitted:
             decision = self._prefills_fit(now, new, admitted)
-        self._admitted_waiting |= decision.admitted
         return decision
 
     def _decode_fits(self, new: LiveRequest, admitted: list[LiveRequest]) -> Decision:
@@ -266,6 +297,15 @@ class Planner:
         narrows the prefill budget of the ones after it (finishing decodes are not counted: the
         prediction errs late). The step under way when the request arrives is counted whole.
         """
+        clock, load = self._forward_start(now, admitted, len(pending))
+        times = {}
+        for request in sorted(pending, key=_prefill_order):
+            clock, load = self._prefill(clock, load, request)
+            times[request.state.request_id] = clock
+        return times
+
+    def _forward_start(self, now: float, admitted: list[LiveRequest], pending: int) -> tuple[float, _DecodeLoad]:
+        """When the first of ``pending`` prefills can start, and the decodes every step carries until then."""
         decodes = [r for r in admitted if r.decoding]
         load = _DecodeLoad(math.inf, 0, 0, 0)
         for r in decodes:
@@ -275,21 +315,21 @@ class Planner:
             # A step is under way, and the budget lets it fill the bound: best-effort work and
             # prefill chunks take what the decodes leave.
             clock += self._prefill_rate(load)[0]
-        elif len(pending) > 1:  # a step of admitted prefill is under way
+        elif pending > 1:  # a step of admitted prefill is under way
             _, per_step = self._prefill_rate(load)
             queued = sum(r.to_compute for r in admitted if not r.decoding)
             clock += self._step_seconds(load, min(per_step, queued))
-        times = {}
-        for request in sorted(pending, key=lambda r: (r.context == 0, r.state.first_token_deadline, r.state.arrival)):
-            seconds, per_step = self._prefill_rate(load)
-            if per_step <= 0:
-                clock = math.inf
-            else:
-                full_steps, rest = divmod(request.to_compute, per_step)
-                clock += full_steps * seconds + (self._step_seconds(load, rest) if rest else 0.0)
-            times[request.state.request_id] = clock
-            load = self._with_decode(load, request.state.tpot_seconds, request.context + request.to_compute)
-        return times
+        return clock, load
+
+    def _prefill(self, clock: float, load: _DecodeLoad, request: LiveRequest) -> tuple[float, _DecodeLoad]:
+        """``request``'s prefill from ``clock`` beside the decodes of ``load``: its first token's time, then load."""
+        seconds, per_step = self._prefill_rate(load)
+        if per_step <= 0:
+            clock = math.inf
+        else:
+            full_steps, rest = divmod(request.to_compute, per_step)
+            clock += full_steps * seconds + (self._step_seconds(load, rest) if rest else 0.0)
+        return clock, self._with_decode(load, request.state.tpot_seconds, request.context + request.to_compute)
 
     def _with_decode(self, load: _DecodeLoad, tpot_seconds: float, context: int) -> _DecodeLoad:
         """``load`` with one more decode of this tier over ``context`` KV tokens."""
@@ -317,6 +357,80 @@ class Planner:
             budget = min(self.step_time.token_budget(bound, requests, load.context, load.context), self.max_budget)
         prefill = max(budget - load.tokens, 0)
         return self._step_seconds(load, prefill), prefill
+
+    # ---- promotion ----
+
+    def promote(self, now: float, candidates: Sequence[LiveRequest], live: Sequence[LiveRequest]) -> list[LiveRequest]:
+        """The best-effort ``candidates`` (no output yet, in first-token-deadline order) that can be promised now.
+
+        Admission decides at arrival; a request refused then may fit later, when decodes finish or
+        the prefill queue drains before its first-token deadline. Each step the planner weighs
+        the ``promotion_candidates`` earliest still-open deadlines against the admitted requests
+        in ``live``, with the same forward simulation as admission:
+
+        * "edf" takes them one by one in deadline order, each if it fits beside those taken;
+        * "dp" runs SLOs-Serve's dynamic programme over them (``_most_that_fit``): the largest
+          set whose decodes fit and whose prefills, in deadline order among the admitted ones,
+          all come on time, so that one long prompt does not shut out several short ones.
+        """
+        if self.promotion == "none":
+            return []
+        pending = [r for r in candidates if r.state.first_token_deadline > now][: self.promotion_candidates]
+        if not pending:
+            return []
+        admitted = [r for r in live if not r.state.best_effort]
+        if self.promotion == "dp":
+            chosen = self._most_that_fit(now, pending, admitted)
+        else:
+            chosen = []
+            for request in pending:
+                if self._check(now, request, [*admitted, *chosen]).admitted:
+                    chosen.append(request)
+        if chosen and self.speculation is not None:
+            together = (*admitted, *chosen)
+            self.speculation.plan(len(together), sum(r.context + r.to_compute for r in together))
+        self._admitted_waiting |= bool(chosen)
+        return chosen
+
+    def _most_that_fit(self, now: float, pending: list[LiveRequest], admitted: list[LiveRequest]) -> list[LiveRequest]:
+        """SLOs-Serve's admission DP: the largest subset of ``pending`` that keeps every promise.
+
+        Prefills are taken in the forward simulation's order (those under way, then by deadline),
+        the admitted ones always, each pending one or not. A state is the count of taken requests
+        per TPOT tier (which, with the admitted decodes, sets the per-step prefill budget); of the
+        paths reaching a state the one whose prefills end earliest dominates. A path dies when a
+        taken request would miss its first-token deadline, its decodes would not fit beside the
+        others, or an admitted prefill on time without it would be late. The largest surviving
+        state wins (the earliest end on ties); with one pending request it asks what admission asks.
+        """
+        waiting = [r for r in admitted if not r.decoding]
+        tiers = sorted({r.state.tpot_seconds for r in pending})
+        clock, load = self._forward_start(now, admitted, len(waiting) + len(pending))
+        on_time = {}  # the admitted prefills' first tokens with nothing promoted
+        end, after = clock, load
+        for request in sorted(waiting, key=_prefill_order):
+            end, after = self._prefill(end, after, request)
+            on_time[request.state.request_id] = end
+        states = {(0,) * len(tiers): _Path(clock, load, ())}
+        mine = {id(r) for r in pending}
+        for request in sorted([*waiting, *pending], key=_prefill_order):
+            deadline = request.state.first_token_deadline
+            following: dict[tuple[int, ...], _Path] = {}
+            for key, (clock, load, taken) in states.items():
+                end, after = self._prefill(clock, load, request)
+                if id(request) not in mine:  # admitted: always served
+                    if end <= deadline or on_time[request.state.request_id] > deadline:
+                        _keep(following, key, _Path(end, after, taken))
+                    continue
+                _keep(following, key, _Path(clock, load, taken))  # left best effort
+                if end <= deadline and self._decode_fits(request, [*admitted, *taken]).admitted:
+                    counts = list(key)
+                    counts[tiers.index(request.state.tpot_seconds)] += 1
+                    _keep(following, tuple(counts), _Path(end, after, (*taken, request)))
+            states = following
+        if not states:
+            return []
+        return list(min(states.values(), key=lambda path: (-len(path.taken), path.end)).taken)
 
     # ---- routing ----
 

@@ -24,8 +24,9 @@ class SchedulingPolicy(ABC):
 
     Rules for callers: call ``waiting_key``/``running_key`` on every request of the queue and sort
     ascending (stable); the first request is served first, and the last running request is the
-    first to be preempted when KV memory runs out. Each step, ask ``held_back`` first, then
-    ``token_budget``, then ``spec_length`` for the decodes that run.
+    first to be preempted when KV memory runs out. Each step, ask ``promote`` first (its answer
+    changes the keys), then sort, then ask ``held_back``, then ``token_budget``, then
+    ``spec_length`` for the decodes that run.
     """
 
     name: str
@@ -57,6 +58,12 @@ class SchedulingPolicy(ABC):
         """Which running requests (in running order) sit this step out; vLLM would serve them all first."""
         return [False] * len(running)
 
+    def promote(self, now: float, candidates: Sequence[LiveRequest], live: Sequence[LiveRequest]) -> list[LiveRequest]:
+        """Best-effort requests (no output yet, in first-token-deadline order) admitted now, before the
+        step is planned (``live``: the admitted requests); stock vLLM has no classes to move between.
+        """
+        return []
+
     def spec_length(self, state: SLORequestState) -> int:
         """Tokens a decode of this request verifies this step; vLLM verifies every draft it has."""
         return self.max_spec_length
@@ -79,14 +86,19 @@ class DeadlinePolicy(SchedulingPolicy):
 
 
 class PlannerPolicy(DeadlinePolicy):
-    """sloserve: deadline order, the planner's per-step budget and soft admission (best effort)."""
+    """sloserve: deadline order, the planner's per-step budget, soft admission (best effort) and
+    promotion of best-effort requests that fit later.
+    """
 
     name = "sloserve"
+    promotion = "edf"  # how best-effort requests are promoted (``Planner.promotion``)
 
     def __init__(self, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1) -> None:
         super().__init__(step_time, max_budget, max_spec_length)
         self.speculation = TierSpeculation(step_time, max_spec_length)
-        self.planner = Planner(step_time, max_budget, self.speculation if self.speculation.enabled else None)
+        self.planner = Planner(
+            step_time, max_budget, self.speculation if self.speculation.enabled else None, promotion=self.promotion
+        )
 
     def running_key(self, state: SLORequestState, output_tokens: int) -> SortKey:
         # Decodes with a TPOT target first (each needs one token this step to keep it), then prefill
@@ -107,12 +119,33 @@ class PlannerPolicy(DeadlinePolicy):
     def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool) -> list[bool]:
         return self.planner.held_back(running, admitted_waiting)
 
+    def promote(self, now: float, candidates: Sequence[LiveRequest], live: Sequence[LiveRequest]) -> list[LiveRequest]:
+        promoted = self.planner.promote(now, candidates, live)
+        for request in promoted:
+            request.state.best_effort = False
+            request.state.admission = f"admitted: promoted from best effort ({request.state.admission})"
+        return promoted
+
     def spec_length(self, state: SLORequestState) -> int:
         # Its tier's length, planned in ``token_budget`` (best effort too: a tier's drafts serve its TPOT).
         return self.speculation.length(state.tpot_seconds)
 
     def record_acceptance(self, state: SLORequestState, drafted: int, accepted: int) -> None:
         self.speculation.record(state.tpot_seconds, drafted, accepted)
+
+
+class ArrivalAdmissionPolicy(PlannerPolicy):
+    """sloserve-arrival: the planner with admission at arrival only; best effort stays best effort."""
+
+    name = "sloserve-arrival"
+    promotion = "none"
+
+
+class DPPromotionPolicy(PlannerPolicy):
+    """sloserve-dp: the planner, promoting best-effort requests by SLOs-Serve's dynamic programme."""
+
+    name = "sloserve-dp"
+    promotion = "dp"
 
 
 class FCFSPolicy(SchedulingPolicy):
@@ -150,7 +183,16 @@ class SarathiPolicy(FCFSPolicy):
 
 
 POLICIES: dict[str, type[SchedulingPolicy]] = {
-    policy.name: policy for policy in (PlannerPolicy, DeadlinePolicy, FCFSPolicy, TierPriorityPolicy, SarathiPolicy)
+    policy.name: policy
+    for policy in (
+        PlannerPolicy,
+        ArrivalAdmissionPolicy,
+        DPPromotionPolicy,
+        DeadlinePolicy,
+        FCFSPolicy,
+        TierPriorityPolicy,
+        SarathiPolicy,
+    )  # fmt: skip
 }
 
 

@@ -151,6 +151,7 @@ class SLOScheduler(Scheduler):
     def schedule(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's SchedulerOutput
         started = time.perf_counter()
         self._forget_finished()
+        self._promote()
         self._order_queues()
         live = [self._live(request) for request in self.running]  # in running order, as the simulator gives it
         self._defer_running(live)  # before the budget: the policy plans the step with what it holds back
@@ -164,6 +165,26 @@ class SLOScheduler(Scheduler):
         if self.step_recorder is not None:
             self.step_recorder.scheduled(started, output, self.requests)
         return output
+
+    def _promote(self) -> None:
+        """Best-effort requests that still wait for their first token join the admitted ones if the
+        planner can now promise them their SLO.
+
+        The front end keeps the decision it reported at arrival; a promotion shows in the order of
+        vLLM's queues and in the planner's budget.
+        """
+        now = time.time()
+        queued = (*self.running, *self.waiting)
+        candidates = [
+            self._live(request) for request in queued
+            if self._state(request).best_effort and request.num_output_tokens == 0
+            and self._state(request).first_token_deadline > now
+        ]  # fmt: skip
+        if not candidates:
+            return
+        candidates.sort(key=lambda live: live.state.first_token_deadline)
+        admitted = [self._live(request) for request in queued if not self._state(request).best_effort]
+        self.slo_policy.promote(now, candidates, admitted)
 
     def update_from_output(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's outputs
         recorder = self.step_recorder

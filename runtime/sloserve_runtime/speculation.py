@@ -10,8 +10,14 @@ tokens (``E(1) = 1``: no speculation). Verifying more tokens makes the step long
 per output token of the request is ``step(length) / E(length)``.
 
 Per tier (the request's TPOT target) the planner takes the **shortest length that keeps the
-tier's TPOT** (a loose tier does not speculate and leaves the compute to others); a tier whose
-TPOT no length keeps gets the length with the least time per token. ``α`` is measured per tier
+tier's TPOT**, but never less than the length with the least *marginal* step time per token
+(what one more decode adds to a step, over its expected tokens) where that is a fifth cheaper
+than no speculation; a tier whose TPOT no length keeps gets the length with the least time per
+token. Where a verified token costs far more than
+a request in the batch (a small model on a CPU) the marginal choice is 1: a loose tier does not
+speculate and leaves the compute to others. Where a request costs far more than a token (a large
+model on a GPU, whose step is dominated by per-request and fixed costs) every tier drafts: a
+request that finishes sooner frees its place in the batch for the next. ``α`` is measured per tier
 from the engine's own acceptance counts (``AcceptanceRates``), starting from a prior.
 ``TierSpeculation`` holds both for one engine: the planner plans its steps with it, and the vLLM
 adapter and the simulator cut each request's drafts to its length.
@@ -36,21 +42,47 @@ def expected_tokens(alpha: float, length: int) -> float:
     return (1.0 - alpha**length) / (1.0 - alpha)
 
 
+# Speculate beyond what a tier's TPOT needs only if it cuts a decode's marginal step time per
+# token by at least a fifth: rejected drafts take compute that prefill chunks could use.
+MARGINAL_GAIN = 0.8
+
+
 def choose_length(
-    tpot_seconds: float, alpha: float, step_seconds: Callable[[int], float], max_length: int, headroom: float = 0.9
+    tpot_seconds: float,
+    alpha: float,
+    step_seconds: Callable[[int], float],
+    max_length: int,
+    headroom: float = 0.9,
+    marginal_seconds: Callable[[int], float] | None = None,
 ) -> int:
     """The speculation length (tokens verified per step, 1..max_length) for a tier.
 
     ``step_seconds(length)``: the predicted step time when the tier's decodes verify ``length``
     tokens each. The shortest length whose time per token stays within ``tpot_seconds *
     headroom``; if none does, the length with the least time per token.
+
+    ``marginal_seconds(length)``: what one more decode verifying ``length`` tokens adds to a step.
+    Given, the length is at least the one with the least marginal time per token, if that is at
+    most ``MARGINAL_GAIN`` times the marginal time per token of no speculation: where a request
+    in the batch costs far more than a verified token (a large model on a GPU), drafts are nearly
+    free and a request that finishes sooner gives its place in the batch to the next.
     """
-    if math.isinf(tpot_seconds) or max_length <= 1:
+    if max_length <= 1:
         return 1
+    cheapest = 1
+    if marginal_seconds is not None:
+        marginal = {
+            length: marginal_seconds(length) / expected_tokens(alpha, length) for length in range(1, max_length + 1)
+        }
+        cheapest = min(marginal, key=lambda length: (marginal[length], length))
+        if marginal[cheapest] > MARGINAL_GAIN * marginal[1]:
+            cheapest = 1  # not worth the compute its rejected drafts take from prefill chunks
+    if math.isinf(tpot_seconds):
+        return cheapest
     per_token = {length: step_seconds(length) / expected_tokens(alpha, length) for length in range(1, max_length + 1)}
     for length, seconds in per_token.items():
         if seconds <= tpot_seconds * headroom:
-            return length
+            return max(length, cheapest)
     return min(per_token, key=lambda length: (per_token[length], length))
 
 
@@ -138,7 +170,9 @@ class TierSpeculation:
         length = self._lengths.get(tpot_seconds)
         if length is None:
             alpha = self.acceptance.alpha(tpot_seconds)
-            length = choose_length(tpot_seconds, alpha, self.uniform_step, self.max_length, self.headroom)
+            length = choose_length(
+                tpot_seconds, alpha, self.uniform_step, self.max_length, self.headroom, self._marginal_step
+            )
             self._lengths[tpot_seconds] = length
         return length
 
@@ -156,6 +190,11 @@ class TierSpeculation:
 
     def record(self, tpot_seconds: float, drafted: int, accepted: int) -> None:
         self.acceptance.record(tpot_seconds, drafted, accepted)
+
+    def _marginal_step(self, length: int) -> float:
+        """What one more decode, over the planned decodes' mean context, adds to a step where all verify ``length``."""
+        context = self._context + self._context // self._decodes
+        return self.uniform_step(length, self._decodes + 1, context) - self.uniform_step(length)
 
     def uniform_step(self, length: int, decodes: int | None = None, context: int | None = None) -> float:
         """Predicted step time when every decode (by default the planned step's) verifies ``length`` tokens.

@@ -39,6 +39,9 @@ class Engine:
         # Unfinished requests the policy admitted (not best effort): all the planner weighs a new
         # arrival against, so admission under a long best-effort backlog stays cheap.
         self.admitted: dict[int, SimRequest] = {}
+        # Best-effort requests that may yet be promoted (``policy.promote``): those with no output
+        # whose first-token deadline has not passed; pruned each step.
+        self.unpromised: list[SimRequest] = []
         self.preemptions = 0  # requests sent back to recompute, over the whole run
         self.rng = random.Random(seed)  # draws which drafts are accepted: a seed gives the same run
 
@@ -52,14 +55,18 @@ class Engine:
         request.result.admission, request.result.best_effort = decision.reason, not decision.admitted
         if decision.admitted:
             self.admitted[id(request)] = request
+        else:
+            self.unpromised.append(request)
         self.waiting.push_back(request)
 
-    def schedule(self) -> Batch | None:
-        """Form the next step's batch and advance its requests' computed tokens; None if nothing runs."""
+    def schedule(self, now: float) -> Batch | None:
+        """Form the batch of the step starting at ``now``; advance its requests' computed tokens. None: nothing runs."""
         requests: list[SimRequest] = []
         tokens: list[int] = []
         drafts: list[int] = []
         policy, running = self.policy, self.running
+        if self.unpromised:
+            self._promote(now)
         if len(running) > 1:
             running.sort(key=lambda request: policy.running_key(request.state, request.output_count))
         # The policy's view of the running requests, in running order, as the vLLM adapter gives it.
@@ -106,6 +113,25 @@ class Engine:
         if finished:
             self.running = [request for request in self.running if not request.finished]
         return finished
+
+    def _promote(self, now: float) -> None:
+        """Ask the policy which best-effort requests it can promise now; they join the admitted ones."""
+        self.unpromised = [
+            request for request in self.unpromised
+            if request.output_count == 0 and request.state.best_effort and request.state.first_token_deadline > now
+        ]  # fmt: skip
+        if not self.unpromised:
+            return
+        self.unpromised.sort(key=lambda request: request.state.first_token_deadline)
+        by_state = {id(request.state): request for request in self.unpromised}
+        live = [admitted.live() for admitted in self.admitted.values()]
+        promoted = self.policy.promote(now, [request.live() for request in self.unpromised], live)
+        for view in promoted:
+            request = by_state[id(view.state)]
+            request.result.admission, request.result.best_effort = view.state.admission, False
+            self.admitted[id(request)] = request
+        if promoted:
+            self.waiting.rekey()  # promoted requests now sort among the admitted
 
     def _accepted(self, drafted: int) -> int:
         """How many of ``drafted`` drafts verification keeps: the longest prefix that passes."""

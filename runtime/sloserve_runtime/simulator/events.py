@@ -53,7 +53,7 @@ class EngineStep(Event):
 
     def handle(self, sim: Simulation) -> list[Event]:
         engine = self.replica.engine
-        batch = engine.schedule()
+        batch = engine.schedule(self.time)
         if batch is None:
             if engine.has_work:
                 raise RuntimeError(f"simulated engine stalled at t={self.time:.3f}s: the policy gave no token budget")

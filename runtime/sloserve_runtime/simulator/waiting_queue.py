@@ -14,7 +14,8 @@ class WaitingQueue:
 
     The vLLM adapter stably sorts vLLM's waiting deque every step; vLLM appends arrivals at the
     back and puts preempted requests back at the front. A waiting key depends only on the
-    request's SLO state, which does not change while it waits, so a heap ordered by
+    request's SLO state, which changes while it waits only when the policy promotes it (then
+    ``rekey``), so a heap ordered by
     (key, position) gives the same order: arrivals take increasing positions, preempted requests
     decreasing negative ones (the latest preempted first among equal keys). With thousands
     waiting under overload this keeps each step O(admitted · log n) instead of O(n log n).
@@ -36,6 +37,12 @@ class WaitingQueue:
 
     def _push(self, request: SimRequest, position: int) -> None:
         heapq.heappush(self._heap, (self.policy.waiting_key(request.state), position, request))
+
+    def rekey(self) -> None:
+        """Sort again after the policy changed some requests' classes (a promotion), keeping positions."""
+        key = self.policy.waiting_key
+        self._heap = [(key(request.state), position, request) for _, position, request in self._heap]
+        heapq.heapify(self._heap)
 
     def peek(self) -> SimRequest:
         return self._heap[0][2]
