@@ -445,7 +445,7 @@ def overhead_command(
     live: Annotated[str, typer.Option(help="Comma-separated numbers of live requests.")] = "64,512,2048",
     repeats: Annotated[int, typer.Option(min=1, help="Planning calls timed per size.")] = 200,
 ) -> None:
-    """Time one planning call (admission plus one step's budget and hold-back) at N live requests."""
+    """Time one planning call (admission plus one step's promotion, budget and hold-back) at N live requests."""
     from sloserve_runtime.overhead import measure_overhead
 
     try:
@@ -456,7 +456,14 @@ def overhead_command(
         raise MeasureError(f"--live {live!r}: every size must be at least 1")
     step_time = _profile(profile).step_time
     table = Table(title=f"Planning overhead, policy sloserve, profile {step_time.name} (ms, median of {repeats})")
-    columns = ("live requests", "admission", "full admission check", "step budget + hold-back", "total", "p99 total")
+    columns = (
+        "live requests",
+        "admission",
+        "full admission check",
+        "step (promotion, budget, hold-back)",
+        "total",
+        "p99 total",
+    )
     for column in columns:
         table.add_column(column, justify="right")
     for size in sizes:

@@ -1,4 +1,4 @@
-"""Planning overhead: the time of one planning call (admission, budget, hold-back) at N live requests.
+"""Planning overhead: the time of one planning call (admission; promotion, budget, hold-back) at N live requests.
 
 Imports no vLLM: it times the planner exactly as the adapter and the simulator call it, on
 synthetic live states of a chosen size.
@@ -27,7 +27,7 @@ class Overhead:
     live: int
     admit_ms: float  # median of admitting one new request, as the engine calls it
     full_check_ms: float  # median of both admission checks run to the end (no early refusal)
-    step_ms: float  # median of one step's budget and hold-back over the running requests
+    step_ms: float  # median of one step's promotion of best-effort requests, budget and hold-back
     p99_ms: float  # 99th percentile of full check plus step
 
     @property
@@ -49,6 +49,20 @@ def _live_states(count: int, step_time: StepTimeModel, rng: random.Random) -> li
     return live
 
 
+PROMOTION_CANDIDATES = 8  # best-effort requests waiting for a first token, weighed each step
+
+
+def _best_effort_waiting(count: int, step_time: StepTimeModel, rng: random.Random, prefix: str) -> list[LiveRequest]:
+    """``count`` best-effort requests that have not started, in first-token-deadline order."""
+    waiting = []
+    for index in range(count):
+        prompt = rng.randint(64, 2048)
+        state = SLORequestState.create(f"{prefix}{index}", rng.choice(TIERS), 1.0, prompt, step_time)
+        state.best_effort = True
+        waiting.append(LiveRequest(state, prompt, 0))
+    return sorted(waiting, key=lambda r: r.state.first_token_deadline)
+
+
 def measure_overhead(step_time: StepTimeModel, live: int, repeats: int = 200, seed: int = 0) -> Overhead:
     """Time the ``sloserve`` policy's planning calls with ``live`` requests in the engine."""
     rng = random.Random(seed)
@@ -67,7 +81,10 @@ def measure_overhead(step_time: StepTimeModel, live: int, repeats: int = 200, se
         # simulation of the prefill queue too, as if that check had passed.
         planner._decode_fits(new, states)
         planner._prefills_fit(1.0, new, states)
+        candidates = _best_effort_waiting(PROMOTION_CANDIDATES, step_time, rng, f"be{repeat}-")
         checked = time.perf_counter()
+        for promoted in policy.promote(1.0, candidates, states):
+            promoted.state.best_effort = True  # keep the engine's state the same for the next repeat
         policy.token_budget(running)
         policy.held_back(running, admitted_waiting=False)
         steps.append(time.perf_counter() - checked)

@@ -50,12 +50,29 @@ class _DecodeLoad(NamedTuple):
     context: int  # their KV context, which their queries attend to
 
 
+class _Decoders(NamedTuple):
+    """What admission's decode check needs of a set of requests that decode (or will)."""
+
+    tiers: frozenset[float]  # their TPOTs (seconds)
+    count: int
+    context: int  # their KV once each has its prompt
+
+    @classmethod
+    def of(cls, requests: Sequence[LiveRequest]) -> _Decoders:
+        tiers = frozenset(r.state.tpot_seconds for r in requests)
+        return cls(tiers, len(requests), sum(r.context + r.to_compute for r in requests))
+
+    def plus(self, r: LiveRequest) -> _Decoders:
+        return _Decoders(self.tiers | {r.state.tpot_seconds}, self.count + 1, self.context + r.context + r.to_compute)
+
+
 class _Path(NamedTuple):
     """One way through the promotion DP: the requests taken, and where the forward simulation stands."""
 
     end: float  # when the last prefill so far brings its first token
     load: _DecodeLoad  # the decodes every later step carries
     taken: tuple[LiveRequest, ...]  # the pending requests promoted on this path
+    decoders: _Decoders  # the admitted requests and those taken, for the decode check
 
 
 def _keep(paths: dict[tuple[int, ...], _Path], key: tuple[int, ...], path: _Path) -> None:
@@ -238,14 +255,15 @@ class Planner:
 
     def _decode_fits(self, new: LiveRequest, admitted: list[LiveRequest]) -> Decision:
         """The decodes of every admitted request (and the new one) fit a step within the tightest TPOT."""
+        return self._decoders_fit(_Decoders.of(admitted).plus(new))
+
+    def _decoders_fit(self, decoders: _Decoders) -> Decision:
+        """These decoders' decodes fit one step within the tightest TPOT among them."""
         # Every admitted request decodes (or will, once its prefill is done) and costs step time;
         # the TPOTs among them bound that time.
-        decoders = [*admitted, new]
-        tiers = {r.state.tpot_seconds for r in decoders}
+        tiers, count, context = decoders
         if all(math.isinf(tpot) for tpot in tiers):
             return ADMITTED
-        count = len(decoders)
-        context = sum(r.context + r.to_compute for r in decoders)
         # With speculation, any length that keeps every tier will do: the per-step choice then
         # picks the shortest that still does.
         spec = self.speculation
@@ -379,20 +397,28 @@ class Planner:
         if not pending:
             return []
         admitted = [r for r in live if not r.state.best_effort]
+        decoders = _Decoders.of(admitted)
         if self.promotion == "dp":
-            chosen = self._most_that_fit(now, pending, admitted)
+            chosen = self._most_that_fit(now, pending, admitted, decoders)
         else:
             chosen = []
             for request in pending:
-                if self._check(now, request, [*admitted, *chosen]).admitted:
+                # The decode check first, on running totals: a crowded engine refuses there cheaply.
+                if (
+                    self._decoders_fit(decoders.plus(request)).admitted
+                    and self._check(now, request, [*admitted, *chosen]).admitted
+                ):
                     chosen.append(request)
+                    decoders = decoders.plus(request)
         if chosen and self.speculation is not None:
             together = (*admitted, *chosen)
             self.speculation.plan(len(together), sum(r.context + r.to_compute for r in together))
         self._admitted_waiting |= bool(chosen)
         return chosen
 
-    def _most_that_fit(self, now: float, pending: list[LiveRequest], admitted: list[LiveRequest]) -> list[LiveRequest]:
+    def _most_that_fit(
+        self, now: float, pending: list[LiveRequest], admitted: list[LiveRequest], decoders: _Decoders
+    ) -> list[LiveRequest]:
         """SLOs-Serve's admission DP: the largest subset of ``pending`` that keeps every promise.
 
         Prefills are taken in the forward simulation's order (those under way, then by deadline),
@@ -403,6 +429,10 @@ class Planner:
         others, or an admitted prefill on time without it would be late. The largest surviving
         state wins (the earliest end on ties); with one pending request it asks what admission asks.
         """
+        # Those whose decode does not fit even alone beside the admitted ones are out at once.
+        pending = [r for r in pending if self._decoders_fit(decoders.plus(r)).admitted]
+        if not pending:
+            return []
         waiting = [r for r in admitted if not r.decoding]
         tiers = sorted({r.state.tpot_seconds for r in pending})
         clock, load = self._forward_start(now, admitted, len(waiting) + len(pending))
@@ -411,22 +441,23 @@ class Planner:
         for request in sorted(waiting, key=_prefill_order):
             end, after = self._prefill(end, after, request)
             on_time[request.state.request_id] = end
-        states = {(0,) * len(tiers): _Path(clock, load, ())}
+        states = {(0,) * len(tiers): _Path(clock, load, (), decoders)}
         mine = {id(r) for r in pending}
         for request in sorted([*waiting, *pending], key=_prefill_order):
             deadline = request.state.first_token_deadline
             following: dict[tuple[int, ...], _Path] = {}
-            for key, (clock, load, taken) in states.items():
-                end, after = self._prefill(clock, load, request)
+            for key, path in states.items():
+                end, after = self._prefill(path.end, path.load, request)
                 if id(request) not in mine:  # admitted: always served
                     if end <= deadline or on_time[request.state.request_id] > deadline:
-                        _keep(following, key, _Path(end, after, taken))
+                        _keep(following, key, path._replace(end=end, load=after))
                     continue
-                _keep(following, key, _Path(clock, load, taken))  # left best effort
-                if end <= deadline and self._decode_fits(request, [*admitted, *taken]).admitted:
+                _keep(following, key, path)  # left best effort
+                with_it = path.decoders.plus(request)
+                if end <= deadline and self._decoders_fit(with_it).admitted:
                     counts = list(key)
                     counts[tiers.index(request.state.tpot_seconds)] += 1
-                    _keep(following, tuple(counts), _Path(end, after, (*taken, request)))
+                    _keep(following, tuple(counts), _Path(end, after, (*path.taken, request), with_it))
             states = following
         if not states:
             return []
