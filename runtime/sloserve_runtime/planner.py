@@ -45,9 +45,13 @@ class _DecodeLoad(NamedTuple):
     """The decodes a forward simulation of the prefill queue carries in every step."""
 
     bound: float  # seconds a step may take: the tightest TPOT x tokens per step (inf: none)
-    requests: int  # decoding requests
+    requests: int  # decoding requests with a TPOT target
     tokens: int  # tokens they compute per step (more than one each with speculation)
     context: int  # their KV context, which their queries attend to
+    # Decodes without a TPOT target: they sit out the steps an admitted prefill waits for, all
+    # but one in ``max_yields + 1`` (``Planner._yields``).
+    free: int = 0
+    free_context: int = 0
 
 
 class _Decoders(NamedTuple):
@@ -324,12 +328,12 @@ class Planner:
 
     def _forward_start(self, now: float, admitted: list[LiveRequest], pending: int) -> tuple[float, _DecodeLoad]:
         """When the first of ``pending`` prefills can start, and the decodes every step carries until then."""
-        decodes = [r for r in admitted if r.decoding]
         load = _DecodeLoad(math.inf, 0, 0, 0)
-        for r in decodes:
-            load = self._with_decode(load, r.state.tpot_seconds, r.context + 1)
+        for r in admitted:
+            if r.decoding:
+                load = self._with_decode(load, r.state.tpot_seconds, r.context + 1)
         clock = now
-        if decodes:
+        if load.requests:
             # A step is under way, and the budget lets it fill the bound: best-effort work and
             # prefill chunks take what the decodes leave.
             clock += self._prefill_rate(load)[0]
@@ -337,6 +341,8 @@ class Planner:
             _, per_step = self._prefill_rate(load)
             queued = sum(r.to_compute for r in admitted if not r.decoding)
             clock += self._step_seconds(load, min(per_step, queued))
+        elif load.free:  # a step of the decodes without a TPOT target is under way
+            clock += self._free_step_seconds(load)
         return clock, load
 
     def _prefill(self, clock: float, load: _DecodeLoad, request: LiveRequest) -> tuple[float, _DecodeLoad]:
@@ -347,16 +353,25 @@ class Planner:
         else:
             full_steps, rest = divmod(request.to_compute, per_step)
             clock += full_steps * seconds + (self._step_seconds(load, rest) if rest else 0.0)
+            if load.free:  # the decodes without a TPOT target run one step after every max_yields
+                clock += (full_steps + (rest > 0)) // (self.max_yields + 1) * self._free_step_seconds(load)
         return clock, self._with_decode(load, request.state.tpot_seconds, request.context + request.to_compute)
 
     def _with_decode(self, load: _DecodeLoad, tpot_seconds: float, context: int) -> _DecodeLoad:
         """``load`` with one more decode of this tier over ``context`` KV tokens."""
-        return _DecodeLoad(
-            min(load.bound, self._seconds_per_step(tpot_seconds)),
-            load.requests + 1,
-            load.tokens + self._verified(tpot_seconds),
-            load.context + context,
+        if math.isinf(tpot_seconds):
+            return load._replace(free=load.free + 1, free_context=load.free_context + context)
+        return load._replace(
+            bound=min(load.bound, self._seconds_per_step(tpot_seconds)),
+            requests=load.requests + 1,
+            tokens=load.tokens + self._verified(tpot_seconds),
+            context=load.context + context,
         )
+
+    def _free_step_seconds(self, load: _DecodeLoad) -> float:
+        """A step of every decode of ``load``, those without a TPOT target included."""
+        tokens, requests, context = load.tokens + load.free, load.requests + load.free, load.context + load.free_context
+        return self.step_time.step_seconds(tokens, requests, context, context)
 
     def _step_seconds(self, load: _DecodeLoad, prefill: int) -> float:
         """A step of the decodes of ``load`` and one chunk of ``prefill`` tokens.
