@@ -315,9 +315,11 @@ class Planner:
 
         Prefills already under way (some KV computed) go first whatever their deadlines, as vLLM
         serves running requests before waiting ones; the rest in deadline order. The running
-        decodes take their tokens first in every step; each prefill, once done, decodes too and
-        narrows the prefill budget of the ones after it (finishing decodes are not counted: the
-        prediction errs late). The step under way when the request arrives is counted whole.
+        decodes with a TPOT target take their tokens first in every step (those without one run
+        one step in ``max_yields + 1``, as ``held_back`` lets them); each prefill, once done,
+        decodes too and narrows the prefill budget of the ones after it (finishing decodes are
+        not counted: the prediction errs late). The step under way when the request arrives is
+        counted whole.
         """
         clock, load = self._forward_start(now, admitted, len(pending))
         times = {}
