@@ -257,3 +257,15 @@ def test_speculating_tier_gets_a_budget_for_its_drafts_and_a_longer_step():
     assert budget >= 7 * length  # every decode verifies its drafts
     bound = 0.050 * planner.speculation.window_tokens_per_step(0.050)
     assert PER_REQUEST.step_seconds(budget, 7) <= bound * planner.headroom + 1e-9  # nobody waits: 7 requests
+
+
+def test_admission_predicts_that_decodes_without_tpot_yield_to_a_prompt():
+    # 100 decodes without a TPOT target run; a 100-token prompt with a 400 ms TTFT arrives. They
+    # sit out its prefill step (``held_back``), so it waits for their step under way (110 ms) and
+    # then takes its own (110 ms); counting them in its prefill step would predict a full 512-token
+    # step first (522 ms) and refuse it.
+    planner = Planner(MODEL, max_budget=512)
+    free = [decoding(f"free{i}", SLO.parse("1s", None)) for i in range(100)]
+    prompt = arriving("prompt", SLO.parse("400ms", None), 100)
+    assert planner.first_token_time(0.0, prompt, free) == pytest.approx(0.220)
+    assert planner.admit(0.0, prompt, free).admitted
