@@ -100,7 +100,8 @@ def serve(
     if admission == REJECT and server.SCHEDULERS[scheduler] is None:
         raise _fail("--admission reject needs our scheduler (sloserve): vLLM's stock one admits everything")
     if step_log is not None and server.SCHEDULERS[scheduler] is None:
-        raise _fail("--step-log needs our scheduler (sloserve or sloserve-edf): steps are timed inside it")
+        ours = ", ".join(name for name, cls in server.SCHEDULERS.items() if cls is not None)
+        raise _fail(f"--step-log needs one of our schedulers ({ours}): steps are timed inside them")
     if step_log is not None and not step_log.resolve().parent.is_dir():
         raise _fail(f"--step-log {step_log}: folder {step_log.resolve().parent} does not exist")
     options = server.ServerOptions(
