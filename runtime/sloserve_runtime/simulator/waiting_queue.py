@@ -15,9 +15,9 @@ class WaitingQueue:
     The vLLM adapter stably sorts vLLM's waiting deque every step; vLLM appends arrivals at the
     back and puts preempted requests back at the front. A waiting key depends only on the
     request's SLO state, which changes while it waits only when the policy promotes it (then
-    ``rekey``), so a heap ordered by
-    (key, position) gives the same order: arrivals take increasing positions, preempted requests
-    decreasing negative ones (the latest preempted first among equal keys). With thousands
+    ``rekey``), so a heap ordered by (key, position) gives the same order: arrivals take
+    increasing positions, preempted requests decreasing negative ones (the latest preempted
+    first among equal keys). With thousands
     waiting under overload this keeps each step O(admitted · log n) instead of O(n log n).
     """
 
