@@ -330,10 +330,7 @@ class Planner:
 
     def _forward_start(self, now: float, admitted: list[LiveRequest], pending: int) -> tuple[float, _DecodeLoad]:
         """When the first of ``pending`` prefills can start, and the decodes every step carries until then."""
-        load = _DecodeLoad(math.inf, 0, 0, 0)
-        for r in admitted:
-            if r.decoding:
-                load = self._with_decode(load, r.state.tpot_seconds, r.context + 1)
+        load = self._decode_load([r for r in admitted if r.decoding])
         clock = now
         if load.requests:
             # A step is under way, and the budget lets it fill the bound: best-effort work and
@@ -359,15 +356,35 @@ class Planner:
                 clock += (full_steps + (rest > 0)) // (self.max_yields + 1) * self._free_step_seconds(load)
         return clock, self._with_decode(load, request.state.tpot_seconds, request.context + request.to_compute)
 
+    def _decode_load(self, decodes: list[LiveRequest]) -> _DecodeLoad:
+        """The load of these decodes: ``_with_decode`` of each, in one pass (the hot path of admission)."""
+        bound, requests, tokens, context, free, free_context = math.inf, 0, 0, 0, 0, 0
+        tiers: dict[float, tuple[float, int]] = {}  # TPOT -> (seconds a step may take, tokens verified)
+        for r in decodes:
+            tpot = r.state.tpot_seconds
+            if math.isinf(tpot):
+                free, free_context = free + 1, free_context + r.context + 1
+                continue
+            tier = tiers.get(tpot)
+            if tier is None:
+                tier = tiers[tpot] = (self._seconds_per_step(tpot), self._verified(tpot))
+            bound, requests = min(bound, tier[0]), requests + 1
+            tokens, context = tokens + tier[1], context + r.context + 1
+        return _DecodeLoad(bound, requests, tokens, context, free, free_context)
+
     def _with_decode(self, load: _DecodeLoad, tpot_seconds: float, context: int) -> _DecodeLoad:
         """``load`` with one more decode of this tier over ``context`` KV tokens."""
+        # Built positionally: the forward simulation makes one per request, and ``_replace`` is slow.
         if math.isinf(tpot_seconds):
-            return load._replace(free=load.free + 1, free_context=load.free_context + context)
-        return load._replace(
-            bound=min(load.bound, self._seconds_per_step(tpot_seconds)),
-            requests=load.requests + 1,
-            tokens=load.tokens + self._verified(tpot_seconds),
-            context=load.context + context,
+            bound, requests, tokens, paced = load.bound, load.requests, load.tokens, load.context
+            return _DecodeLoad(bound, requests, tokens, paced, load.free + 1, load.free_context + context)
+        return _DecodeLoad(
+            min(load.bound, self._seconds_per_step(tpot_seconds)),
+            load.requests + 1,
+            load.tokens + self._verified(tpot_seconds),
+            load.context + context,
+            load.free,
+            load.free_context,
         )
 
     def _free_step_seconds(self, load: _DecodeLoad) -> float:
