@@ -248,11 +248,17 @@ class Planner:
         self._admitted_waiting |= decision.admitted
         return decision
 
-    def _check(self, now: float, new: LiveRequest, admitted: list[LiveRequest]) -> Decision:
-        """The forward-EDF check: ``new``'s decode fits beside the admitted ones and every first token is on time."""
+    def _check(
+        self, now: float, new: LiveRequest, admitted: list[LiveRequest], decoders: _Decoders | None = None
+    ) -> Decision:
+        """The forward-EDF check: ``new``'s decode fits beside the admitted ones and every first token is on time.
+
+        ``decoders``: the admitted requests' ``_Decoders``, if the caller keeps them as running totals.
+        """
+        with_new = (_Decoders.of(admitted) if decoders is None else decoders).plus(new)
         if self.speculation is not None:  # lengths for the decodes there will be once it runs
-            self.speculation.plan(len(admitted) + 1, sum(r.context + r.to_compute for r in (*admitted, new)))
-        decision = self._decode_fits(new, admitted)
+            self.speculation.plan(with_new.count, with_new.context)
+        decision = self._decoders_fit(with_new)
         if decision.admitted:
             decision = self._prefills_fit(now, new, admitted)
         return decision
@@ -440,7 +446,7 @@ class Planner:
                 # The decode check first, on running totals: a crowded engine refuses there cheaply.
                 if (
                     self._decoders_fit(decoders.plus(request)).admitted
-                    and self._check(now, request, [*admitted, *chosen]).admitted
+                    and self._check(now, request, [*admitted, *chosen], decoders).admitted
                 ):
                     chosen.append(request)
                     decoders = decoders.plus(request)

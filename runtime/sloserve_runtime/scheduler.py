@@ -16,7 +16,9 @@ vLLM's ``schedule()`` then does the batching.
 With speculative decoding on (vLLM's ``--speculative-config``, e.g. n-gram), the drafts of each
 request are cut to its tier's speculation length, which the policy chooses as the simulator's
 does (``speculation.py``): the shortest that keeps the tier's TPOT with room to spare at the
-acceptance rate measured for that tier, so loose tiers leave the compute to tight ones.
+acceptance rate measured for that tier, raised to the length with the least marginal step time
+per token where drafts are cheap beside a request's cost (so on a CPU loose tiers leave the
+compute to tight ones, and on a GPU every tier drafts).
 
 Server-wide defaults, the step-time profile and an optional step log (for ``sloserve profile``)
 arrive as ``--additional-config '{"sloserve": {...}}'`` (see ``SLOConfig``).

@@ -30,6 +30,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sloserve.slo import ATTAINMENT_WINDOW
 from sloserve_runtime.step_time import StepTimeModel, attended_pairs
 
 
@@ -113,7 +114,7 @@ class AcceptanceRates:
         return (passed + self.prior * self.prior_weight) / (tried + self.prior_weight)
 
 
-WINDOW = 10  # tokens per attainment window (``sloserve.slo.ATTAINMENT_WINDOW``)
+WINDOW = ATTAINMENT_WINDOW  # tokens per attainment window
 WINDOW_QUANTILE = 0.9  # how surely a window's tokens come within the steps the planner counts on
 
 
