@@ -134,7 +134,7 @@ def vllm_config(profile: Path):
         enable_prefix_caching=False,  # the simulator has no prefix cache
         enforce_eager=True,
         scheduler_cls="sloserve_runtime.scheduler.SLOScheduler",
-        additional_config=SLOConfig(profile=str(profile)).to_additional_config(),
+        additional_config=SLOConfig(profile=str(profile), calibrate=False).to_additional_config(),
     )
     return args.create_engine_config()
 

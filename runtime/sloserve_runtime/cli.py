@@ -88,6 +88,13 @@ def serve(
             "budget) or reject (HTTP 429 with Retry-After). A request may ask otherwise with x-slo-admission."
         ),
     ] = "best-effort",
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            help="Refit the step-time profile to the steps this engine takes (online calibration); "
+            "--no-calibrate plans with the profile as shipped."
+        ),
+    ] = True,
     replicas: ReplicasOption = 1,
     router: RouterOption = "slo",
     ray_address: RayAddressOption = None,
@@ -112,6 +119,7 @@ def serve(
         api_key=api_key,
         scheduler=scheduler,
         step_log=None if step_log is None else str(step_log.resolve()),
+        calibrate=calibrate,
         admission=admission,
         extra_args=list(_vllm_args),
     )

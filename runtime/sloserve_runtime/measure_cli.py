@@ -87,13 +87,13 @@ def _scenario(name: str) -> ScenarioSpec:
         raise MeasureError(str(exc)) from None
 
 
-def _profile(path: str) -> SimConfig:
+def _profile(path: str, option: str = "--profile") -> SimConfig:
     candidate = Path(path)
     if not candidate.is_file():
         candidate = PROFILES_DIR / f"{path}.json"
     if not candidate.is_file():
         names = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.json")))
-        raise MeasureError(f"--profile {path!r}: no such file or bundled profile; bundled: {names}")
+        raise MeasureError(f"{option} {path!r}: no such file or bundled profile; bundled: {names}")
     return SimConfig.from_profile(candidate)
 
 
@@ -188,6 +188,16 @@ def simulate_command(
     spec_acceptance: Annotated[
         float, typer.Option(help="Chance that each draft is accepted (after all drafts before it were).")
     ] = 0.6,
+    planner_profile: Annotated[
+        str | None,
+        typer.Option(
+            help="Give the schedulers this profile (JSON or bundled name) while the engine runs at --profile's "
+            "step times: a stale or foreign profile. It also resolves TTFT slowdowns, as a server's profile does."
+        ),
+    ] = None,
+    calibrate: Annotated[
+        bool, typer.Option(help="The schedulers refit their profile to the simulated steps, as sloserve serve does.")
+    ] = False,
     json_out: JsonOut = None,
     plot: PlotOut = None,
 ) -> None:
@@ -200,6 +210,9 @@ def simulate_command(
     """
     rate_list = _rates(rate, rates, capacity)
     config = _profile(profile)
+    if planner_profile is not None:
+        config = dataclasses.replace(config, planner_step_time=_profile(planner_profile, "--planner-profile").step_time)
+    config = dataclasses.replace(config, calibrate=calibrate)
     if not 0.0 <= spec_acceptance <= 1.0:
         raise MeasureError(f"--spec-acceptance {spec_acceptance}: give a probability between 0 and 1")
     drafts = _counts("--speculative-tokens", speculative_tokens, minimum=0)
@@ -242,6 +255,8 @@ def simulate_command(
         payload = {
             "profile": config.step_time.name, "num_requests": num_requests, "seed": seed,
             "spec_acceptance": spec_acceptance if any(drafts) else None,
+            "planner_profile": None if planner_profile is None else config.scheduler_step_time.name,
+            "calibrate": calibrate,
         }  # fmt: skip
         _write_json(json_out, {**payload, "results": [json_entry(*row) for row in rows]})
     if plot is not None:

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from sloserve_runtime.slo_state import SLORequestState
 from sloserve_runtime.speculation import TierSpeculation
-from sloserve_runtime.step_time import StepTimeModel
+from sloserve_runtime.step_time import StepTimeModel, attended_pairs
 
 
 class LiveRequest(NamedTuple):
@@ -179,10 +179,15 @@ class Planner:
         # takes what a finishing chunk leaves). Reserving that time when nobody waits would cost
         # the running chunk a per-request time of tokens every step.
         requests = len(running) - len(_best_effort(running)) + len(joining) + int(waiting)
-        budget = self.step_time.token_budget(bound, requests, context, attended)
+        # What the decodes leave goes to a prefill chunk: the first running one (vLLM serves running
+        # requests first; they sort in deadline order), or else a prompt that starts. Its attention
+        # grows with its length and with what its prompt has computed so far.
+        fixed = sum(verified) + len(joining)
+        prefix = next((r.context for r in running if not r.decoding and not r.state.best_effort), 0)
+        budget = fixed + self.step_time.chunk_budget(bound, fixed, requests, context, attended, prefix)
         # Admitted decodes always run: admission keeps them within the bound, and a step that
         # skipped one would break its TPOT for sure.
-        return max(sum(verified) + len(joining), min(budget, self.max_budget), 1)
+        return max(fixed, min(budget, self.max_budget), 1)
 
     def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool) -> list[bool]:
         """Best effort runs on leftover time only: which running requests sit this step out.
@@ -352,15 +357,31 @@ class Planner:
 
     def _prefill(self, clock: float, load: _DecodeLoad, request: LiveRequest) -> tuple[float, _DecodeLoad]:
         """``request``'s prefill from ``clock`` beside the decodes of ``load``: its first token's time, then load."""
-        seconds, per_step = self._prefill_rate(load)
-        if per_step <= 0:
-            clock = math.inf
-        else:
-            full_steps, rest = divmod(request.to_compute, per_step)
-            clock += full_steps * seconds + (self._step_seconds(load, rest) if rest else 0.0)
-            if load.free:  # the decodes without a TPOT target run one step after every max_yields
-                clock += (full_steps + (rest > 0)) // (self.max_yields + 1) * self._free_step_seconds(load)
+        if self.step_time.context_aware:
+            clock, steps = self._chunked(clock, load, request)
+        else:  # every chunk costs the same: count whole steps
+            seconds, per_step = self._prefill_rate(load)
+            if per_step <= 0:
+                clock, steps = math.inf, 0
+            else:
+                full_steps, rest = divmod(request.to_compute, per_step)
+                clock += full_steps * seconds + (self._step_seconds(load, rest) if rest else 0.0)
+                steps = full_steps + (rest > 0)
+        if load.free and math.isfinite(clock):  # the decodes without a TPOT target run one step after every max_yields
+            clock += steps // (self.max_yields + 1) * self._free_step_seconds(load)
         return clock, self._with_decode(load, request.state.tpot_seconds, request.context + request.to_compute)
+
+    def _chunked(self, clock: float, load: _DecodeLoad, request: LiveRequest) -> tuple[float, int]:
+        """The prefill chunk by chunk, each as long as the bound lets it be after those before it: (end, steps)."""
+        prefix, left, steps = request.context, request.to_compute, 0
+        while left > 0:
+            seconds, chunk = self._prefill_rate(load, prefix)
+            if chunk <= 0:
+                return math.inf, steps
+            if chunk > left:
+                chunk, seconds = left, self._step_seconds(load, left, prefix)
+            clock, prefix, left, steps = clock + seconds, prefix + chunk, left - chunk, steps + 1
+        return clock, steps
 
     def _decode_load(self, decodes: list[LiveRequest]) -> _DecodeLoad:
         """The load of these decodes: ``_with_decode`` of each, in one pass (the hot path of admission)."""
@@ -398,23 +419,24 @@ class Planner:
         tokens, requests, context = load.tokens + load.free, load.requests + load.free, load.context + load.free_context
         return self.step_time.step_seconds(tokens, requests, context, context)
 
-    def _step_seconds(self, load: _DecodeLoad, prefill: int) -> float:
-        """A step of the decodes of ``load`` and one chunk of ``prefill`` tokens.
-
-        The chunk's attention over its own prompt is left out; its tokens' cost dominates.
-        """
+    def _step_seconds(self, load: _DecodeLoad, prefill: int, prefix: int = 0) -> float:
+        """A step of the decodes of ``load`` and one chunk of ``prefill`` tokens after ``prefix`` computed ones."""
         tokens, requests = load.tokens + prefill, load.requests + (prefill > 0)
-        return self.step_time.step_seconds(tokens, requests, load.context, load.context)
+        context = load.context + (prefix + prefill if prefill else 0)
+        attended = load.context + attended_pairs(prefill, prefix + prefill)
+        return self.step_time.step_seconds(tokens, requests, context, attended)
 
-    def _prefill_rate(self, load: _DecodeLoad) -> tuple[float, int]:
-        """Seconds per full step, and prefill tokens per step, while the decodes of ``load`` run beside the chunks."""
+    def _prefill_rate(self, load: _DecodeLoad, prefix: int = 0) -> tuple[float, int]:
+        """Seconds per full step, and prefill tokens per step, while the decodes of ``load`` run beside
+        chunks that follow ``prefix`` computed tokens of their prompt.
+        """
         if math.isinf(load.bound):
-            budget = self.max_budget
+            prefill = max(self.max_budget - load.tokens, 0)
         else:
             requests, bound = load.requests + 1, load.bound * self.headroom
-            budget = min(self.step_time.token_budget(bound, requests, load.context, load.context), self.max_budget)
-        prefill = max(budget - load.tokens, 0)
-        return self._step_seconds(load, prefill), prefill
+            chunk = self.step_time.chunk_budget(bound, load.tokens, requests, load.context, load.context, prefix)
+            prefill = max(min(load.tokens + chunk, self.max_budget) - load.tokens, 0)
+        return self._step_seconds(load, prefill, prefix), prefill
 
     # ---- promotion ----
 

@@ -11,6 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+from sloserve_runtime.calibration import StepTimeCalibration
 from sloserve_runtime.planner import ADMITTED, Decision, LiveRequest, Planner
 from sloserve_runtime.slo_state import SLORequestState
 from sloserve_runtime.speculation import TierSpeculation
@@ -31,10 +32,14 @@ class SchedulingPolicy(ABC):
 
     name: str
 
-    def __init__(self, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1) -> None:
+    def __init__(
+        self, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1, calibrate: bool = False
+    ) -> None:
         self.step_time = step_time
         self.max_budget = max_budget  # the engine's own per-step token limit
         self.max_spec_length = max_spec_length  # tokens a decode may verify per step (1: no speculation)
+        # With ``calibrate``, the step times the engine reports (``observe_step``) correct the model.
+        self.calibration = StepTimeCalibration(step_time) if calibrate else None
 
     @abstractmethod
     def waiting_key(self, state: SLORequestState) -> SortKey:
@@ -72,6 +77,19 @@ class SchedulingPolicy(ABC):
         """The engine verified ``drafted`` drafts of this request and kept ``accepted``; stock vLLM learns nothing."""
         return None
 
+    def observe_step(self, tokens: int, requests: int, context_tokens: int, attended: int, seconds: float) -> None:
+        """The engine ran a step with these features in ``seconds`` (its whole cycle, as a client sees it).
+
+        With calibration on, every few steps the policy plans with the refitted model from then on.
+        """
+        calibration = self.calibration
+        if calibration is not None and calibration.observe(tokens, requests, context_tokens, attended, seconds):
+            self.use_step_time(calibration.model)
+
+    def use_step_time(self, step_time: StepTimeModel) -> None:
+        """Plan with ``step_time`` from the next decision on."""
+        self.step_time = step_time
+
 
 class DeadlinePolicy(SchedulingPolicy):
     """sloserve-edf: deadline order only: earliest first-token deadline; running by next-token deadline."""
@@ -93,12 +111,18 @@ class PlannerPolicy(DeadlinePolicy):
     name = "sloserve"
     promotion = "edf"  # how best-effort requests are promoted (``Planner.promotion``)
 
-    def __init__(self, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1) -> None:
-        super().__init__(step_time, max_budget, max_spec_length)
+    def __init__(
+        self, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1, calibrate: bool = False
+    ) -> None:
+        super().__init__(step_time, max_budget, max_spec_length, calibrate)
         self.speculation = TierSpeculation(step_time, max_spec_length)
         self.planner = Planner(
             step_time, max_budget, self.speculation if self.speculation.enabled else None, promotion=self.promotion
         )
+
+    def use_step_time(self, step_time: StepTimeModel) -> None:
+        super().use_step_time(step_time)
+        self.planner.step_time = self.speculation.step_time = step_time
 
     def running_key(self, state: SLORequestState, output_tokens: int) -> SortKey:
         # Decodes with a TPOT target first (each needs one token this step to keep it), then prefill
@@ -196,10 +220,14 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {
 }
 
 
-def make_policy(name: str, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1) -> SchedulingPolicy:
-    """The policy registered as ``name``, for an engine with this step-time model, token limit and speculation."""
+def make_policy(
+    name: str, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1, calibrate: bool = False
+) -> SchedulingPolicy:
+    """The policy registered as ``name``, for an engine with this step-time model, token limit and
+    speculation; with ``calibrate``, the model is refitted to the steps the engine reports.
+    """
     try:
         policy = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(POLICIES)}") from None
-    return policy(step_time, max_budget, max_spec_length)
+    return policy(step_time, max_budget, max_spec_length, calibrate)

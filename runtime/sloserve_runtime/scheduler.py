@@ -32,6 +32,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,7 @@ class SLOConfig:
     step_log: str | None = None  # if set, append one JSON line per engine step (features, seconds)
     policy: str = "sloserve"  # a name from ``policies.POLICIES``
     notices: str | None = None  # ZeroMQ address the front end reads admission notices from
+    calibrate: bool = True  # refit the profile to the steps this engine takes (``calibration.py``)
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> SLOConfig:
@@ -69,6 +71,7 @@ class SLOConfig:
             step_log=section.get("step_log"),
             policy=section.get("policy") or "sloserve",
             notices=section.get("notices"),
+            calibrate=bool(section.get("calibrate", True)),
         )
 
     def to_additional_config(self) -> dict[str, Any]:
@@ -79,6 +82,7 @@ class SLOConfig:
             "step_log": self.step_log,
             "policy": self.policy,
             "notices": self.notices,
+            "calibrate": self.calibrate,
         }
         return {CONFIG_KEY: section}
 
@@ -101,14 +105,22 @@ class SLOScheduler(Scheduler):
         die_with_server()
         super().__init__(*args, **kwargs)
         self.slo_config = SLOConfig.from_additional_config(self.vllm_config.additional_config)
+        # The profile as shipped resolves TTFT slowdowns (an SLO's meaning does not drift); the
+        # policy plans with it as calibrated to the steps this engine takes.
         self.step_time = StepTimeModel.load(self.slo_config.profile)
         # With speculative decoding on, a step may verify 1 + num_spec_tokens tokens per request.
         max_spec_length = 1 + (self.num_spec_tokens or 0)
         self.slo_policy = make_policy(
-            self.slo_config.policy, self.step_time, self.max_num_scheduled_tokens, max_spec_length
-        )
+            self.slo_config.policy, self.step_time, self.max_num_scheduled_tokens, max_spec_length,
+            calibrate=self.slo_config.calibrate,
+        )  # fmt: skip
         self.slo_states: dict[str, SLORequestState] = {}
-        self.step_recorder = StepRecorder(self.slo_config.step_log) if self.slo_config.step_log else None
+        sinks = []
+        if self.slo_config.step_log:
+            sinks.append(StepLog(self.slo_config.step_log).write)
+        if self.slo_config.calibrate:
+            sinks.append(self._observe_step)
+        self.step_recorder = StepRecorder(sinks) if sinks else None
         self.notices = NoticePublisher(self.slo_config.notices) if self.slo_config.notices else None
 
     def add_request(self, request: Request) -> None:
@@ -128,8 +140,16 @@ class SLOScheduler(Scheduler):
         if not decision.admitted:
             # Room returns once the admitted prefills ahead are done: the planner's own estimate.
             backlog = sum(r.to_compute for r in live if not r.state.best_effort and not r.decoding)
-            retry_after = self.step_time.prefill_seconds(backlog)
+            retry_after = self.slo_policy.step_time.prefill_seconds(backlog)
         self.notices.publish(Notice(str(tag), decision.admitted, decision.reason, retry_after))
+
+    def _observe_step(self, record: dict[str, float]) -> None:
+        """A step's features and times, from the recorder: its whole cycle calibrates the policy's model."""
+        if "cycle_seconds" in record:
+            self.slo_policy.observe_step(
+                int(record["tokens"]), int(record["requests"]), int(record["context_tokens"]),
+                int(record["attended"]), record["cycle_seconds"],
+            )  # fmt: skip
 
     def _live(self, request: Request) -> LiveRequest:
         return LiveRequest(
@@ -256,8 +276,18 @@ class SLOScheduler(Scheduler):
                 del self.slo_states[request_id]
 
 
+class StepLog:
+    """Appends step records to a file, one JSON line each (read by ``sloserve profile``)."""
+
+    def __init__(self, path: str) -> None:
+        self.sink = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the engine
+
+    def write(self, record: dict[str, float]) -> None:
+        self.sink.write(json.dumps(record) + "\n")
+
+
 class StepRecorder:
-    """Logs each engine step's features and durations for the profiler, one JSON line per step.
+    """Times each engine step and hands its features and durations to ``sinks``, one record per step.
 
     ``seconds`` is the forward pass, from the end of ``schedule()`` to the start of
     ``update_from_output()``; ``cycle_seconds`` the whole engine cycle, from this step's
@@ -266,8 +296,8 @@ class StepRecorder:
     advances its clock by: it adds scheduling, output processing and the CPU the API server takes.
     """
 
-    def __init__(self, path: str) -> None:
-        self.sink = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the engine
+    def __init__(self, sinks: list[Callable[[dict[str, float]], None]]) -> None:
+        self.sinks = sinks
         self.pending: deque[tuple[float, float, dict[str, int]]] = deque()
         self.executed_steps: deque[tuple[float, dict[str, float]]] = deque()  # awaiting their cycle
 
@@ -300,9 +330,13 @@ class StepRecorder:
         if busy_after:
             self.executed_steps.append((started, record))
         else:
-            self.sink.write(json.dumps(record) + "\n")
+            self._emit(record)
 
     def _close_cycles(self, now: float) -> None:
         while self.executed_steps:
             started, record = self.executed_steps.popleft()
-            self.sink.write(json.dumps({**record, "cycle_seconds": now - started}) + "\n")
+            self._emit({**record, "cycle_seconds": now - started})
+
+    def _emit(self, record: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink(record)

@@ -55,6 +55,7 @@ class ServerOptions:
     max_model_len: int = 2048
     max_num_batched_tokens: int = 512  # the chunked-prefill chunk size
     step_log: str | None = None  # if set, the scheduler logs each step's features and time here
+    calibrate: bool = True  # our scheduler refits the profile to the steps this engine takes
     admission: str = BEST_EFFORT  # what a request the planner cannot promise gets: best effort or HTTP 429
     extra_args: list[str] = field(default_factory=list)  # passed to vLLM unchanged
     env: dict[str, str] = field(default_factory=dict)  # extra environment of the engine (e.g. its CPU cores)
@@ -116,8 +117,9 @@ def command(options: ServerOptions) -> list[str]:
     scheduler_cls = SCHEDULERS[options.scheduler]
     if scheduler_cls is not None:
         config = SLOConfig(
-            options.default_slo, options.profile, options.step_log, policy=options.scheduler, notices=options.notices
-        )
+            options.default_slo, options.profile, options.step_log, policy=options.scheduler,
+            notices=options.notices, calibrate=options.calibrate,
+        )  # fmt: skip
         args += ["--scheduler-cls", scheduler_cls, "--additional-config", json.dumps(config.to_additional_config())]
     if options.model is None:
         # tool_choice="required" needs a tool parser; SmolLM2's chat format is Hermes-like (ChatML).

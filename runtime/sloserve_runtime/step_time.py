@@ -79,6 +79,51 @@ class StepTimeModel:
                 best = min(best, (step_seconds_bound - fixed) / piece.per_token)
         return int(best) if math.isfinite(best) else 1 << 30
 
+    def chunk_budget(
+        self, step_seconds_bound: float, tokens: int, requests: int, context_tokens: int, attended: int, prefix: int
+    ) -> int:
+        """The longest prefill chunk that joins a step (of these features) within the bound.
+
+        The chunk continues a prompt whose first ``prefix`` tokens are computed: it adds its tokens,
+        its KV context (``prefix`` + its length) and its causal attention (``attended_pairs``),
+        which grows with the square of its length. ``requests`` already counts the chunk's request.
+        """
+        best = math.inf
+        for piece in self.pieces:
+            room = step_seconds_bound - piece.seconds(tokens, requests, context_tokens + prefix, attended)
+            if room < 0:
+                return 0
+            # seconds(c) - seconds(0) = linear * c + quadratic * c**2, from attended_pairs(c, prefix + c).
+            quadratic = piece.per_attended_pair / 2
+            linear = piece.per_token + piece.per_context_token + piece.per_attended_pair * (prefix + 0.5)
+            if quadratic > 0:
+                best = min(best, (math.sqrt(linear * linear + 4 * quadratic * room) - linear) / (2 * quadratic))
+            elif linear > 0:
+                best = min(best, room / linear)
+        return int(best) if math.isfinite(best) else 1 << 30
+
+    @property
+    def context_aware(self) -> bool:
+        """Whether a step's time depends on the KV context it reads (not only on its tokens and requests)."""
+        return any(piece.per_context_token or piece.per_attended_pair for piece in self.pieces)
+
+    def calibrated(self, scale: float, offset: float) -> StepTimeModel:
+        """This model with every prediction mapped to ``scale * seconds + offset`` (``scale`` > 0).
+
+        A max of linear pieces stays one: each piece is scaled, and the offset joins its constant.
+        """
+        pieces = tuple(
+            LinearPiece(
+                per_token=piece.per_token * scale,
+                per_request=piece.per_request * scale,
+                per_context_token=piece.per_context_token * scale,
+                constant=piece.constant * scale + offset,
+                per_attended_pair=piece.per_attended_pair * scale,
+            )
+            for piece in self.pieces
+        )  # fmt: skip
+        return dataclasses.replace(self, pieces=pieces)
+
     def to_json(self, **metadata: object) -> dict[str, object]:
         """The profile file's content; ``metadata`` adds descriptive fields (model, hardware, ...)."""
         return {

@@ -54,10 +54,12 @@ class Cluster:
 
     @staticmethod
     def _replica(index: int, policy_name: str, config: SimConfig) -> Replica:
-        policy = make_policy(policy_name, config.step_time, config.batched_tokens, config.max_spec_length)
+        policy = make_policy(
+            policy_name, config.scheduler_step_time, config.batched_tokens, config.max_spec_length, config.calibrate
+        )
         # Policies without a planner still get one for routing: its feasibility is the router's estimate.
         if isinstance(policy, PlannerPolicy):
             planner = policy.planner
         else:
-            planner = Planner(config.step_time, config.batched_tokens)
+            planner = Planner(config.scheduler_step_time, config.batched_tokens)
         return Replica(index, Engine(policy, config, seed=index), planner)

@@ -26,6 +26,13 @@ class SimConfig:
     # (0: off), and the chance that each draft is accepted (after all drafts before it were).
     num_speculative_tokens: int = 0
     spec_acceptance: float = 0.0
+    # The profile the scheduler is given, when it is not the engine's true one (a profile measured
+    # on another machine, or before the machine changed); it also resolves TTFT slowdowns, as the
+    # profile a server is given does. None: the scheduler knows the true step times.
+    planner_step_time: StepTimeModel | None = None
+    # Whether the scheduler refits its profile to the steps the engine takes (as ``sloserve serve``
+    # does by default); off, the simulated engine's figures are those of the planner's model alone.
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_capacity_blocks < 1 or self.max_num_seqs < 1 or self.batched_tokens < 1:
@@ -40,6 +47,11 @@ class SimConfig:
     def max_spec_length(self) -> int:
         """Tokens a decode may verify per step: its own plus the drafts."""
         return 1 + self.num_speculative_tokens
+
+    @property
+    def scheduler_step_time(self) -> StepTimeModel:
+        """The step-time model the scheduler starts from (and TTFT slowdowns are resolved with)."""
+        return self.planner_step_time or self.step_time
 
     @property
     def batched_tokens(self) -> int:

@@ -23,7 +23,7 @@ class StageCalls:
         """The request for a stage call arriving now; None if the engine would reject it."""
         program = self.trace[program_index]
         stage = program.stages[stage_index]
-        step_time = self.config.step_time
+        step_time = self.config.scheduler_step_time  # the server's profile states what an SLO means
         zero_load_ms = step_time.prefill_seconds(stage.prompt_tokens) * 1000.0
         result = StageResult(
             program_id=program.program_id,
