@@ -8,15 +8,16 @@ one whose model is too fast makes promises it breaks. So the engine reports each
 steps, as ``observed = scale * predicted + offset`` over the last ``window`` steps.
 
 Because the model is a max of linear pieces, the corrected model is again one (every piece scaled
-and shifted alike): ``StepTimeModel.calibrated``. The fit is a least-squares line pulled gently
-towards no correction (``prior_weight``), so steps of one size fix the offset and leave the scale
-at 1; the scale is clamped to ``[min_scale, max_scale]`` and a step never comes out cheaper than
-``min_fraction`` of the profile's. Steps far off the line (a pause of the whole process) are left
-out of the fit. Imports no vLLM.
+and shifted alike): ``StepTimeModel.calibrated``. The fit is a least-squares line; steps of about
+one size (``min_spread``) fix the offset alone and leave the scale at 1. The scale is clamped to
+``[min_scale, max_scale]``, and a step never comes out cheaper than ``min_fraction`` of the
+profile's. Steps far off the line (a pause of the whole process) are left out of the fit: the
+line is fitted twice, the second time without them. Imports no vLLM.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -31,19 +32,20 @@ class StepTimeCalibration:
     window: int = 256  # the most recent steps the fit weighs
     refit_every: int = 32  # steps between fits
     min_steps: int = 32  # steps seen before the first fit
-    prior_weight: float = 0.02  # pull of the scale towards 1, relative to the data's own weight
+    min_spread: float = 0.1  # predictions that vary less than this (std over mean) keep the scale at 1
     min_scale: float = 0.5
     max_scale: float = 2.0
     min_fraction: float = 0.25  # no corrected step is cheaper than this share of the profile's
-    outlier_ratio: float = 4.0  # steps off the prediction by more than this factor are left out
+    outlier_ratio: float = 4.0  # steps off the profile by more than this factor are never weighed
+    outlier_mads: float = 6.0  # nor steps this many median absolute residuals off the first fit
     scale: float = 1.0
     offset: float = 0.0
     steps: int = 0  # steps observed in all
     model: StepTimeModel = field(init=False)  # the profile as last fitted
-    _samples: deque[tuple[float, float]] = field(init=False, repr=False)
+    samples: deque[tuple[float, float]] = field(init=False, repr=False)  # (predicted, observed) seconds
 
     def __post_init__(self) -> None:
-        self._samples = deque(maxlen=self.window)
+        self.samples = deque(maxlen=self.window)
         self.model = self.profile
 
     def observe(self, tokens: int, requests: int, context_tokens: int, attended: int, seconds: float) -> bool:
@@ -51,25 +53,36 @@ class StepTimeCalibration:
         predicted = self.profile.step_seconds(tokens, requests, context_tokens, attended)
         self.steps += 1
         if predicted > 0 and 1 / self.outlier_ratio <= seconds / predicted <= self.outlier_ratio:
-            self._samples.append((predicted, seconds))
-        if self.steps % self.refit_every or len(self._samples) < self.min_steps:
+            self.samples.append((predicted, seconds))
+        if self.steps % self.refit_every or len(self.samples) < self.min_steps:
             return False
         self.scale, self.offset = self._fit()
         self.model = self.profile.calibrated(self.scale, self.offset)
         return True
 
     def _fit(self) -> tuple[float, float]:
-        """The least-squares line through the samples, with the scale pulled towards 1 and clamped."""
-        n = len(self._samples)
-        mean_x = sum(x for x, _ in self._samples) / n
-        mean_y = sum(y for _, y in self._samples) / n
-        sxx = sum((x - mean_x) ** 2 for x, _ in self._samples)
-        sxy = sum((x - mean_x) * (y - mean_y) for x, y in self._samples)
-        prior = self.prior_weight * n * mean_x**2  # as if a few steps said "scale 1" at the mean
-        scale = (sxy + prior) / (sxx + prior)
-        scale = min(self.max_scale, max(self.min_scale, scale))
-        offset = mean_y - scale * mean_x
+        """The least-squares line through the samples, refitted without the steps far off it (more than
+        ``outlier_mads`` median absolute residuals); the scale pulled towards 1 and clamped.
+        """
+        samples = list(self.samples)
+        scale, offset = self._line(samples)
+        residuals = [abs(y - scale * x - offset) for x, y in samples]
+        spread = statistics.median(residuals)
+        limit = max(self.outlier_mads * spread, 1e-3 * statistics.fmean(y for _, y in samples))
+        kept = [sample for sample, residual in zip(samples, residuals, strict=True) if residual <= limit]
+        if len(kept) >= self.min_steps // 2:
+            scale, offset = self._line(kept)
         # The cheapest step the profile knows (one token, no context) keeps a floor share of its cost.
         cheapest = self.profile.step_seconds(1, 1)
-        offset = max(offset, (self.min_fraction - scale) * cheapest)
-        return scale, offset
+        return scale, max(offset, (self.min_fraction - scale) * cheapest)
+
+    def _line(self, samples: list[tuple[float, float]]) -> tuple[float, float]:
+        n = len(samples)
+        mean_x = sum(x for x, _ in samples) / n
+        mean_y = sum(y for _, y in samples) / n
+        sxx = sum((x - mean_x) ** 2 for x, _ in samples)
+        sxy = sum((x - mean_x) * (y - mean_y) for x, y in samples)
+        # Steps of about one size say nothing of the scale: they fix the offset alone.
+        scale = sxy / sxx if sxx > (self.min_spread * mean_x) ** 2 * n else 1.0
+        scale = min(self.max_scale, max(self.min_scale, scale))
+        return scale, mean_y - scale * mean_x

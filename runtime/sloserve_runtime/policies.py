@@ -77,14 +77,17 @@ class SchedulingPolicy(ABC):
         """The engine verified ``drafted`` drafts of this request and kept ``accepted``; stock vLLM learns nothing."""
         return None
 
-    def observe_step(self, tokens: int, requests: int, context_tokens: int, attended: int, seconds: float) -> None:
+    def observe_step(self, tokens: int, requests: int, context_tokens: int, attended: int, seconds: float) -> bool:
         """The engine ran a step with these features in ``seconds`` (its whole cycle, as a client sees it).
 
-        With calibration on, every few steps the policy plans with the refitted model from then on.
+        With calibration on, every few steps the policy plans with the refitted model from then on;
+        True when that happened just now.
         """
         calibration = self.calibration
-        if calibration is not None and calibration.observe(tokens, requests, context_tokens, attended, seconds):
-            self.use_step_time(calibration.model)
+        if calibration is None or not calibration.observe(tokens, requests, context_tokens, attended, seconds):
+            return False
+        self.use_step_time(calibration.model)
+        return True
 
     def use_step_time(self, step_time: StepTimeModel) -> None:
         """Plan with ``step_time`` from the next decision on."""

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vllm.logger import init_logger
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
@@ -49,6 +50,8 @@ from sloserve_runtime.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_x
 from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel, attended_pairs
 
 CONFIG_KEY = "sloserve"
+# Under vLLM's logger, so the engine's log shows our lines in its own format.
+logger = init_logger(f"vllm.{__name__}")
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class SLOScheduler(Scheduler):
         if self.slo_config.calibrate:
             sinks.append(self._observe_step)
         self.step_recorder = StepRecorder(sinks) if sinks else None
+        self._logged_fit: tuple[float, float] | None = None  # the calibration last logged
         self.notices = NoticePublisher(self.slo_config.notices) if self.slo_config.notices else None
 
     def add_request(self, request: Request) -> None:
@@ -145,11 +149,22 @@ class SLOScheduler(Scheduler):
 
     def _observe_step(self, record: dict[str, float]) -> None:
         """A step's features and times, from the recorder: its whole cycle calibrates the policy's model."""
-        if "cycle_seconds" in record:
-            self.slo_policy.observe_step(
-                int(record["tokens"]), int(record["requests"]), int(record["context_tokens"]),
-                int(record["attended"]), record["cycle_seconds"],
-            )  # fmt: skip
+        if "cycle_seconds" not in record:
+            return
+        refitted = self.slo_policy.observe_step(
+            int(record["tokens"]), int(record["requests"]), int(record["context_tokens"]),
+            int(record["attended"]), record["cycle_seconds"],
+        )  # fmt: skip
+        calibration = self.slo_policy.calibration
+        if refitted and calibration is not None:
+            fit = (round(calibration.scale, 2), round(calibration.offset * 1000, 1))
+            if fit != self._logged_fit:  # a line when the fit moves, not one per refit
+                self._logged_fit = fit
+                logger.info(
+                    "sloserve: step-time profile %s calibrated to this engine's last %d steps: "
+                    "scale %.2f, offset %+.1f ms (%d steps seen)",
+                    self.step_time.name, len(calibration.samples), *fit, calibration.steps,
+                )  # fmt: skip
 
     def _live(self, request: Request) -> LiveRequest:
         return LiveRequest(

@@ -1,0 +1,175 @@
+"""Online calibration of the step-time profile, and the prefill chunk's own cost in the step budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from sloserve.slo import SLO, judge
+from sloserve_runtime.calibration import StepTimeCalibration
+from sloserve_runtime.planner import LiveRequest, Planner
+from sloserve_runtime.policies import make_policy
+from sloserve_runtime.simulator import SimConfig, simulate
+from sloserve_runtime.slo_state import SLORequestState
+from sloserve_runtime.step_time import DEFAULT_PROFILE, LinearPiece, StepTimeModel, attended_pairs
+from sloserve_runtime.workload import ProgramSpec, StageSpec
+
+# Two pieces, with context and attention terms, as a measured CPU profile has.
+TWO_PIECES = StepTimeModel(
+    "calibration-test",
+    (
+        LinearPiece(per_token=4e-4, per_request=1e-4, per_context_token=1.5e-6, constant=0.048, per_attended_pair=3e-7),
+        LinearPiece(per_token=1e-3, constant=0.010),
+    ),
+    max_num_batched_tokens=512,
+)
+FEATURES = [(1, 1, 0, 0), (12, 12, 4000, 4000), (300, 5, 3000, 3000 + attended_pairs(290, 800)), (512, 1, 512, 0)]
+
+
+def random_steps(count: int, seed: int = 0) -> list[tuple[int, int, int, int]]:
+    rng = random.Random(seed)
+    steps = []
+    for _ in range(count):
+        decodes, chunk, prefix = rng.randint(0, 16), rng.choice([0, 0, 64, 256, 512]), rng.randint(0, 1500)
+        context = decodes * rng.randint(50, 800)
+        tokens = decodes + chunk
+        requests = decodes + (chunk > 0)
+        steps.append(
+            (
+                max(tokens, 1),
+                max(requests, 1),
+                context + prefix + chunk,
+                context + attended_pairs(chunk, prefix + chunk),
+            )
+        )
+    return steps
+
+
+@pytest.mark.parametrize("features", FEATURES)
+def test_calibrated_model_maps_every_prediction(features):
+    calibrated = TWO_PIECES.calibrated(0.8, -0.004)
+    assert calibrated.step_seconds(*features) == pytest.approx(0.8 * TWO_PIECES.step_seconds(*features) - 0.004)
+
+
+@pytest.mark.parametrize("prefix", [0, 100, 1500])
+@pytest.mark.parametrize("bound", [0.06, 0.1, 0.25])
+def test_chunk_budget_is_the_longest_chunk_within_the_bound(prefix, bound):
+    tokens, requests, context, attended = 8, 9, 2000, 2000
+
+    def step(chunk: int) -> float:
+        return TWO_PIECES.step_seconds(
+            tokens + chunk, requests, context + prefix + chunk, attended + attended_pairs(chunk, prefix + chunk)
+        )
+
+    chunk = TWO_PIECES.chunk_budget(bound, tokens, requests, context, attended, prefix)
+    assert chunk >= 1
+    assert step(chunk) <= bound < step(chunk + 1) + 1e-12  # the longest, up to rounding
+
+
+def test_calibration_recovers_the_scale_and_offset_of_the_engine_it_watches():
+    truth = TWO_PIECES.calibrated(0.7, 0.004)
+    calibration = StepTimeCalibration(TWO_PIECES)
+    rng = random.Random(1)
+    for features in random_steps(256):
+        calibration.observe(*features, truth.step_seconds(*features) * rng.uniform(0.97, 1.03))
+    assert calibration.scale == pytest.approx(0.7, abs=0.03)
+    assert calibration.offset == pytest.approx(0.004, abs=0.003)
+    for features in FEATURES:
+        assert calibration.model.step_seconds(*features) == pytest.approx(truth.step_seconds(*features), rel=0.05)
+
+
+def test_steps_of_one_size_fix_the_offset_and_leave_the_scale():
+    calibration = StepTimeCalibration(TWO_PIECES)
+    features = (10, 10, 3000, 3000)
+    refits = [calibration.observe(*features, TWO_PIECES.step_seconds(*features) - 0.015) for _ in range(64)]
+    assert refits.count(True) == 2  # every refit_every steps, once min_steps were seen
+    assert calibration.scale == pytest.approx(1.0)
+    assert calibration.model.step_seconds(*features) == pytest.approx(TWO_PIECES.step_seconds(*features) - 0.015)
+
+
+def test_a_pause_of_the_whole_process_is_left_out_of_the_fit():
+    calibration = StepTimeCalibration(TWO_PIECES)
+    for index, features in enumerate(random_steps(256, seed=2)):
+        pause = 1.0 if index % 10 == 0 else 0.0  # a garbage collection, the machine swapping
+        calibration.observe(*features, TWO_PIECES.step_seconds(*features) + pause)
+    assert calibration.scale == pytest.approx(1.0, abs=1e-6)
+    assert calibration.offset == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_corrected_step_keeps_a_floor_share_of_the_profile():
+    calibration = StepTimeCalibration(TWO_PIECES)
+    for features in random_steps(64, seed=3):
+        calibration.observe(*features, TWO_PIECES.step_seconds(*features) * 0.3)
+    assert calibration.scale == calibration.min_scale
+    cheapest = TWO_PIECES.step_seconds(1, 1)
+    assert calibration.model.step_seconds(1, 1) >= calibration.min_fraction * cheapest - 1e-12
+
+
+def test_the_policy_plans_with_the_calibrated_model():
+    policy = make_policy("sloserve", TWO_PIECES, 512, calibrate=True)
+    truth = TWO_PIECES.calibrated(0.75, 0.0)
+    refitted = [policy.observe_step(*features, truth.step_seconds(*features)) for features in random_steps(64)]
+    assert refitted.count(True) == 2
+    assert policy.step_time is policy.planner.step_time is policy.speculation.step_time is policy.calibration.model
+    for features in FEATURES:
+        assert policy.planner.step_time.step_seconds(*features) == pytest.approx(
+            truth.step_seconds(*features), rel=0.01
+        )
+    # Without calibration the policy keeps its profile whatever the engine reports.
+    fixed = make_policy("sloserve", TWO_PIECES, 512)
+    assert fixed.observe_step(*FEATURES[1], 1.0) is False
+    assert fixed.planner.step_time is TWO_PIECES
+
+
+def test_budget_counts_the_attention_of_a_chunk_late_in_a_long_prompt():
+    """The chunk that continues a 1,500-token prompt attends to all of it: the step stays within the TPOT."""
+    slo = SLO.parse("10s", "100ms")
+    decodes = [
+        LiveRequest(SLORequestState.create(f"d{i}", slo, 0.0, 100, TWO_PIECES), to_compute=1, context=300)
+        for i in range(4)
+    ]
+    chunk_state = SLORequestState.create("long", slo, 0.0, 2000, TWO_PIECES)
+    chunk = LiveRequest(chunk_state, to_compute=500, context=1500)
+    planner = Planner(TWO_PIECES, max_budget=512, headroom=1.0)
+    budget = planner.token_budget([*decodes, chunk], waiting=False)
+    prefill = budget - len(decodes)
+    assert 0 < prefill < 500
+
+    def step(prefill: int) -> float:
+        context = sum(r.context + 1 for r in decodes)
+        attended = context + attended_pairs(prefill, 1500 + prefill)
+        return TWO_PIECES.step_seconds(len(decodes) + prefill, 5, context + 1500 + prefill, attended)
+
+    assert step(prefill) <= 0.1 < step(prefill + 1)
+
+
+def chat_trace(rate: float, count: int, seed: int = 0) -> list[ProgramSpec]:
+    rng = random.Random(seed)
+    slo = SLO.parse("5x", "100ms")
+    trace, now = [], 0.0
+    for index in range(count):
+        now += rng.expovariate(rate)
+        stage = StageSpec("chat", rng.choice([40, 200, 700, 1500]), rng.randint(50, 300), slo)
+        trace.append(ProgramSpec(index, now, "chatbot", (stage,)))
+    return trace
+
+
+def test_a_scheduler_given_a_too_fast_profile_keeps_its_promises_once_calibrated():
+    """The simulated engine runs at the shipped CPU profile's step times; the scheduler was given a profile
+    a third faster. Uncalibrated it plans steps that overrun the TPOT; calibrated it plans the real ones.
+    """
+    truth = SimConfig.from_profile(DEFAULT_PROFILE)
+    fast = truth.step_time.calibrated(0.67, 0.0)
+    trace = chat_trace(rate=0.15, count=150)
+
+    def tpot_misses(calibrate: bool) -> int:
+        config = dataclasses.replace(truth, planner_step_time=fast, calibrate=calibrate)
+        results = simulate(trace, "sloserve", config.step_time, config)
+        outcomes = [judge(r.arrival, r.token_times, r.ttft_target_ms, r.tpot_target_ms) for r in results]
+        return sum(not outcome.tpot_met for outcome in outcomes)
+
+    stale, calibrated = tpot_misses(False), tpot_misses(True)
+    assert stale >= 20
+    assert calibrated <= stale // 3
