@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import statistics
 import time
 
 import httpx
@@ -229,6 +231,41 @@ async def test_step_log_records_features_and_busy_cycles(engine):
     cycles = [step for step in steps if "cycle_seconds" in step]
     assert len(cycles) >= 10
     assert all(step["cycle_seconds"] >= step["seconds"] > 0 for step in cycles)
+
+
+CALIBRATED = re.compile(r"calibrated to this engine's last (\d+) steps: scale ([\d.]+), offset ([+-][\d.]+) ms")
+
+
+async def test_scheduler_calibrates_its_profile_to_the_engine(engine):
+    """Online calibration: the scheduler refits the shipped profile to the steps it sees, logs the fit,
+    and the fit predicts this engine's step cycles (from ``--step-log``) at least as well as the profile.
+    """
+    aclient = openai.AsyncOpenAI(base_url=engine.base_url, api_key="unused")
+    exact = {"ignore_eos": True}
+    for _ in range(2):  # about 100 busy steps of mixed sizes: prefill chunks beside decodes
+        await asyncio.gather(*(
+            aclient.completions.create(
+                model=engine.model, prompt=[300 + i] * (20 + 150 * i), max_tokens=48, extra_body=exact
+            )
+            for i in range(5)
+        ))  # fmt: skip
+    fits = CALIBRATED.findall(engine.log.read_text())
+    assert fits, "no calibration line in the engine's log"
+    window, scale, offset_ms = int(fits[-1][0]), float(fits[-1][1]), float(fits[-1][2])
+    assert 0.5 <= scale <= 2.0
+    profile = StepTimeModel.load(DEFAULT_PROFILE)
+    calibrated = profile.calibrated(scale, offset_ms / 1000)
+    steps = [json.loads(line) for line in engine.step_log.read_text().splitlines()]
+    cycles = [step for step in steps if "cycle_seconds" in step][-window:]
+
+    def error(model: StepTimeModel) -> float:
+        features = ("tokens", "requests", "context_tokens", "attended")
+        return statistics.median(
+            abs(model.step_seconds(*(step[name] for name in features)) - step["cycle_seconds"]) for step in cycles
+        )
+
+    # Rounded in the log, and the last refit may be a few steps older than the log's last steps.
+    assert error(calibrated) <= 1.1 * error(profile) + 0.002
 
 
 LONG_PROMPT = "Report. " + " ".join(f"item{j}" for j in range(300))
