@@ -32,8 +32,8 @@ def test_zero_load_prefill_runs_one_chunk_per_step():
 
 
 def test_token_budget_fits_the_step_time_bound():
-    assert MODEL.token_budget(0.05, requests=2, context_tokens=0) == 40
-    assert MODEL.token_budget(0.005, requests=2, context_tokens=0) == 0
+    assert MODEL.chunk_budget(0.05, tokens=0, requests=2, context_tokens=0, attended=0, prefix=0) == 40
+    assert MODEL.chunk_budget(0.005, tokens=0, requests=2, context_tokens=0, attended=0, prefix=0) == 0
 
 
 def test_deadlines_follow_the_slo_contract():

@@ -62,7 +62,7 @@ class StepTimeCalibration:
 
     def _fit(self) -> tuple[float, float]:
         """The least-squares line through the samples, refitted without the steps far off it (more than
-        ``outlier_mads`` median absolute residuals); the scale pulled towards 1 and clamped.
+        ``outlier_mads`` median absolute residuals); the offset keeps the floor of ``min_fraction``.
         """
         samples = list(self.samples)
         scale, offset = self._line(samples)

@@ -68,17 +68,6 @@ class StepTimeModel:
             total += self.step_seconds(tokens, 1, done, attended_pairs(tokens, done))
         return total
 
-    def token_budget(self, step_seconds_bound: float, requests: int, context_tokens: int, attended: int = 0) -> int:
-        """The most tokens whose predicted step time stays within the bound (attention work given)."""
-        best = math.inf
-        for piece in self.pieces:
-            fixed = piece.seconds(0, requests, context_tokens, attended)
-            if fixed > step_seconds_bound:
-                return 0
-            if piece.per_token > 0:
-                best = min(best, (step_seconds_bound - fixed) / piece.per_token)
-        return int(best) if math.isfinite(best) else 1 << 30
-
     def chunk_budget(
         self, step_seconds_bound: float, tokens: int, requests: int, context_tokens: int, attended: int, prefix: int
     ) -> int:
