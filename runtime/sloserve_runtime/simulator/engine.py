@@ -88,8 +88,9 @@ class Engine:
             request.computed_tokens += count - drafted
             context_tokens += request.computed_tokens
             attended += attended_pairs(count, request.computed_tokens + drafted)
-        seconds = self.config.step_time.step_seconds(sum(tokens), len(requests), context_tokens, attended)
-        policy.observe_step(sum(tokens), len(requests), context_tokens, attended, seconds)
+        scheduled = sum(tokens)
+        seconds = self.config.step_time.step_seconds(scheduled, len(requests), context_tokens, attended)
+        policy.observe_step(scheduled, len(requests), context_tokens, attended, seconds)
         return Batch(requests, tokens, drafts, seconds)
 
     def complete(self, batch: Batch, now: float) -> list[SimRequest]:
