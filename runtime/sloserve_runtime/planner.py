@@ -124,6 +124,9 @@ class Planner:
     # per-request term, 10 % is one decode in five at a 50 ms TPOT). A step planned at exactly
     # the bound would break it on clock rounding alone.
     headroom: float = 0.99
+    # Window slack (``_window_bound``): the share of the TPOT each later token is planned to take
+    # after a step that spends its window's slack. None: every step is bounded by one TPOT.
+    window_reserve: float | None = None
     # Steps in a row a decode without a TPOT target may give up to waiting prefills (``_yields``).
     max_yields: int = 4
     # How best-effort requests that still wait for their first token are promised their SLO once
@@ -138,12 +141,45 @@ class Planner:
 
     # ---- per-step budget ----
 
-    def step_bound(self, live: Sequence[LiveRequest]) -> float:
-        """Seconds a step may take: the tightest TPOT among admitted decoding requests (inf: none)."""
-        return self._bound(_admitted_decodes(live))
+    def step_bound(self, live: Sequence[LiveRequest], now: float | None = None) -> float:
+        """Seconds a step that starts at ``now`` may take: the tightest TPOT among admitted decoding
+        requests, or, with ``now`` and window slack on, what their attainment windows leave
+        (``_window_bound``). inf: no admitted request decodes.
+        """
+        return self._bound(_admitted_decodes(live), now)
 
-    def _bound(self, decodes: Sequence[LiveRequest]) -> float:
-        return min((self._seconds_per_step(r.state.tpot_seconds) for r in decodes), default=math.inf) * self.headroom
+    def _bound(self, decodes: Sequence[LiveRequest], now: float | None = None) -> float:
+        bound = min((self._seconds_per_step(r.state.tpot_seconds) for r in decodes), default=math.inf) * self.headroom
+        if now is None or math.isinf(bound) or self.window_reserve is None or self.speculation is not None:
+            return bound
+        return self._window_bound(decodes, now, bound)
+
+    def _window_bound(self, decodes: Sequence[LiveRequest], now: float, tpot_bound: float) -> float:
+        """The step bound from the decodes' attainment windows instead of one TPOT per step.
+
+        Attainment judges the mean gap over windows of 10 tokens, so tokens that came faster than
+        the TPOT leave slack that one longer step may spend (a prompt's chunk runs whole, and its
+        first token comes sooner), as long as the tokens after it come faster again: the bound
+        assumes each later gap takes ``window_reserve`` of the TPOT, or the decodes' own step
+        time if that is longer, and the planner holds later steps to it because their bound is
+        computed the same way. In steady state with every gap within the TPOT the bound is at
+        least one TPOT, so this never plans a tighter step than the per-step rule unless a
+        window is behind.
+        """
+        context = sum(r.context + 1 for r in decodes)
+        decode_only = self.step_time.step_seconds(len(decodes), len(decodes), context, context)
+        if decode_only > tpot_bound:  # the decodes alone overrun: no plan keeps the windows
+            return tpot_bound
+        bound = math.inf
+        for r in decodes:
+            tpot = r.state.tpot_seconds * self.headroom
+            if math.isinf(tpot):
+                continue
+            window = r.state.window_bound(now, tpot, max(self.window_reserve * tpot, decode_only))
+            # A window that even a step of decodes alone would break is lost: plan its TPOT instead
+            # of holding every prompt back for it.
+            bound = min(bound, window if window >= decode_only else tpot)
+        return bound
 
     def _seconds_per_step(self, tpot_seconds: float) -> float:
         """How long a step may take for a decode of this tier: its TPOT times the tokens a step yields it."""
@@ -155,15 +191,16 @@ class Planner:
         """Tokens a decode of this tier computes per step: one, or its speculation length."""
         return 1 if self.speculation is None else self.speculation.length(tpot_seconds)
 
-    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True) -> int:
-        """Tokens the next step may schedule, given the running requests (decodes and chunks).
+    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True, now: float | None = None) -> int:
+        """Tokens the next step, starting at ``now``, may schedule, given the running requests
+        (decodes and chunks); without ``now``, each decode's bound is one TPOT.
 
         ``waiting``: a request waits that could start this step and take what the running ones leave.
         """
         decodes = _admitted_decodes(running)
         if self.speculation is not None:
             self.speculation.plan(len(decodes), sum(r.context for r in decodes))
-        bound = self._bound(decodes)
+        bound = self._bound(decodes, now)
         if math.isinf(bound):
             return self.max_budget
         # Best effort joins only while no admitted prefill waits: a step planned for joiners that
@@ -189,7 +226,9 @@ class Planner:
         # skipped one would break its TPOT for sure.
         return max(fixed, min(budget, self.max_budget), 1)
 
-    def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool) -> list[bool]:
+    def held_back(
+        self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None
+    ) -> list[bool]:
         """Best effort runs on leftover time only: which running requests sit this step out.
 
         While an admitted request waits to start, every best-effort request waits too (vLLM would
@@ -201,7 +240,7 @@ class Planner:
             return [r.state.best_effort or self._yields(r) for r in running]
         for r in running:
             r.state.yielded_steps = 0
-        bound = self.step_bound(running)
+        bound = self.step_bound(running, now)
         if math.isinf(bound):
             return [False] * len(running)
         joining = {id(r) for r in self._best_effort_joining(running, bound)}

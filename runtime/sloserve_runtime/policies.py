@@ -49,9 +49,9 @@ class SchedulingPolicy(ABC):
     def running_key(self, state: SLORequestState, output_tokens: int) -> SortKey:
         """Sort key of a running request that has produced ``output_tokens`` tokens."""
 
-    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True) -> int:
-        """Tokens the next step may schedule, given the running requests and whether any request waits
-        that could start; by default the engine's own.
+    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True, now: float | None = None) -> int:
+        """Tokens the next step (starting at ``now``) may schedule, given the running requests and
+        whether any request waits that could start; by default the engine's own.
         """
         return self.max_budget
 
@@ -59,8 +59,11 @@ class SchedulingPolicy(ABC):
         """Decide on a request as it arrives (``live``: the other admitted requests in the engine)."""
         return ADMITTED
 
-    def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool) -> list[bool]:
-        """Which running requests (in running order) sit this step out; vLLM would serve them all first."""
+    def held_back(
+        self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None
+    ) -> list[bool]:
+        """Which running requests (in running order) sit the step starting at ``now`` out; vLLM would
+        serve them all first."""
         return [False] * len(running)
 
     def promote(self, now: float, candidates: Sequence[LiveRequest], live: Sequence[LiveRequest]) -> list[LiveRequest]:
@@ -113,6 +116,7 @@ class PlannerPolicy(DeadlinePolicy):
 
     name = "sloserve"
     promotion = "edf"  # how best-effort requests are promoted (``Planner.promotion``)
+    window_reserve: float | None = 0.75  # window slack (``Planner.window_reserve``); None: one TPOT a step
 
     def __init__(
         self, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1, calibrate: bool = False
@@ -120,8 +124,9 @@ class PlannerPolicy(DeadlinePolicy):
         super().__init__(step_time, max_budget, max_spec_length, calibrate)
         self.speculation = TierSpeculation(step_time, max_spec_length)
         self.planner = Planner(
-            step_time, max_budget, self.speculation if self.speculation.enabled else None, promotion=self.promotion
-        )
+            step_time, max_budget, self.speculation if self.speculation.enabled else None,
+            promotion=self.promotion, window_reserve=self.window_reserve,
+        )  # fmt: skip
 
     def use_step_time(self, step_time: StepTimeModel) -> None:
         super().use_step_time(step_time)
@@ -134,8 +139,8 @@ class PlannerPolicy(DeadlinePolicy):
         group = 1 if output_tokens == 0 else 2 if math.isinf(state.tpot_seconds) else 0
         return (state.best_effort, group, state.token_deadline(output_tokens), state.tpot_seconds)
 
-    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True) -> int:
-        return self.planner.token_budget(running, waiting)
+    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True, now: float | None = None) -> int:
+        return self.planner.token_budget(running, waiting, now)
 
     def admit(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
         decision = self.planner.admit(now, new, live)
@@ -143,8 +148,10 @@ class PlannerPolicy(DeadlinePolicy):
         new.state.admission = decision.reason
         return decision
 
-    def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool) -> list[bool]:
-        return self.planner.held_back(running, admitted_waiting)
+    def held_back(
+        self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None
+    ) -> list[bool]:
+        return self.planner.held_back(running, admitted_waiting, now)
 
     def promote(self, now: float, candidates: Sequence[LiveRequest], live: Sequence[LiveRequest]) -> list[LiveRequest]:
         promoted = self.planner.promote(now, candidates, live)
@@ -166,6 +173,13 @@ class ArrivalAdmissionPolicy(PlannerPolicy):
 
     name = "sloserve-arrival"
     promotion = "none"
+
+
+class StepBoundPolicy(PlannerPolicy):
+    """sloserve-tpot: the planner with every step bounded by one TPOT, without window slack (an ablation)."""
+
+    name = "sloserve-tpot"
+    window_reserve = None
 
 
 class DPPromotionPolicy(PlannerPolicy):
@@ -205,7 +219,7 @@ class SarathiPolicy(FCFSPolicy):
     name = "sarathi"
     chunk_tokens = 256
 
-    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True) -> int:
+    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True, now: float | None = None) -> int:
         return min(self.max_budget, self.chunk_tokens)
 
 
@@ -214,6 +228,7 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {
     for policy in (
         PlannerPolicy,
         ArrivalAdmissionPolicy,
+        StepBoundPolicy,
         DPPromotionPolicy,
         DeadlinePolicy,
         FCFSPolicy,

@@ -187,14 +187,15 @@ class SLOScheduler(Scheduler):
 
     def schedule(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's SchedulerOutput
         started = time.perf_counter()
+        now = time.time()
         self._forget_finished()
-        self._promote()
+        self._promote(now)
         self._order_queues()
         live = [self._live(request) for request in self.running]  # in running order, as the simulator gives it
-        self._defer_running(live)  # before the budget: the policy plans the step with what it holds back
+        self._defer_running(live, now)  # before the budget: the policy plans the step with what it holds back
         engine_budget = self.max_num_scheduled_tokens
         can_start = bool(self.waiting) and len(self.running) < self.max_num_running_reqs
-        self.max_num_scheduled_tokens = self.slo_policy.token_budget(live, can_start)
+        self.max_num_scheduled_tokens = self.slo_policy.token_budget(live, can_start, now)
         try:
             output = super().schedule(*args, **kwargs)
         finally:
@@ -203,14 +204,13 @@ class SLOScheduler(Scheduler):
             self.step_recorder.scheduled(started, output, self.requests)
         return output
 
-    def _promote(self) -> None:
+    def _promote(self, now: float) -> None:
         """Best-effort requests that still wait for their first token join the admitted ones if the
         planner can now promise them their SLO.
 
         The front end keeps the decision it reported at arrival; a promotion shows in the order of
         vLLM's queues and in the planner's budget.
         """
-        now = time.time()
         queued = (*self.running, *self.waiting)
         candidates = [
             self._live(request) for request in queued
@@ -224,13 +224,19 @@ class SLOScheduler(Scheduler):
         self.slo_policy.promote(now, candidates, admitted)
 
     def update_from_output(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's outputs
-        recorder = self.step_recorder
-        if recorder is None:
-            return super().update_from_output(*args, **kwargs)
         executed_at = time.perf_counter()
         outputs = super().update_from_output(*args, **kwargs)
-        recorder.executed(executed_at, busy_after=self.has_unfinished_requests())
+        self._record_outputs(time.time())
+        if self.step_recorder is not None:
+            self.step_recorder.executed(executed_at, busy_after=self.has_unfinished_requests())
         return outputs
+
+    def _record_outputs(self, now: float) -> None:
+        """Note when each running request's new output tokens came: the planner's window slack."""
+        for request in self.running:
+            state = self.slo_states.get(request.request_id)
+            if state is not None and request.num_output_tokens > state.output_tokens:
+                state.record_output(now, request.num_output_tokens)
 
     # ---- speculative decoding per tier ----
 
@@ -267,9 +273,9 @@ class SLOScheduler(Scheduler):
         if len(self.running) > 1:
             self.running.sort(key=lambda request: policy.running_key(self._state(request), request.num_output_tokens))
 
-    def _defer_running(self, live: list[LiveRequest]) -> None:
+    def _defer_running(self, live: list[LiveRequest], now: float) -> None:
         """Running requests the policy holds back this step are skipped by vLLM's own rule."""
-        held = self.slo_policy.held_back(live, self._admitted_can_start())
+        held = self.slo_policy.held_back(live, self._admitted_can_start(), now)
         for request, hold in zip(self.running, held, strict=True):
             if hold:
                 # schedule() advances current_step by one, then skips requests not yet eligible.

@@ -6,9 +6,10 @@ Imports no vLLM: the vLLM adapter maps engine requests onto this state.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
-from sloserve.slo import SLO
+from sloserve.slo import ATTAINMENT_WINDOW, SLO
 from sloserve_runtime.step_time import StepTimeModel
 
 # Keys of the per-request dict that carries an SLO into the engine (vLLM's ``extra_args``,
@@ -51,6 +52,9 @@ class SLORequestState:
     best_effort: bool = False  # not admitted: served from leftover budget, preempted first
     yielded_steps: int = 0  # steps in a row this decode (no TPOT target) gave up to a waiting prefill
     admission: str = "admitted"  # the planner's decision and its reason
+    output_tokens: int = 0  # output tokens so far, as last recorded (``record_output``)
+    # When its last output tokens came (up to one attainment window): the planner's window slack.
+    token_times: deque[float] = field(default_factory=lambda: deque(maxlen=ATTAINMENT_WINDOW), repr=False)
 
     @classmethod
     def create(
@@ -78,6 +82,36 @@ class SLORequestState:
         if math.isinf(self.tpot_seconds):
             return math.inf
         return self.first_token_deadline + index * self.tpot_seconds
+
+    def record_output(self, now: float, output_tokens: int) -> None:
+        """The request has ``output_tokens`` output tokens as of ``now``: note when the new ones came."""
+        for _ in range(min(output_tokens - self.output_tokens, ATTAINMENT_WINDOW)):
+            self.token_times.append(now)
+        self.output_tokens = max(self.output_tokens, output_tokens)
+
+    def window_bound(self, now: float, tpot: float, gap: float) -> float:
+        """Seconds a step that starts at ``now`` may take and still bring this request's next token
+        in time for every attainment window the token falls in, if each later token comes ``gap``
+        after the one before (``tpot``: the TPOT to plan for). inf: no output yet, or no TPOT target.
+
+        Attainment judges the mean gap over every window of ``ATTAINMENT_WINDOW`` gaps, so the next
+        token, ``j`` tokens after an earlier one at ``t``, may come as late as ``t + W·tpot``, less
+        the ``W - j`` gaps that follow it in that window. The window that starts at the first
+        token is held to ``j·tpot`` instead: a request that ends before it fills is judged on that
+        window alone. Tokens that came faster than ``tpot`` leave slack a step may spend; tokens
+        that came late leave less than one TPOT.
+        """
+        if math.isinf(self.tpot_seconds) or not self.token_times:
+            return math.inf
+        times = self.token_times
+        span = ATTAINMENT_WINDOW * tpot
+        latest = math.inf
+        for back, at in zip(range(len(times), 0, -1), times, strict=True):  # oldest first
+            if back == self.output_tokens:
+                latest = min(latest, at + back * tpot)
+            else:
+                latest = min(latest, at + span - (ATTAINMENT_WINDOW - back) * gap)
+        return latest - now
 
     def next_deadline(self, output_tokens: int) -> float:
         """Deadline of the next token, given how many output tokens exist already."""

@@ -71,9 +71,9 @@ class Engine:
             running.sort(key=lambda request: policy.running_key(request.state, request.output_count))
         # The policy's view of the running requests, in running order, as the vLLM adapter gives it.
         live = [request.live() for request in running]
-        held = policy.held_back(live, self._admitted_can_start())
+        held = policy.held_back(live, self._admitted_can_start(), now)
         can_start = len(self.waiting) > 0 and len(running) < self.config.max_num_seqs
-        budget = policy.token_budget(live, can_start)
+        budget = policy.token_budget(live, can_start, now)
         budget, preempted = self._schedule_running(budget, held, requests, tokens)
         # vLLM admits no waiting request in a step that had to preempt: memory is short.
         if not preempted:

@@ -50,3 +50,4 @@ class SimRequest:
         """The step that computed all its tokens ends at ``now`` and samples the next one."""
         self.result.token_times.append(now)
         self.num_tokens += 1
+        self.state.record_output(now, len(self.result.token_times))

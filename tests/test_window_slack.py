@@ -1,0 +1,123 @@
+"""Window slack: a step may spend what fast tokens left in each decode's attainment windows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sloserve.slo import SLO, judge
+from sloserve_runtime.planner import LiveRequest, Planner
+from sloserve_runtime.simulator import simulate
+from sloserve_runtime.slo_state import SLORequestState
+from sloserve_runtime.step_time import LinearPiece, StepTimeModel
+from sloserve_runtime.workload import ProgramSpec, StageSpec
+
+# 20 ms a step plus 1 ms a token: a decode-only step of a few requests is far under a 100 ms TPOT.
+MODEL = StepTimeModel("window-test", (LinearPiece(per_token=0.001, constant=0.020),), max_num_batched_tokens=512)
+CHAT = SLO.parse("5x", "100ms")
+
+
+def decode_state(gaps: list[float], name: str = "d") -> SLORequestState:
+    """A request whose output tokens came at these gaps after a first token at t = 1 s."""
+    state = SLORequestState.create(name, CHAT, 0.0, 100, MODEL)
+    now = 1.0
+    state.record_output(now, 1)
+    for index, gap in enumerate(gaps, start=2):
+        now += gap
+        state.record_output(now, index)
+    return state
+
+
+def last_token(state: SLORequestState) -> float:
+    return state.token_times[-1]
+
+
+def test_fast_tokens_leave_slack_for_one_long_step():
+    state = decode_state([0.04] * 20)
+    # Each later gap planned at 75 ms: 10 x 100 - 9 x 75 = 325 ms for the next one.
+    assert state.window_bound(last_token(state), 0.1, 0.075) == pytest.approx(0.325)
+    # Planned at a full TPOT each, the later gaps leave no slack: one TPOT, as the per-step rule.
+    assert state.window_bound(last_token(state), 0.1, 0.1) == pytest.approx(0.1)
+    # Time already past since the last token counts against the step.
+    assert state.window_bound(last_token(state) + 0.05, 0.1, 0.075) == pytest.approx(0.275)
+
+
+def test_slack_once_spent_holds_the_next_steps_to_the_reserve():
+    state = decode_state([0.04] * 20 + [0.325])
+    assert state.window_bound(last_token(state), 0.1, 0.075) == pytest.approx(0.075)
+
+
+def test_the_first_window_is_held_to_its_own_tokens():
+    # A request may end before its first window fills, when its few gaps form the only window.
+    assert decode_state([]).window_bound(1.0, 0.1, 0.075) == pytest.approx(0.1)
+    state = decode_state([0.04, 0.04])
+    assert state.window_bound(last_token(state), 0.1, 0.075) == pytest.approx(0.3 - 0.08)
+
+
+def test_late_tokens_leave_less_than_one_tpot():
+    # The last nine gaps took 930 ms: the next may take 70 ms, whatever the per-step rule says.
+    state = decode_state([0.05] * 20 + [0.93 / 9] * 9)
+    assert state.window_bound(last_token(state), 0.1, 0.075) == pytest.approx(0.07)
+
+
+def test_no_slack_without_a_tpot_or_an_output():
+    free = SLORequestState.create("f", SLO.parse("5x", None), 0.0, 100, MODEL)
+    free.record_output(1.0, 1)
+    assert math.isinf(free.window_bound(1.0, math.inf, math.inf))
+    assert math.isinf(SLORequestState.create("w", CHAT, 0.0, 100, MODEL).window_bound(1.0, 0.1, 0.075))
+
+
+def test_speculated_tokens_count_once_each():
+    state = SLORequestState.create("s", CHAT, 0.0, 100, MODEL)
+    state.record_output(1.0, 1)
+    state.record_output(1.05, 4)  # three tokens in one step
+    assert list(state.token_times) == [1.0, 1.05, 1.05, 1.05]
+    state.record_output(1.05, 4)  # recorded again: nothing new
+    assert state.output_tokens == 4 and len(state.token_times) == 4
+
+
+def test_budget_spends_the_slack_and_then_holds_back():
+    planner = Planner(MODEL, max_budget=512, headroom=1.0, window_reserve=0.75)
+    fast = decode_state([0.04] * 20)
+    decodes = [LiveRequest(fast, 1, 200)]
+    now = last_token(fast)
+    # Per-step rule: (100 - 20) / 1 = 80 tokens; the window lets the step take 325 ms (305 tokens).
+    assert planner.token_budget(decodes) == 80
+    assert planner.token_budget(decodes, now=now) == 305
+    spent = decode_state([0.04] * 20 + [0.325])
+    # After the long step each later one is held to the reserve: (75 - 20) / 1 = 55 tokens.
+    assert planner.token_budget([LiveRequest(spent, 1, 200)], now=last_token(spent)) == pytest.approx(55, abs=1)
+
+
+def test_a_lost_window_does_not_hold_every_prompt_back():
+    planner = Planner(MODEL, max_budget=512, headroom=1.0, window_reserve=0.75)
+    stalled = decode_state([0.04] * 9 + [1.0])  # a pause of a second: its windows are lost
+    assert planner.token_budget([LiveRequest(stalled, 1, 200)], now=last_token(stalled)) == 80
+
+
+def long_prompts_beside_decodes() -> list[ProgramSpec]:
+    """Decodes of a 100 ms TPOT tier, with 250-token prompts arriving among them."""
+    trace = []
+    for index in range(60):
+        stage = StageSpec("chat", prompt_tokens=250 if index % 3 == 0 else 50, output_tokens=60, slo=CHAT)
+        trace.append(ProgramSpec(index, index * 0.6, "chatbot", (stage,)))
+    return trace
+
+
+def test_window_slack_keeps_every_window_and_brings_first_tokens_sooner():
+    trace = long_prompts_beside_decodes()
+    windows = simulate(trace, "sloserve", MODEL)
+    per_step = simulate(trace, "sloserve-tpot", MODEL)
+    for results in (windows, per_step):
+        assert not any(r.best_effort for r in results)
+        outcomes = [judge(r.arrival, r.token_times, r.ttft_target_ms, r.tpot_target_ms) for r in results]
+        assert all(outcome.met for outcome in outcomes)
+
+    def mean_ttft(results):
+        long = [r for r in results if r.prompt_tokens == 250]
+        return sum(r.token_times[0] - r.arrival for r in long) / len(long)
+
+    # Under the per-step rule a 250-token prompt beside decodes takes three 100 ms steps; with the
+    # windows' slack its chunk runs whole.
+    assert mean_ttft(windows) < 0.85 * mean_ttft(per_step)
