@@ -226,9 +226,7 @@ class Planner:
         # skipped one would break its TPOT for sure.
         return max(fixed, min(budget, self.max_budget), 1)
 
-    def held_back(
-        self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None
-    ) -> list[bool]:
+    def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None) -> list[bool]:
         """Best effort runs on leftover time only: which running requests sit this step out.
 
         While an admitted request waits to start, every best-effort request waits too (vLLM would

@@ -59,9 +59,7 @@ class SchedulingPolicy(ABC):
         """Decide on a request as it arrives (``live``: the other admitted requests in the engine)."""
         return ADMITTED
 
-    def held_back(
-        self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None
-    ) -> list[bool]:
+    def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None) -> list[bool]:
         """Which running requests (in running order) sit the step starting at ``now`` out; vLLM would
         serve them all first."""
         return [False] * len(running)
@@ -148,9 +146,7 @@ class PlannerPolicy(DeadlinePolicy):
         new.state.admission = decision.reason
         return decision
 
-    def held_back(
-        self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None
-    ) -> list[bool]:
+    def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None) -> list[bool]:
         return self.planner.held_back(running, admitted_waiting, now)
 
     def promote(self, now: float, candidates: Sequence[LiveRequest], live: Sequence[LiveRequest]) -> list[LiveRequest]:
