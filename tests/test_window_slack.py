@@ -77,23 +77,36 @@ def test_speculated_tokens_count_once_each():
     assert state.output_tokens == 4 and len(state.token_times) == 4
 
 
-def test_budget_spends_the_slack_and_then_holds_back():
+def budget(planner: Planner, decodes: list[LiveRequest], now: float | None, admitted_waiting: bool = True) -> int:
+    """The budget of a step at ``now``, asked as the engines ask: hold-back first, then the budget."""
+    planner.held_back(decodes, admitted_waiting, now)
+    return planner.token_budget(decodes, now=now)
+
+
+def test_budget_spends_the_slack_on_an_admitted_prompt_and_then_holds_back():
     planner = Planner(MODEL, max_budget=512, headroom=1.0, window_reserve=0.75)
     fast = decode_state([0.04] * 20)
     decodes = [LiveRequest(fast, 1, 200)]
     now = last_token(fast)
     # Per-step rule: (100 - 20) / 1 = 80 tokens; the window lets the step take 325 ms (305 tokens).
-    assert planner.token_budget(decodes) == 80
-    assert planner.token_budget(decodes, now=now) == 305
+    assert budget(planner, decodes, None) == 80
+    assert budget(planner, decodes, now) == 305
     spent = decode_state([0.04] * 20 + [0.325])
     # After the long step each later one is held to the reserve: (75 - 20) / 1 = 55 tokens.
-    assert planner.token_budget([LiveRequest(spent, 1, 200)], now=last_token(spent)) == pytest.approx(55, abs=1)
+    assert budget(planner, [LiveRequest(spent, 1, 200)], last_token(spent)) == pytest.approx(55, abs=1)
+
+
+def test_best_effort_gets_no_window_slack():
+    planner = Planner(MODEL, max_budget=512, headroom=1.0, window_reserve=0.75)
+    fast = decode_state([0.04] * 20)
+    # No admitted prompt waits or runs: whatever the step leaves would go to best effort.
+    assert budget(planner, [LiveRequest(fast, 1, 200)], last_token(fast), admitted_waiting=False) == 80
 
 
 def test_a_lost_window_does_not_hold_every_prompt_back():
     planner = Planner(MODEL, max_budget=512, headroom=1.0, window_reserve=0.75)
     stalled = decode_state([0.04] * 9 + [1.0])  # a pause of a second: its windows are lost
-    assert planner.token_budget([LiveRequest(stalled, 1, 200)], now=last_token(stalled)) == 80
+    assert budget(planner, [LiveRequest(stalled, 1, 200)], last_token(stalled)) == 80
 
 
 def long_prompts_beside_decodes() -> list[ProgramSpec]:

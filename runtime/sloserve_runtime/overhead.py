@@ -43,7 +43,10 @@ def _live_states(count: int, step_time: StepTimeModel, rng: random.Random) -> li
         prompt = rng.randint(64, 2048)
         state = SLORequestState.create(str(index), rng.choice(TIERS), rng.uniform(0, 1), prompt, step_time)
         if index % 4:
-            live.append(LiveRequest(state, 1, prompt + rng.randint(1, 256)))
+            output = rng.randint(1, 256)
+            for token in range(1, min(output, 12) + 1):  # its last tokens, for the window slack
+                state.record_output(0.5 + 0.04 * token, output - min(output, 12) + token)
+            live.append(LiveRequest(state, 1, prompt + output))
         else:
             live.append(LiveRequest(state, prompt, 0))
     return live
@@ -85,8 +88,8 @@ def measure_overhead(step_time: StepTimeModel, live: int, repeats: int = 200, se
         checked = time.perf_counter()
         for promoted in policy.promote(1.0, candidates, states):
             promoted.state.best_effort = True  # keep the engine's state the same for the next repeat
-        policy.token_budget(running)
-        policy.held_back(running, admitted_waiting=False)
+        policy.held_back(running, admitted_waiting=False, now=1.0)
+        policy.token_budget(running, now=1.0)
         steps.append(time.perf_counter() - checked)
         full_checks.append(checked - admitted)
         admits.append(admitted - started)

@@ -146,13 +146,14 @@ class Planner:
         requests, or, with ``now`` and window slack on, what their attainment windows leave
         (``_window_bound``). inf: no admitted request decodes.
         """
-        return self._bound(_admitted_decodes(live), now)
+        return self._bounds(_admitted_decodes(live), now)[1]
 
-    def _bound(self, decodes: Sequence[LiveRequest], now: float | None = None) -> float:
+    def _bounds(self, decodes: Sequence[LiveRequest], now: float | None = None) -> tuple[float, float]:
+        """(one TPOT a step, the bound with window slack) for a step of these admitted decodes."""
         bound = min((self._seconds_per_step(r.state.tpot_seconds) for r in decodes), default=math.inf) * self.headroom
         if now is None or math.isinf(bound) or self.window_reserve is None or self.speculation is not None:
-            return bound
-        return self._window_bound(decodes, now, bound)
+            return bound, bound
+        return bound, self._window_bound(decodes, now, bound)
 
     def _window_bound(self, decodes: Sequence[LiveRequest], now: float, tpot_bound: float) -> float:
         """The step bound from the decodes' attainment windows instead of one TPOT per step.
@@ -200,9 +201,13 @@ class Planner:
         decodes = _admitted_decodes(running)
         if self.speculation is not None:
             self.speculation.plan(len(decodes), sum(r.context for r in decodes))
-        bound = self._bound(decodes, now)
+        per_step, bound = self._bounds(decodes, now)
         if math.isinf(bound):
             return self.max_budget
+        if not self._admitted_prefill(running):
+            # Window slack goes to admitted prompts only: best effort that got a first token from it
+            # could no longer be promoted, and would then decode only on leftover time.
+            bound = min(bound, per_step)
         # Best effort joins only while no admitted prefill waits: a step planned for joiners that
         # then sit out would leave the waiting request a budget cut by their per-request time.
         joining = [] if self._admitted_waiting else self._best_effort_joining(running, bound)
@@ -238,11 +243,15 @@ class Planner:
             return [r.state.best_effort or self._yields(r) for r in running]
         for r in running:
             r.state.yielded_steps = 0
-        bound = self.step_bound(running, now)
+        bound = min(self._bounds(_admitted_decodes(running), now))  # no slack for best effort (``token_budget``)
         if math.isinf(bound):
             return [False] * len(running)
         joining = {id(r) for r in self._best_effort_joining(running, bound)}
         return [r.state.best_effort and id(r) not in joining for r in running]
+
+    def _admitted_prefill(self, running: Sequence[LiveRequest]) -> bool:
+        """An admitted prompt is under way, or waits to start (as ``held_back`` was told)."""
+        return self._admitted_waiting or any(not r.decoding and not r.state.best_effort for r in running)
 
     def _yields(self, r: LiveRequest) -> bool:
         """Whether an admitted running request gives this step to the admitted prefill that waits.
