@@ -76,7 +76,10 @@ def serve(
     api_key: Annotated[str | None, typer.Option(help="Require this key as a Bearer token.")] = None,
     scheduler: Annotated[
         str,
-        typer.Option(help="sloserve (the SLO planner), sloserve-edf (deadline order only) or vllm (stock)."),
+        typer.Option(
+            help="sloserve (the SLO planner), an ablation of it (sloserve-dp, sloserve-arrival, sloserve-tpot, "
+            "sloserve-edf: deadline order only) or vllm (stock)."
+        ),
     ] = "sloserve",
     step_log: Annotated[
         Path | None, typer.Option(help="Append one JSON line per engine step (features, durations) to this file.")

@@ -32,6 +32,7 @@ SCHEDULERS = {
     "sloserve": "sloserve_runtime.scheduler.SLOScheduler",  # the planner: budget, admission, best effort
     "sloserve-dp": "sloserve_runtime.scheduler.SLOScheduler",  # the planner, promoting by SLOs-Serve's DP
     "sloserve-arrival": "sloserve_runtime.scheduler.SLOScheduler",  # the planner, admission at arrival only
+    "sloserve-tpot": "sloserve_runtime.scheduler.SLOScheduler",  # the planner, one TPOT a step (no window slack)
     "sloserve-edf": "sloserve_runtime.scheduler.SLOScheduler",  # deadline order only (an ablation)
     "vllm": None,  # vLLM's stock v1 scheduler, for comparisons that differ only in the scheduler
 }
