@@ -167,9 +167,14 @@ class Planner:
         least one TPOT, so this never plans a tighter step than the per-step rule unless a
         window is behind.
         """
+        count = len(decodes)
+        # The decodes alone overrun: no plan keeps the windows. (Their step without context is a
+        # lower bound, and a crowded engine stops there without a pass over the decodes.)
+        if self.step_time.step_seconds(count, count) > tpot_bound:
+            return tpot_bound
         context = sum(r.context + 1 for r in decodes)
-        decode_only = self.step_time.step_seconds(len(decodes), len(decodes), context, context)
-        if decode_only > tpot_bound:  # the decodes alone overrun: no plan keeps the windows
+        decode_only = self.step_time.step_seconds(count, count, context, context)
+        if decode_only > tpot_bound:
             return tpot_bound
         bound = math.inf
         for r in decodes:
@@ -204,7 +209,7 @@ class Planner:
         per_step, bound = self._bounds(decodes, now)
         if math.isinf(bound):
             return self.max_budget
-        if not self._admitted_prefill(running):
+        if bound > per_step and not self._admitted_prefill(running):
             # Window slack goes to admitted prompts only: best effort that got a first token from it
             # could no longer be promoted, and would then decode only on leftover time.
             bound = min(bound, per_step)
