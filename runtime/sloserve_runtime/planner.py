@@ -6,7 +6,8 @@ policy, on ``LiveRequest`` views of their own request objects.
 * **Budget.** The tightest TPOT among the admitted requests that decode bounds the step time;
   the step-time model turns that bound into the most tokens a step may schedule. Decodes come
   first (the policy's running order), prefill chunks get what is left, earliest first-token
-  deadline first.
+  deadline first. With window slack on (the ``sloserve`` policy), a step that runs an admitted
+  prompt may spend what fast tokens left in the decodes' 10-token attainment windows.
 * **Admission.** A new request is admitted only if every admitted request stays feasible: the
   decodes it adds must still fit a step within the tightest TPOT, and a forward simulation of
   the prefill queue in deadline order, at the budget those decodes leave, must still bring every
