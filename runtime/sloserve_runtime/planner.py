@@ -210,10 +210,12 @@ class Planner:
         per_step, bound = self._bounds(decodes, now)
         if math.isinf(bound):
             return self.max_budget
-        if bound > per_step and not self._admitted_prefill(running):
+        # The first admitted prefill chunk under way, if any (running requests sort in deadline order).
+        chunk = next((r for r in running if not r.decoding and not r.state.best_effort), None)
+        if bound > per_step and chunk is None and not self._admitted_waiting:
             # Window slack goes to admitted prompts only: best effort that got a first token from it
             # could no longer be promoted, and would then decode only on leftover time.
-            bound = min(bound, per_step)
+            bound = per_step
         # Best effort joins only while no admitted prefill waits: a step planned for joiners that
         # then sit out would leave the waiting request a budget cut by their per-request time.
         joining = [] if self._admitted_waiting else self._best_effort_joining(running, bound)
@@ -228,10 +230,10 @@ class Planner:
         # the running chunk a per-request time of tokens every step.
         requests = len(running) - len(_best_effort(running)) + len(joining) + int(waiting)
         # What the decodes leave goes to a prefill chunk: the first running one (vLLM serves running
-        # requests first; they sort in deadline order), or else a prompt that starts. Its attention
-        # grows with its length and with what its prompt has computed so far.
+        # requests first), or else a prompt that starts. Its attention grows with its length and with
+        # what its prompt has computed so far.
         fixed = sum(verified) + len(joining)
-        prefix = next((r.context for r in running if not r.decoding and not r.state.best_effort), 0)
+        prefix = 0 if chunk is None else chunk.context
         budget = fixed + self.step_time.chunk_budget(bound, fixed, requests, context, attended, prefix)
         # Admitted decodes always run: admission keeps them within the bound, and a step that
         # skipped one would break its TPOT for sure.
@@ -254,10 +256,6 @@ class Planner:
             return [False] * len(running)
         joining = {id(r) for r in self._best_effort_joining(running, bound)}
         return [r.state.best_effort and id(r) not in joining for r in running]
-
-    def _admitted_prefill(self, running: Sequence[LiveRequest]) -> bool:
-        """An admitted prompt is under way, or waits to start (as ``held_back`` was told)."""
-        return self._admitted_waiting or any(not r.decoding and not r.state.best_effort for r in running)
 
     def _yields(self, r: LiveRequest) -> bool:
         """Whether an admitted running request gives this step to the admitted prefill that waits.
