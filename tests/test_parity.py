@@ -131,7 +131,7 @@ def vllm_config(profile: Path):
         model=str(ensure_default_model()),
         max_model_len=MAX_MODEL_LEN,
         max_num_batched_tokens=MAX_BATCHED_TOKENS,
-        enable_prefix_caching=False,  # the simulator has no prefix cache
+        enable_prefix_caching=False,  # preempted requests recompute in full (the prefix-cache case is below)
         enforce_eager=True,
         scheduler_cls="sloserve_runtime.scheduler.SLOScheduler",
         additional_config=SLOConfig(profile=str(profile), calibrate=False).to_additional_config(),
@@ -183,6 +183,7 @@ def make_engine(vllm_config, num_blocks: int) -> Engine:
         max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
         max_num_batched_tokens=MAX_BATCHED_TOKENS,
         block_size=block_size,
+        enable_prefix_caching=vllm_config.cache_config.enable_prefix_caching,
     )
     return Engine(make_policy("sloserve", MODEL, MAX_BATCHED_TOKENS), config)
 

@@ -41,6 +41,13 @@ class LiveRequest(NamedTuple):
     def decoding(self) -> bool:
         return self.to_compute <= 1 and self.context > 0
 
+    @classmethod
+    def of(cls, state: SLORequestState, num_tokens: int, computed_tokens: int) -> LiveRequest:
+        """A request with ``num_tokens`` to have computed, ``computed_tokens`` of them done; one that
+        has not started is planned from the prefix the engine's cache is expected to hold for it."""
+        computed = computed_tokens or state.cached_tokens
+        return cls(state, num_tokens - computed, computed)
+
 
 class _DecodeLoad(NamedTuple):
     """The decodes a forward simulation of the prefill queue carries in every step."""

@@ -129,8 +129,9 @@ class SLOScheduler(Scheduler):
 
     def add_request(self, request: Request) -> None:
         state = self._state(request)
+        state.cached_tokens = self._cached_prefix(request)
         live = [self._live(other) for other in (*self.running, *self.waiting)]
-        decision = self.slo_policy.admit(time.time(), LiveRequest(state, request.num_tokens, 0), live)
+        decision = self.slo_policy.admit(time.time(), self._live(request), live)
         super().add_request(request)
         self._notify(request, decision, live)
 
@@ -167,9 +168,24 @@ class SLOScheduler(Scheduler):
                 )  # fmt: skip
 
     def _live(self, request: Request) -> LiveRequest:
-        return LiveRequest(
-            self._state(request), request.num_tokens - request.num_computed_tokens, request.num_computed_tokens
-        )
+        return LiveRequest.of(self._state(request), request.num_tokens, request.num_computed_tokens)
+
+    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        """vLLM sends a request back to recompute; its freed blocks keep their prefix cached."""
+        super()._preempt_request(request, *args, **kwargs)
+        state = self.slo_states.get(request.request_id)
+        if state is not None:
+            state.cached_tokens = self._cached_prefix(request)
+
+    def _cached_prefix(self, request: Request) -> int:
+        """Prompt tokens vLLM's prefix cache holds for a new request now: the blocks its
+        ``schedule()`` will find (read only; the lookup itself happens when the request starts)."""
+        manager = self.kv_cache_manager
+        if not manager.prefix_cache_lookup_enabled(request) or not request.block_hashes:
+            return 0
+        # As vLLM's own lookup: the last token is always computed, for the logits of the next.
+        _, hit, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes, request.num_tokens - 1)
+        return hit
 
     def _state(self, request: Request) -> SLORequestState:
         state = self.slo_states.get(request.request_id)

@@ -53,6 +53,9 @@ class SLORequestState:
     yielded_steps: int = 0  # steps in a row this decode (no TPOT target) gave up to a waiting prefill
     admission: str = "admitted"  # the planner's decision and its reason
     output_tokens: int = 0  # output tokens so far, as last recorded (``record_output``)
+    # Until it starts: the prompt tokens the engine's prefix cache is expected to hold for it (an
+    # earlier call of its program left them), which its prefill will not compute.
+    cached_tokens: int = 0
     # When its last output tokens came (up to one attainment window): the planner's window slack.
     token_times: deque[float] = field(default_factory=lambda: deque(maxlen=ATTAINMENT_WINDOW), repr=False)
 

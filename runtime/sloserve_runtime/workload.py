@@ -19,6 +19,10 @@ class StageSpec:
     output_tokens: int  # tokens it generates (the bench forces this with ignore_eos)
     slo: SLO  # its objective (TTFT usually a slowdown, TPOT in ms)
     delay_s: float = 0.0  # wait after the previous stage ends (e.g. a tool's run time)
+    # Leading prompt tokens the call shares with what its program sent or got before: the previous
+    # call's prompt and output (a program that carries its context), or a fixed prefix every call of
+    # the program starts with. A prefix cache may skip computing them.
+    shared_prefix_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,9 @@ class ProgramClass(_Spec):
                 if max_model_len is not None:
                     prompt, output = _fit(prompt, output, max_model_len)
                 delay = stage.delay(rng) if calls else 0.0  # the first call starts when the program arrives
-                calls.append(StageSpec(stage.name, prompt, output, stage.slo(slo_scale), delay))
+                # The context leads the prompt; a fitted prompt may keep only part of it.
+                shared = min(context, prompt)
+                calls.append(StageSpec(stage.name, prompt, output, stage.slo(slo_scale), delay, shared))
                 context = prompt + output if self.accumulate else prefix
         return tuple(calls)
 

@@ -22,6 +22,9 @@ class SimConfig:
     max_num_seqs: int = 256  # vLLM's cap on running requests
     max_num_batched_tokens: int | None = None  # tokens per step; None: the profile's own chunk size
     block_size: int = 16  # tokens per KV block
+    # vLLM's automatic prefix caching (on by default in vLLM v1): a program's later call, or a
+    # preempted request, starts from the blocks its program left cached, if they were not evicted.
+    enable_prefix_caching: bool = True
     # Speculative decoding, as vLLM's ``--speculative-config``: drafts a decode may verify per step
     # (0: off), and the chance that each draft is accepted (after all drafts before it were).
     num_speculative_tokens: int = 0

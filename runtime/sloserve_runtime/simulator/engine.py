@@ -33,7 +33,7 @@ class Engine:
     def __init__(self, policy: SchedulingPolicy, config: SimConfig, seed: int = 0) -> None:
         self.policy = policy
         self.config = config
-        self.kv = KVCache(config.kv_capacity_blocks, config.block_size)
+        self.kv = KVCache(config.kv_capacity_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting = WaitingQueue(policy)
         self.running: list[SimRequest] = []
         # Unfinished requests the policy admitted (not best effort): all the planner weighs a new
@@ -51,6 +51,9 @@ class Engine:
 
     def add(self, request: SimRequest, now: float) -> None:
         """A request arrives at ``now``: the policy decides on its admission, then it waits."""
+        # The planner weighs the prefill left after the prefix its program left cached, as vLLM's
+        # scheduler will find it (unless it is evicted first).
+        request.state.cached_tokens = self.kv.hit_tokens(request.program_index, request.cache_limit)
         decision = self.policy.admit(now, request.live(), [admitted.live() for admitted in self.admitted.values()])
         request.result.admission, request.result.best_effort = decision.reason, not decision.admitted
         if decision.admitted:
@@ -109,7 +112,7 @@ class Engine:
                         request.computed_tokens += 1
                 request.emit_token(now)
                 if request.finished:
-                    self.kv.free(request)
+                    self.kv.release(request, request.program_index, request.computed_tokens)
                     self.admitted.pop(id(request), None)
                     finished.append(request)
         if finished:
@@ -183,8 +186,10 @@ class Engine:
             # to compute fits in free blocks, not just its first chunk.
             if not self.kv.fits(request.num_tokens):
                 return
-            count = min(request.num_tokens, budget)
-            admitted = self.kv.allocate(request, count)
+            if request.computed_tokens == 0:  # vLLM looks up the prefix cache as a request starts
+                request.computed_tokens = self.kv.claim(request, request.program_index, request.cache_limit)
+            count = min(request.num_tokens - request.computed_tokens, budget)
+            admitted = self.kv.allocate(request, request.computed_tokens + count)
             assert admitted, "a chunk of a sequence that fits must fit"
             self.running.append(self.waiting.pop())
             requests.append(request)
@@ -192,8 +197,13 @@ class Engine:
             budget -= count
 
     def _preempt(self, request: SimRequest) -> None:
-        """Free the request's KV and send it to the front of the waiting queue to recompute."""
-        self.kv.free(request)
+        """Free the request's KV and send it to the front of the waiting queue to recompute.
+
+        As in vLLM, its freed blocks keep their prefix: the recomputation may start from them.
+        """
+        self.kv.release(request, request.program_index, request.computed_tokens)
+        request.shared_prefix_tokens = request.computed_tokens
         request.computed_tokens = 0
+        request.state.cached_tokens = self.kv.hit_tokens(request.program_index, request.cache_limit)
         self.preemptions += 1
         self.waiting.push_front(request)

@@ -24,10 +24,19 @@ class SimRequest:
     result: StageResult  # filled in as tokens come out (its token_times list is appended to)
     num_tokens: int  # prompt plus output tokens so far: what a (re)computation must cover
     computed_tokens: int = 0  # tokens whose KV exists; reset to 0 by a preemption (recompute)
+    # Leading tokens its program computed before (an earlier call, or this request before it was
+    # preempted): what the prefix cache may hold for it.
+    shared_prefix_tokens: int = 0
 
     def live(self) -> LiveRequest:
         """The planner's view of this request."""
-        return LiveRequest(self.state, self.num_tokens - self.computed_tokens, self.computed_tokens)
+        return LiveRequest.of(self.state, self.num_tokens, self.computed_tokens)
+
+    @property
+    def cache_limit(self) -> int:
+        """The most tokens it may take from the prefix cache: the shared prefix, and never its last
+        token, which must be computed for the logits of the next one (as in vLLM)."""
+        return min(self.shared_prefix_tokens, self.num_tokens - 1)
 
     @property
     def decoding(self) -> bool:

@@ -43,7 +43,10 @@ class StageCalls:
         state = SLORequestState.create(
             f"{program_index}/{stage_index}", stage.slo, arrival, stage.prompt_tokens, step_time
         )
-        return SimRequest(program_index, stage_index, state, stage.output_tokens, result, stage.prompt_tokens)
+        return SimRequest(
+            program_index, stage_index, state, stage.output_tokens, result, stage.prompt_tokens,
+            shared_prefix_tokens=stage.shared_prefix_tokens,
+        )  # fmt: skip
 
     def next_stage(self, request: SimRequest, finished_at: float) -> tuple[float, int] | None:
         """(arrival time, stage index) of the program's next stage call, or None after the last."""
