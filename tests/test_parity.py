@@ -20,6 +20,8 @@ import pytest
 import torch
 from vllm.engine.arg_utils import EngineArgs
 from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import get_hash_fn_by_name
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
@@ -124,19 +126,30 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def vllm_config(profile: Path):
+def engine_config(profile: Path, prefix_caching: bool):
     """The engine config ``sloserve serve`` gives vLLM, for the default model (loads its HF config: slow)."""
     args = EngineArgs(
         model=str(ensure_default_model()),
         max_model_len=MAX_MODEL_LEN,
         max_num_batched_tokens=MAX_BATCHED_TOKENS,
-        enable_prefix_caching=False,  # preempted requests recompute in full (the prefix-cache case is below)
+        enable_prefix_caching=prefix_caching,
         enforce_eager=True,
         scheduler_cls="sloserve_runtime.scheduler.SLOScheduler",
         additional_config=SLOConfig(profile=str(profile), calibrate=False).to_additional_config(),
     )
     return args.create_engine_config()
+
+
+@pytest.fixture(scope="module")
+def vllm_config(profile: Path):
+    """Without prefix caching: a preempted request recomputes in full (the cached case is below)."""
+    return engine_config(profile, prefix_caching=False)
+
+
+@pytest.fixture(scope="module")
+def vllm_config_cached(profile: Path):
+    """With vLLM's automatic prefix caching, as ``sloserve serve`` runs by default."""
+    return engine_config(profile, prefix_caching=True)
 
 
 class Clock:
@@ -188,10 +201,19 @@ def make_engine(vllm_config, num_blocks: int) -> Engine:
     return Engine(make_policy("sloserve", MODEL, MAX_BATCHED_TOKENS), config)
 
 
-def vllm_request(index: int, spec: Spec) -> Request:
+def vllm_request(index: int, spec: Spec, block_hasher=None) -> Request:
     params = SamplingParams(max_tokens=spec.output, ignore_eos=True, extra_args=slo_to_xargs(spec.slo, spec.arrival))
     prompt = [100 + 1000 * index + k % 1000 for k in range(spec.prompt)]  # no prefix shared with another
-    return Request(spec.name, prompt, params, None, arrival_time=spec.arrival)
+    return Request(spec.name, prompt, params, None, arrival_time=spec.arrival, block_hasher=block_hasher)
+
+
+def block_hasher(vllm_config):
+    """What vLLM's engine core hashes each request's full blocks with, when prefix caching is on."""
+    if not vllm_config.cache_config.enable_prefix_caching:
+        return None
+    hash_fn = get_hash_fn_by_name(vllm_config.cache_config.prefix_caching_hash_algo)
+    init_none_hash(hash_fn)
+    return get_request_block_hasher(vllm_config.cache_config.block_size, hash_fn)
 
 
 def sim_request(index: int, spec: Spec) -> SimRequest:
@@ -210,6 +232,7 @@ class Lockstep:
         self.clock = clock
         self.scheduler = make_scheduler(vllm_config, scenario.num_blocks)
         self.engine = make_engine(vllm_config, scenario.num_blocks)
+        self.block_hasher = block_hasher(vllm_config)
         self.pending = sorted(enumerate(scenario.specs), key=lambda item: item[1].at)
         self.now = NOW
         # Each request's SLO state on either side (the adapter drops its own once a request finishes).
@@ -229,7 +252,7 @@ class Lockstep:
         self.clock.now = self.now
         while self.pending and self.pending[0][1].arrival <= self.now:
             index, spec = self.pending.pop(0)
-            self.scheduler.add_request(vllm_request(index, spec))
+            self.scheduler.add_request(vllm_request(index, spec, self.block_hasher))
             self.vllm_states[spec.name] = self.scheduler.slo_states[spec.name]
             sim = sim_request(index, spec)
             self.engine.add(sim, self.now)
@@ -333,3 +356,15 @@ def test_every_step_matches(vllm_config, clock, name):
         assert seen["promotions"] >= 3 and seen["best_effort"] >= 3
     if name == "kv-tight":
         assert seen["preemptions"] > 0
+
+
+def test_preempted_requests_recompute_from_the_prefix_cache_alike(vllm_config, vllm_config_cached, clock):
+    """With prefix caching on both sides, a preempted request's freed blocks keep its prefix: both
+    restart it from the same cached tokens, step for step."""
+    lockstep = Lockstep(vllm_config_cached, clock, SCENARIOS["kv-tight"])
+    seen = run_to_completion(lockstep)
+    assert seen["preemptions"] > 0
+    assert lockstep.engine.kv.hit_tokens_total > 0  # a recomputation started from cached blocks
+    # The same trace without the cache takes more steps: the hits spared real work.
+    uncached = run_to_completion(Lockstep(vllm_config, clock, SCENARIOS["kv-tight"]))
+    assert seen["steps"] < uncached["steps"]

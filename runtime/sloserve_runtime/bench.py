@@ -12,7 +12,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -47,10 +47,14 @@ class Endpoint:
         return response.json()["data"][0]
 
 
-def synthetic_prompt(program_id: int, stage_index: int, length: int, salt: int) -> list[int]:
-    """Random token ids; ``salt`` differs per run so no run hits the prefix cache an earlier run filled."""
+def synthetic_prompt(
+    program_id: int, stage_index: int, length: int, salt: int, shared: Sequence[int] = ()
+) -> list[int]:
+    """``shared`` (what the program sent and got before, cut to the stage's shared prefix), then
+    random token ids; ``salt`` differs per run so no run hits the prefix cache an earlier run filled."""
     rng = np.random.default_rng([salt, program_id, stage_index])
-    return rng.integers(*VOCAB_RANGE, size=length).tolist()
+    shared = list(shared[:length])
+    return shared + rng.integers(*VOCAB_RANGE, size=length - len(shared)).tolist()
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,14 @@ class _Run:
     send_slo: bool = True
 
 
-async def _stage_call(run: _Run, program: ProgramSpec, index: int, stage: StageSpec) -> StageResult:
+async def _stage_call(
+    run: _Run, program: ProgramSpec, index: int, stage: StageSpec, prompt: list[int]
+) -> tuple[StageResult, list[int]]:
+    """Send one stage call and stream its tokens; returns its result and the output token ids."""
+    output_ids: list[int] = []
     body = {
         "model": run.model,
-        "prompt": synthetic_prompt(program.program_id, index, stage.prompt_tokens, run.salt),
+        "prompt": prompt,
         "max_tokens": stage.output_tokens,
         "ignore_eos": True,
         "stream": True,
@@ -92,17 +100,19 @@ async def _stage_call(run: _Run, program: ProgramSpec, index: int, stage: StageS
         async with run.client.stream("POST", "/completions", json=body) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
-                return result
+                return result, output_ids
             async for line in _sse_lines(response):
                 if not line.startswith("data:") or line.endswith("[DONE]"):
                     continue
                 now = time.time()
                 for choice in json.loads(line[5:]).get("choices") or []:
-                    count = len(choice.get("token_ids") or []) or (1 if choice.get("text") else 0)
+                    token_ids = choice.get("token_ids") or []
+                    output_ids.extend(token_ids)
+                    count = len(token_ids) or (1 if choice.get("text") else 0)
                     result.token_times.extend([now] * count)
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
-    return result
+    return result, output_ids
 
 
 async def _sse_lines(response: httpx.Response) -> AsyncIterator[str]:
@@ -121,13 +131,17 @@ async def _sse_lines(response: httpx.Response) -> AsyncIterator[str]:
 async def _program(run: _Run, program: ProgramSpec) -> list[StageResult]:
     await asyncio.sleep(max(0.0, run.start + program.arrival_s - time.time()))
     results = []
+    sent_and_got: list[int] = []  # the previous call's prompt and output: what later calls may lead with
     for index, stage in enumerate(program.stages):
         if stage.delay_s:
             await asyncio.sleep(stage.delay_s)
-        result = await _stage_call(run, program, index, stage)
+        shared = sent_and_got[: stage.shared_prefix_tokens]
+        prompt = synthetic_prompt(program.program_id, index, stage.prompt_tokens, run.salt, shared)
+        result, output_ids = await _stage_call(run, program, index, stage, prompt)
         results.append(result)
         if result.error:
             break  # a later stage depends on this one's output
+        sent_and_got = prompt + output_ids
     return results
 
 

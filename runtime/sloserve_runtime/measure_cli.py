@@ -198,6 +198,13 @@ def simulate_command(
     calibrate: Annotated[
         bool, typer.Option(help="The schedulers refit their profile to the simulated steps, as sloserve serve does.")
     ] = False,
+    enable_prefix_caching: Annotated[
+        bool,
+        typer.Option(
+            help="vLLM's automatic prefix caching (on by default, as in vLLM): a program's later calls "
+            "and preempted requests start from the blocks their program left cached."
+        ),
+    ] = True,
     json_out: JsonOut = None,
     plot: PlotOut = None,
 ) -> None:
@@ -212,7 +219,7 @@ def simulate_command(
     config = _profile(profile)
     if planner_profile is not None:
         config = dataclasses.replace(config, planner_step_time=_profile(planner_profile, "--planner-profile").step_time)
-    config = dataclasses.replace(config, calibrate=calibrate)
+    config = dataclasses.replace(config, calibrate=calibrate, enable_prefix_caching=enable_prefix_caching)
     if not 0.0 <= spec_acceptance <= 1.0:
         raise MeasureError(f"--spec-acceptance {spec_acceptance}: give a probability between 0 and 1")
     drafts = _counts("--speculative-tokens", speculative_tokens, minimum=0)

@@ -67,18 +67,21 @@ class SimConfig:
 
     @classmethod
     def from_profile(cls, path: str | Path) -> SimConfig:
-        """The config of a profile JSON, with its ``kv_capacity_tokens`` when it states one."""
-        data = json.loads(Path(path).read_text())
-        return cls(
-            step_time=StepTimeModel.load(path),
-            kv_capacity_tokens=data.get("kv_capacity_tokens", DEFAULT_KV_CAPACITY_TOKENS),
-        )
+        """The config of a profile JSON, with its ``kv_capacity_tokens`` and ``block_size`` when it states them."""
+        return cls(step_time=StepTimeModel.load(path), **_engine_limits(json.loads(Path(path).read_text())))
 
     @classmethod
     def for_step_time(cls, step_time: StepTimeModel) -> SimConfig:
-        """Defaults for ``step_time``; the KV capacity comes from the bundled profile of that name."""
+        """Defaults for ``step_time``; the KV capacity and block size come from the bundled profile of that name."""
         profile = PROFILES_DIR / f"{step_time.name}.json"
         if not profile.is_file():
             return cls(step_time=step_time)
-        capacity = json.loads(profile.read_text()).get("kv_capacity_tokens", DEFAULT_KV_CAPACITY_TOKENS)
-        return cls(step_time=step_time, kv_capacity_tokens=capacity)
+        return cls(step_time=step_time, **_engine_limits(json.loads(profile.read_text())))
+
+
+def _engine_limits(profile: dict) -> dict[str, int]:
+    """The KV cache a profile states for its engine: capacity in tokens, and its block size."""
+    limits = {"kv_capacity_tokens": profile.get("kv_capacity_tokens", DEFAULT_KV_CAPACITY_TOKENS)}
+    if "block_size" in profile:
+        limits["block_size"] = profile["block_size"]
+    return limits
