@@ -390,11 +390,25 @@ class Planner:
         counted whole.
         """
         clock, load = self._forward_start(now, admitted, len(pending))
+        first_bound = self._slack_bound(now, admitted)
         times = {}
         for request in sorted(pending, key=_prefill_order):
-            clock, load = self._prefill(clock, load, request)
+            clock, load = self._prefill(clock, load, request, first_bound)
+            first_bound = None
             times[request.state.request_id] = clock
         return times
+
+    def _slack_bound(self, now: float, admitted: list[LiveRequest]) -> float | None:
+        """The bound of the next prefill step, where the decodes' window slack lets it run longer
+        than one TPOT (``_window_bound``), as ``token_budget`` will let it; None: no slack.
+
+        Only that one step is planned longer: the steps after it are held to a TPOT each, which
+        errs late while the windows recover.
+        """
+        if self.window_reserve is None or self.speculation is not None:
+            return None
+        per_step, window = self._bounds(_admitted_decodes(admitted), now)
+        return window if per_step < window < math.inf else None
 
     def _forward_start(self, now: float, admitted: list[LiveRequest], pending: int) -> tuple[float, _DecodeLoad]:
         """When the first of ``pending`` prefills can start, and the decodes every step carries until then."""
@@ -412,8 +426,21 @@ class Planner:
             clock += self._free_step_seconds(load)
         return clock, load
 
-    def _prefill(self, clock: float, load: _DecodeLoad, request: LiveRequest) -> tuple[float, _DecodeLoad]:
-        """``request``'s prefill from ``clock`` beside the decodes of ``load``: its first token's time, then load."""
+    def _prefill(
+        self, clock: float, load: _DecodeLoad, request: LiveRequest, first_bound: float | None = None
+    ) -> tuple[float, _DecodeLoad]:
+        """``request``'s prefill from ``clock`` beside the decodes of ``load``: its first token's time, then load.
+
+        ``first_bound``: its first step may take this long (window slack), not just one TPOT.
+        """
+        if first_bound is not None and request.to_compute > 0:
+            seconds, chunk = self._prefill_rate(load, request.context, first_bound)
+            if chunk >= request.to_compute:  # the whole prefill in that one step
+                clock += self._step_seconds(load, request.to_compute, request.context)
+                return clock, self._with_decode(load, request.state.tpot_seconds, request.context + request.to_compute)
+            if chunk > 0:
+                clock += seconds
+                request = request._replace(to_compute=request.to_compute - chunk, context=request.context + chunk)
         if self.step_time.context_aware:
             clock, steps = self._chunked(clock, load, request)
         else:  # every chunk costs the same: count whole steps
@@ -483,14 +510,15 @@ class Planner:
         attended = load.context + attended_pairs(prefill, prefix + prefill)
         return self.step_time.step_seconds(tokens, requests, context, attended)
 
-    def _prefill_rate(self, load: _DecodeLoad, prefix: int = 0) -> tuple[float, int]:
+    def _prefill_rate(self, load: _DecodeLoad, prefix: int = 0, bound: float | None = None) -> tuple[float, int]:
         """Seconds per full step, and prefill tokens per step, while the decodes of ``load`` run beside
-        chunks that follow ``prefix`` computed tokens of their prompt.
+        chunks that follow ``prefix`` computed tokens of their prompt. ``bound``: the step's bound
+        (headroom included), if not one TPOT of ``load``.
         """
         if math.isinf(load.bound):
             prefill = max(self.max_budget - load.tokens, 0)
         else:
-            requests, bound = load.requests + 1, load.bound * self.headroom
+            requests, bound = load.requests + 1, load.bound * self.headroom if bound is None else bound
             chunk = self.step_time.chunk_budget(bound, load.tokens, requests, load.context, load.context, prefix)
             prefill = max(min(load.tokens + chunk, self.max_budget) - load.tokens, 0)
         return self._step_seconds(load, prefill, prefix), prefill
