@@ -58,7 +58,7 @@ def test_without_prefix_caching_nothing_is_kept():
 def two_calls(shared: int) -> list[ProgramSpec]:
     """A call of 600 prompt tokens, then one 1 s later whose prompt carries the first's 600 + 40 tokens."""
     first = StageSpec("think", prompt_tokens=600, output_tokens=40, slo=LOOSE)
-    second = StageSpec("answer", prompt_tokens=700, output_tokens=5, slo=LOOSE, delay_s=1.0, shared_prefix_tokens=shared)
+    second = StageSpec("answer", 700, 5, LOOSE, delay_s=1.0, shared_prefix_tokens=shared)
     return [ProgramSpec(0, 0.0, "reasoning", (first, second))]
 
 
@@ -66,7 +66,8 @@ def two_calls(shared: int) -> list[ProgramSpec]:
 def test_a_later_call_computes_only_what_its_program_has_not_cached(policy):
     config = SimConfig(MODEL, block_size=16)
     cached = simulate(two_calls(shared=640), policy, MODEL, config)[1]
-    uncached = simulate(two_calls(shared=640), policy, MODEL, SimConfig(MODEL, block_size=16, enable_prefix_caching=False))[1]
+    no_cache = SimConfig(MODEL, block_size=16, enable_prefix_caching=False)
+    uncached = simulate(two_calls(shared=640), policy, MODEL, no_cache)[1]
     unshared = simulate(two_calls(shared=0), policy, MODEL, config)[1]
     # 639 computed tokens stay cached (the last output token was never computed): 39 whole blocks,
     # so the answer computes 700 - 624 = 76 tokens in one step.
