@@ -390,7 +390,7 @@ class Planner:
         counted whole.
         """
         clock, load = self._forward_start(now, admitted, len(pending))
-        first_bound = self._slack_bound(now, admitted)
+        first_bound = self._slack_bound(now, admitted, load)
         times = {}
         for request in sorted(pending, key=_prefill_order):
             clock, load = self._prefill(clock, load, request, first_bound)
@@ -398,16 +398,21 @@ class Planner:
             times[request.state.request_id] = clock
         return times
 
-    def _slack_bound(self, now: float, admitted: list[LiveRequest]) -> float | None:
+    def _slack_bound(self, now: float, admitted: list[LiveRequest], load: _DecodeLoad) -> float | None:
         """The bound of the next prefill step, where the decodes' window slack lets it run longer
         than one TPOT (``_window_bound``), as ``token_budget`` will let it; None: no slack.
 
         Only that one step is planned longer: the steps after it are held to a TPOT each, which
-        errs late while the windows recover.
+        errs late while the windows recover. ``load``: the admitted decodes' load, whose bound
+        is the per-step one.
         """
-        if self.window_reserve is None or self.speculation is not None:
+        if self.window_reserve is None or self.speculation is not None or not load.requests:
             return None
-        per_step, window = self._bounds(_admitted_decodes(admitted), now)
+        per_step = load.bound * self.headroom
+        # The decodes alone overrun (a crowded engine): no slack, and no pass over them to find it.
+        if self.step_time.step_seconds(load.requests, load.requests) > per_step:
+            return None
+        window = self._window_bound(_admitted_decodes(admitted), now, per_step)
         return window if per_step < window < math.inf else None
 
     def _forward_start(self, now: float, admitted: list[LiveRequest], pending: int) -> tuple[float, _DecodeLoad]:
