@@ -10,10 +10,12 @@ import pytest
 
 from conftest import run_cli
 from sloserve.slo import SLO
+from sloserve_runtime.planner import LiveRequest, Planner
 from sloserve_runtime.scenarios import load_scenario
 from sloserve_runtime.simulator import SimConfig, simulate
 from sloserve_runtime.simulator.kv_cache import KVCache
-from sloserve_runtime.step_time import LinearPiece, StepTimeModel
+from sloserve_runtime.slo_state import SLORequestState
+from sloserve_runtime.step_time import LinearPiece, StepTimeModel, attended_pairs
 from sloserve_runtime.workload import ProgramSpec, StageSpec
 
 MODEL = StepTimeModel("test-prefix", (LinearPiece(per_token=0.001, constant=0.01),), max_num_batched_tokens=512)
@@ -107,3 +109,26 @@ def test_bench_chains_a_programs_calls_so_the_real_engine_reuses_their_prefix(en
     # Each answer call leads with its thinking call's prompt and output: vLLM finds them cached
     # (without the chaining every prompt is fresh random tokens and nothing hits).
     assert prefix_cache_hits(engine.port) - before > 0
+
+
+def test_the_budget_of_a_starting_prompt_counts_the_prefix_its_chunk_attends_to():
+    # A CPU-like profile: a chunk's tokens attend to the cached prefix before them.
+    model = StepTimeModel(
+        "test-attention",
+        (LinearPiece(0.0005, per_request=0.0005, per_context_token=2e-6, constant=0.017, per_attended_pair=4e-7),),
+        max_num_batched_tokens=2048,
+    )
+    planner = Planner(model, max_budget=2048, headroom=1.0)
+    decodes = [LiveRequest(SLORequestState.create(f"d{k}", LOOSE, 0.0, 100, model), 1, 300) for k in range(2)]
+    fresh = planner.token_budget(decodes, waiting=True)
+    cached = planner.token_budget(decodes, waiting=True, start_prefix=1500)
+    assert cached < fresh
+    # The step with that chunk, after its 1,500 cached tokens, stays within the 100 ms TPOT.
+    chunk = cached - 2
+    context = 2 * 301 + 1500 + chunk
+    attended = 2 * 301 + attended_pairs(chunk, 1500 + chunk)
+    assert model.step_seconds(cached, 3, context, attended) <= 0.1
+    # Ignoring the prefix would plan a step past it.
+    chunk = fresh - 2
+    attended = 2 * 301 + attended_pairs(chunk, 1500 + chunk)
+    assert model.step_seconds(fresh, 3, 2 * 301 + 1500 + chunk, attended) > 0.1

@@ -205,11 +205,15 @@ class Planner:
         """Tokens a decode of this tier computes per step: one, or its speculation length."""
         return 1 if self.speculation is None else self.speculation.length(tpot_seconds)
 
-    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True, now: float | None = None) -> int:
+    def token_budget(
+        self, running: Sequence[LiveRequest], waiting: bool = True, now: float | None = None, start_prefix: int = 0
+    ) -> int:
         """Tokens the next step, starting at ``now``, may schedule, given the running requests
         (decodes and chunks); without ``now``, each decode's bound is one TPOT.
 
-        ``waiting``: a request waits that could start this step and take what the running ones leave.
+        ``waiting``: a request waits that could start this step and take what the running ones
+        leave; ``start_prefix``: the prompt tokens the prefix cache holds for it, which its chunk
+        attends to.
         """
         decodes = _admitted_decodes(running)
         if self.speculation is not None:
@@ -240,7 +244,7 @@ class Planner:
         # requests first), or else a prompt that starts. Its attention grows with its length and with
         # what its prompt has computed so far.
         fixed = sum(verified) + len(joining)
-        prefix = 0 if chunk is None else chunk.context
+        prefix = chunk.context if chunk is not None else start_prefix if waiting else 0
         budget = fixed + self.step_time.chunk_budget(bound, fixed, requests, context, attended, prefix)
         # Admitted decodes always run: admission keeps them within the bound, and a step that
         # skipped one would break its TPOT for sure.

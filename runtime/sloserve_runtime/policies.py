@@ -49,9 +49,12 @@ class SchedulingPolicy(ABC):
     def running_key(self, state: SLORequestState, output_tokens: int) -> SortKey:
         """Sort key of a running request that has produced ``output_tokens`` tokens."""
 
-    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True, now: float | None = None) -> int:
+    def token_budget(
+        self, running: Sequence[LiveRequest], waiting: bool = True, now: float | None = None, start_prefix: int = 0
+    ) -> int:
         """Tokens the next step (starting at ``now``) may schedule, given the running requests and
-        whether any request waits that could start; by default the engine's own.
+        whether any request waits that could start (``start_prefix``: the prompt tokens the prefix
+        cache holds for it); by default the engine's own.
         """
         return self.max_budget
 
@@ -137,8 +140,10 @@ class PlannerPolicy(DeadlinePolicy):
         group = 1 if output_tokens == 0 else 2 if math.isinf(state.tpot_seconds) else 0
         return (state.best_effort, group, state.token_deadline(output_tokens), state.tpot_seconds)
 
-    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True, now: float | None = None) -> int:
-        return self.planner.token_budget(running, waiting, now)
+    def token_budget(
+        self, running: Sequence[LiveRequest], waiting: bool = True, now: float | None = None, start_prefix: int = 0
+    ) -> int:
+        return self.planner.token_budget(running, waiting, now, start_prefix)
 
     def admit(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
         decision = self.planner.admit(now, new, live)
@@ -215,7 +220,9 @@ class SarathiPolicy(FCFSPolicy):
     name = "sarathi"
     chunk_tokens = 256
 
-    def token_budget(self, running: Sequence[LiveRequest], waiting: bool = True, now: float | None = None) -> int:
+    def token_budget(
+        self, running: Sequence[LiveRequest], waiting: bool = True, now: float | None = None, start_prefix: int = 0
+    ) -> int:
         return min(self.max_budget, self.chunk_tokens)
 
 

@@ -211,7 +211,9 @@ class SLOScheduler(Scheduler):
         self._defer_running(live, now)  # before the budget: the policy plans the step with what it holds back
         engine_budget = self.max_num_scheduled_tokens
         can_start = bool(self.waiting) and len(self.running) < self.max_num_running_reqs
-        self.max_num_scheduled_tokens = self.slo_policy.token_budget(live, can_start, now)
+        # The request that would start: the head of the ordered queue, and what the cache holds for it.
+        start_prefix = self._state(next(iter(self.waiting))).cached_tokens if can_start else 0
+        self.max_num_scheduled_tokens = self.slo_policy.token_budget(live, can_start, now, start_prefix)
         try:
             output = super().schedule(*args, **kwargs)
         finally:

@@ -76,7 +76,9 @@ class Engine:
         live = [request.live() for request in running]
         held = policy.held_back(live, self._admitted_can_start(), now)
         can_start = len(self.waiting) > 0 and len(running) < self.config.max_num_seqs
-        budget = policy.token_budget(live, can_start, now)
+        # The request that would start: the head of the queue, and what the cache holds for it.
+        start_prefix = self.waiting.peek().state.cached_tokens if can_start else 0
+        budget = policy.token_budget(live, can_start, now, start_prefix)
         budget, preempted = self._schedule_running(budget, held, requests, tokens)
         # vLLM admits no waiting request in a step that had to preempt: memory is short.
         if not preempted:
