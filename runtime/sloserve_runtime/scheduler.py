@@ -178,8 +178,9 @@ class SLOScheduler(Scheduler):
             state.cached_tokens = self._cached_prefix(request)
 
     def _cached_prefix(self, request: Request) -> int:
-        """Prompt tokens vLLM's prefix cache holds for a new request now: the blocks its
-        ``schedule()`` will find (read only; the lookup itself happens when the request starts)."""
+        """Prompt tokens vLLM's prefix cache holds now for a request that has not started (a new
+        one, or one sent back to recompute): the blocks ``schedule()`` will find when it starts,
+        unless they are evicted first (read only; vLLM's own lookup happens then)."""
         manager = self.kv_cache_manager
         if not manager.prefix_cache_lookup_enabled(request) or not request.block_hashes:
             return 0
