@@ -55,13 +55,13 @@ class KVCache:
         self._note_use()
         return True
 
-    def release(self, request: Hashable, key: Hashable | None = None, computed_tokens: int = 0) -> None:
+    def release(self, request: Hashable, key: Hashable, computed_tokens: int) -> None:
         """Give back all of the request's blocks; with prefix caching, those of its first
         ``computed_tokens`` tokens that are full stay cached under ``key`` (replacing what it held)."""
         held = self.held.pop(request, 0)
         self.free_blocks += held
         assert self.free_blocks <= self.capacity_blocks, "freed more KV blocks than were allocated"
-        if not self.prefix_caching or key is None:
+        if not self.prefix_caching:
             return
         self.cached_blocks -= self.cached.pop(key, 0)
         keep = min(held, computed_tokens // self.block_size)
