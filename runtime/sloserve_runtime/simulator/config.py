@@ -67,12 +67,12 @@ class SimConfig:
 
     @classmethod
     def from_profile(cls, path: str | Path) -> SimConfig:
-        """The config of a profile JSON, with its ``kv_capacity_tokens`` and ``block_size`` when it states them."""
+        """The config of a profile JSON, with the engine limits it states (see ``_engine_limits``)."""
         return cls(step_time=StepTimeModel.load(path), **_engine_limits(json.loads(Path(path).read_text())))
 
     @classmethod
     def for_step_time(cls, step_time: StepTimeModel) -> SimConfig:
-        """Defaults for ``step_time``; the KV capacity and block size come from the bundled profile of that name."""
+        """Defaults for ``step_time``; engine limits come from the bundled profile of that name."""
         profile = PROFILES_DIR / f"{step_time.name}.json"
         if not profile.is_file():
             return cls(step_time=step_time)
@@ -80,8 +80,9 @@ class SimConfig:
 
 
 def _engine_limits(profile: dict) -> dict[str, int]:
-    """The KV cache a profile states for its engine: capacity in tokens, and its block size."""
+    """The engine limits a profile states: KV capacity in tokens, block size, cap on running requests."""
     limits = {"kv_capacity_tokens": profile.get("kv_capacity_tokens", DEFAULT_KV_CAPACITY_TOKENS)}
-    if "block_size" in profile:
-        limits["block_size"] = profile["block_size"]
+    for key in ("block_size", "max_num_seqs"):
+        if key in profile:
+            limits[key] = profile[key]
     return limits
