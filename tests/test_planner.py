@@ -40,8 +40,24 @@ def test_budget_shrinks_when_a_tighter_tpot_arrives():
     # Bound 100 ms: (100 - 10) / 1 = 90 tokens; bound 50 ms: 40 tokens.
     assert planner.token_budget(loose) == 90
     assert planner.token_budget([*loose, decoding("t", TIGHT)]) == 40
-    # No TPOT among the running requests: the engine's own budget.
-    assert planner.token_budget([decoding("x", SLO.parse("1s", None))]) == 512
+    # No target at all among the running requests: the engine's own budget.
+    assert planner.token_budget([decoding("x", SLO())]) == 512
+
+
+def test_without_a_tpot_a_step_keeps_to_half_the_tightest_ttft():
+    """A prompt that arrives during a step waits it out: with no TPOT to bound it, the step is held
+    to half the tightest TTFT among the live requests instead of the whole token budget."""
+    planner = Planner(MODEL, max_budget=512, headroom=1.0)
+    ttft_only = [decoding("x", SLO.parse("1s", None)), decoding("y", SLO.parse("300ms", None))]
+    # 150 ms: 10 ms fixed, 1 ms a token, so 140 tokens (two of them the decodes'), give or take
+    # the rounding of the float arithmetic.
+    assert planner.token_budget(ttft_only) == pytest.approx(140, abs=1)
+    # The same decodes are not held back for best effort when it fits: two of 140 tokens.
+    assert planner.held_back(ttft_only, admitted_waiting=False) == [False, False]
+    # A TPOT target among the decodes bounds the step as before (100 ms: 90 tokens).
+    assert planner.token_budget([*ttft_only, decoding("z", LOOSE)]) == 90
+    # Turned off, such a step fills the engine's budget.
+    assert Planner(MODEL, max_budget=512, headroom=1.0, arrival_share=None).token_budget(ttft_only) == 512
 
 
 # 10 ms a step, 1 ms a token, 5 ms a request in the batch: the per-request term matters.

@@ -137,6 +137,10 @@ class Planner:
     window_reserve: float | None = None
     # Steps in a row a decode without a TPOT target may give up to waiting prefills (``_yields``).
     max_yields: int = 4
+    # With no TPOT target among the admitted decodes, a step may take this share of the tightest
+    # TTFT target among the live requests (``_arrival_bound``): a prompt that arrives during a
+    # step waits for it. None: such steps fill the whole token budget.
+    arrival_share: float | None = 0.5
     # How best-effort requests that still wait for their first token are promised their SLO once
     # room returns (``promote``): "none", "edf" (the arrival check, in deadline order) or "dp"
     # (SLOs-Serve's dynamic programme: the most requests that fit together).
@@ -220,7 +224,9 @@ class Planner:
             self.speculation.plan(len(decodes), sum(r.context for r in decodes))
         per_step, bound = self._bounds(decodes, now)
         if math.isinf(bound):
-            return self.max_budget
+            per_step = bound = self._arrival_bound(running)
+            if math.isinf(bound):
+                return self.max_budget
         # The first admitted prefill chunk under way, if any (running requests sort in deadline order).
         chunk = next((r for r in running if not r.decoding and not r.state.best_effort), None)
         if bound > per_step and chunk is None and not self._admitted_waiting:
@@ -264,9 +270,25 @@ class Planner:
             r.state.yielded_steps = 0
         bound = min(self._bounds(_admitted_decodes(running), now))  # no slack for best effort (``token_budget``)
         if math.isinf(bound):
+            bound = self._arrival_bound(running)
+        if math.isinf(bound):
             return [False] * len(running)
         joining = {id(r) for r in self._best_effort_joining(running, bound)}
         return [r.state.best_effort and id(r) not in joining for r in running]
+
+    def _arrival_bound(self, running: Sequence[LiveRequest]) -> float:
+        """How long a step may take when no admitted decode has a TPOT target: ``arrival_share``
+        of the tightest TTFT target among the running requests (inf: none has one).
+
+        Without a TPOT the step has no bound of its own, and leftover budget fills it with
+        best-effort prefill; on the CPU engine a full 512-token step takes about 350 ms, which a
+        prompt that arrives with a 500 ms TTFT would wait out before its own prefill started.
+        The running requests stand for the tiers being served, including those that will arrive.
+        """
+        if self.arrival_share is None:
+            return math.inf
+        ttft = min((r.state.first_token_deadline - r.state.arrival for r in running), default=math.inf)
+        return ttft * self.arrival_share
 
     def _yields(self, r: LiveRequest) -> bool:
         """Whether an admitted running request gives this step to the admitted prefill that waits.
