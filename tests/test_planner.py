@@ -125,9 +125,9 @@ def test_decode_capacity_refuses_the_request_that_would_break_the_tightest_tpot(
 
 def test_an_admitted_request_is_never_made_late_by_a_later_one():
     planner = Planner(MODEL, max_budget=512, headroom=1.0)
-    # Alone, 1,000 prompt tokens take two 512-token steps of 0.522 s after the step under way
-    # (counted whole): 1.566 s, due by 1.8 s, it fits.
-    first = arriving("first", SLO.parse("1800ms", "100ms"), 1000)
+    # Alone, 1,000 prompt tokens take a step of 512 (0.522 s) and one of 488 (0.498 s) from the
+    # next step on (admission runs between steps): 1.02 s, due by 1.2 s, it fits.
+    first = arriving("first", SLO.parse("1200ms", "100ms"), 1000)
     assert planner.admit(0.0, first, []).admitted
     # A later request with an earlier deadline would go first and push `first` past 1.2 s.
     urgent = arriving("urgent", SLO.parse("1100ms", "100ms"), 400)

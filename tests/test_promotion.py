@@ -29,11 +29,11 @@ def names(requests: list[LiveRequest]) -> list[str]:
 
 
 def test_dp_promotes_two_short_prompts_where_edf_takes_the_long_one():
-    # The long prompt's deadline comes first. Taken, it takes two full steps and both short ones
-    # then miss theirs; left out, both short ones come in time. EDF takes what fits in deadline
-    # order; the DP takes the largest set that fits.
+    # The long prompt's deadline comes first. Taken, it takes two full steps (122 ms) and a short
+    # one after it would end at 158 ms, past its deadline; left out, both short ones come in time
+    # (36 and 71 ms). EDF takes what fits in deadline order; the DP takes the largest set that fits.
     long = waiting("long", 1024, deadline=0.150)
-    shorts = [waiting("short-1", 256, deadline=0.160), waiting("short-2", 256, deadline=0.160)]
+    shorts = [waiting("short-1", 256, deadline=0.155), waiting("short-2", 256, deadline=0.155)]
     candidates = [long, *shorts]
     assert names(Planner(MODEL, 512, promotion="edf").promote(0.0, candidates, [])) == ["long"]
     assert names(Planner(MODEL, 512, promotion="dp").promote(0.0, candidates, [])) == ["short-1", "short-2"]
@@ -41,10 +41,10 @@ def test_dp_promotes_two_short_prompts_where_edf_takes_the_long_one():
 
 
 @pytest.mark.parametrize("promotion", ["edf", "dp"])
-@pytest.mark.parametrize(("admitted_deadline", "promoted"), [(0.200, []), (0.260, ["early"])])
+@pytest.mark.parametrize(("admitted_deadline", "promoted"), [(0.150, []), (0.200, ["early"])])
 def test_promotion_never_makes_an_admitted_request_late(promotion, admitted_deadline, promoted):
-    # The admitted prompt is on time alone (about 184 ms, counting the step under way); with the
-    # candidate ahead of it (an earlier deadline), which then decodes beside it, at about 255 ms.
+    # The admitted prompt is on time alone (two full steps from the next one: 122 ms); with the
+    # candidate ahead of it (an earlier deadline, one full step), at about 184 ms.
     admitted = waiting("admitted", 1024, deadline=admitted_deadline, best_effort=False)
     candidate = waiting("early", 512, deadline=0.130)
     planner = Planner(MODEL, 512, promotion=promotion)

@@ -10,6 +10,7 @@ from sloserve.slo import SLO, judge
 from sloserve_runtime.planner import LiveRequest, Planner
 from sloserve_runtime.simulator import simulate
 from sloserve_runtime.slo_state import SLORequestState
+from sloserve_runtime.speculation import TierSpeculation
 from sloserve_runtime.step_time import LinearPiece, StepTimeModel
 from sloserve_runtime.workload import ProgramSpec, StageSpec
 
@@ -154,3 +155,21 @@ def test_admission_plans_the_prompt_in_the_step_the_window_slack_allows():
     first = with_slack.first_token_time(now, new, decodes) - now
     assert first == pytest.approx(0.1 + 0.020 + 0.301, abs=1e-6)
     assert per_step.first_token_time(now, new, decodes) - now == pytest.approx(0.1 + 3 * 0.1 + 0.084, abs=1e-6)
+
+
+def test_speculation_keeps_the_window_slack_of_its_decodes():
+    """With speculation a step already counts on the tokens drafts yield; the windows' slack for
+    the next token can still let one step run longer, never shorter, than that per-step bound."""
+    speculation = TierSpeculation(MODEL, max_length=4, prior=0.6)
+    planner = Planner(MODEL, max_budget=512, headroom=1.0, window_reserve=0.75, speculation=speculation)
+    fast = decode_state([0.04] * 20)
+    decodes = [LiveRequest(fast, 1, 200)]
+    now = last_token(fast)
+    per_step = planner.step_bound(decodes)
+    assert per_step >= 0.1  # one TPOT times the tokens a step yields over a window
+    # The next token may come 325 ms after the last (as without speculation) and the step spends it.
+    assert planner.step_bound(decodes, now) == pytest.approx(max(per_step, 0.325))
+    assert budget(planner, decodes, now) > budget(planner, decodes, None)
+    # A decode behind on its windows: the per-step bound stays.
+    late = decode_state([0.05] * 20 + [0.93 / 9] * 9)
+    assert planner.step_bound([LiveRequest(late, 1, 200)], last_token(late)) == pytest.approx(per_step)

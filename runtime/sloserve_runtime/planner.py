@@ -163,8 +163,12 @@ class Planner:
     def _bounds(self, decodes: Sequence[LiveRequest], now: float | None = None) -> tuple[float, float]:
         """(one TPOT a step, the bound with window slack) for a step of these admitted decodes."""
         bound = min((self._seconds_per_step(r.state.tpot_seconds) for r in decodes), default=math.inf) * self.headroom
-        if now is None or math.isinf(bound) or self.window_reserve is None or self.speculation is not None:
+        if now is None or math.isinf(bound) or self.window_reserve is None:
             return bound, bound
+        if self.speculation is not None:
+            # A step brings each decode at least one token, so the windows' bound for one token
+            # holds; the per-step bound already counts on the tokens speculation yields.
+            return bound, max(bound, self._window_bound(decodes, now, bound))
         return bound, self._window_bound(decodes, now, bound)
 
     def _window_bound(self, decodes: Sequence[LiveRequest], now: float, tpot_bound: float) -> float:
@@ -278,16 +282,18 @@ class Planner:
 
     def _arrival_bound(self, running: Sequence[LiveRequest]) -> float:
         """How long a step may take when no admitted decode has a TPOT target: ``arrival_share``
-        of the tightest TTFT target among the running requests (inf: none has one).
+        of the tightest TTFT target among the admitted running requests (inf: none has one).
 
         Without a TPOT the step has no bound of its own, and leftover budget fills it with
         best-effort prefill; on the CPU engine a full 512-token step takes about 350 ms, which a
         prompt that arrives with a 500 ms TTFT would wait out before its own prefill started.
-        The running requests stand for the tiers being served, including those that will arrive.
+        The admitted running requests stand for the tiers being served, including those that
+        will arrive (a best-effort request's target was out of reach: it sets no bound).
         """
         if self.arrival_share is None:
             return math.inf
-        ttft = min((r.state.first_token_deadline - r.state.arrival for r in running), default=math.inf)
+        targets = (r.state.first_token_deadline - r.state.arrival for r in running if not r.state.best_effort)
+        ttft = min(targets, default=math.inf)
         return ttft * self.arrival_share
 
     def _yields(self, r: LiveRequest) -> bool:
@@ -404,7 +410,9 @@ class Planner:
             return Decision(False, f"TTFT: would make admitted request {broken[0].state.request_id} late")
         return ADMITTED  # those already late are late with or without it
 
-    def _first_tokens(self, now: float, pending: list[LiveRequest], admitted: list[LiveRequest]) -> dict[str, float]:
+    def _first_tokens(
+        self, now: float, pending: list[LiveRequest], admitted: list[LiveRequest], step_under_way: bool = False
+    ) -> dict[str, float]:
         """Predicted first-token times (by request id) of ``pending`` prefills, one after another.
 
         Prefills already under way (some KV computed) go first whatever their deadlines, as vLLM
@@ -412,10 +420,13 @@ class Planner:
         decodes with a TPOT target take their tokens first in every step (those without one run
         one step in ``max_yields + 1``, as ``held_back`` lets them); each prefill, once done,
         decodes too and narrows the prefill budget of the ones after it (finishing decodes are
-        not counted: the prediction errs late). The step under way when the request arrives is
-        counted whole.
+        not counted: the prediction errs late).
+
+        ``step_under_way``: the engine is mid-step, and the step is counted whole (a router
+        placing a request). Admission and promotion run between steps, where vLLM's engine core
+        adds requests and schedules: the next step is the first the prefill can join.
         """
-        clock, load = self._forward_start(now, admitted, len(pending))
+        clock, load = self._forward_start(now, admitted, len(pending), step_under_way)
         first_bound = self._slack_bound(now, admitted, load)
         times = {}
         for request in sorted(pending, key=_prefill_order):
@@ -432,7 +443,7 @@ class Planner:
         errs late while the windows recover. ``load``: the admitted decodes' load, whose bound
         is the per-step one.
         """
-        if self.window_reserve is None or self.speculation is not None or not load.requests:
+        if self.window_reserve is None or not load.requests:
             return None
         per_step = load.bound * self.headroom
         # The decodes alone overrun (a crowded engine): no slack, and no pass over them to find it.
@@ -441,10 +452,14 @@ class Planner:
         window = self._window_bound(_admitted_decodes(admitted), now, per_step)
         return window if per_step < window < math.inf else None
 
-    def _forward_start(self, now: float, admitted: list[LiveRequest], pending: int) -> tuple[float, _DecodeLoad]:
+    def _forward_start(
+        self, now: float, admitted: list[LiveRequest], pending: int, step_under_way: bool
+    ) -> tuple[float, _DecodeLoad]:
         """When the first of ``pending`` prefills can start, and the decodes every step carries until then."""
         load = self._decode_load([r for r in admitted if r.decoding])
         clock = now
+        if not step_under_way:
+            return clock, load
         if load.requests:
             # A step is under way, and the budget lets it fill the bound: best-effort work and
             # prefill chunks take what the decodes leave.
@@ -613,7 +628,7 @@ class Planner:
             return []
         waiting = [r for r in admitted if not r.decoding]
         tiers = sorted({r.state.tpot_seconds for r in pending})
-        clock, load = self._forward_start(now, admitted, len(waiting) + len(pending))
+        clock, load = self._forward_start(now, admitted, len(waiting) + len(pending), step_under_way=False)
         on_time = {}  # the admitted prefills' first tokens with nothing promoted
         end, after = clock, load
         for request in sorted(waiting, key=_prefill_order):
@@ -646,9 +661,10 @@ class Planner:
     def first_token_time(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> float:
         """When ``new``'s first token is predicted if it joined the admitted requests in ``live`` now.
 
-        The forward simulation admission runs (prefills under way first, then deadline order). A
-        router compares it with the deadline to find the replica with the most slack.
+        The forward simulation admission runs (prefills under way first, then deadline order),
+        after the step the replica is in the middle of. A router compares it with the deadline to
+        find the replica with the most slack.
         """
         admitted = [r for r in live if not r.state.best_effort and r.state is not new.state]
         waiting = [r for r in admitted if not r.decoding]
-        return self._first_tokens(now, [*waiting, new], admitted)[new.state.request_id]
+        return self._first_tokens(now, [*waiting, new], admitted, step_under_way=True)[new.state.request_id]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sloserve_runtime.planner import Planner
 from sloserve_runtime.policies import PlannerPolicy, make_policy
@@ -20,11 +20,13 @@ class Replica:
     engine: Engine
     planner: Planner  # what the router asks about feasibility: the policy's own planner where it has one
     stepping: bool = False  # whether a step is under way or due (else the engine idles)
+    # Requests placed here during the step under way: the engine adds them when it ends.
+    arrived: list[SimRequest] = field(default_factory=list)
 
     def view(self) -> ReplicaView:
         engine = self.engine
         admitted = [request.live() for request in engine.admitted.values()]
-        return ReplicaView(self.planner, admitted, load=len(engine.running) + len(engine.waiting))
+        return ReplicaView(self.planner, admitted, load=len(engine.running) + len(engine.waiting) + len(self.arrived))
 
 
 class Cluster:

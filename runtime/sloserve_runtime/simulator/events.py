@@ -36,9 +36,12 @@ class StageArrival(Event):
         if request is None:
             return []
         replica = sim.cluster.place(request, self.time)
-        replica.engine.add(request, self.time)
         if replica.stepping:
+            # vLLM's engine core adds the requests that came in during a step before it schedules
+            # the next one: admission runs then, between steps.
+            replica.arrived.append(request)
             return []
+        replica.engine.add(request, self.time)
         # An idle engine wakes up at once, as vLLM's busy loop does when a request comes in.
         replica.stepping = True
         return [EngineStep(self.time, replica)]
@@ -53,6 +56,9 @@ class EngineStep(Event):
 
     def handle(self, sim: Simulation) -> list[Event]:
         engine = self.replica.engine
+        for request in self.replica.arrived:
+            engine.add(request, self.time)
+        self.replica.arrived.clear()
         batch = engine.schedule(self.time)
         if batch is None:
             if engine.has_work:
