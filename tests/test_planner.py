@@ -46,7 +46,7 @@ def test_budget_shrinks_when_a_tighter_tpot_arrives():
 
 def test_without_a_tpot_a_step_keeps_to_half_the_tightest_ttft():
     """A prompt that arrives during a step waits it out: with no TPOT to bound it, the step is held
-    to half the tightest TTFT among the live requests instead of the whole token budget."""
+    to half the tightest TTFT among the admitted running requests instead of the whole token budget."""
     planner = Planner(MODEL, max_budget=512, headroom=1.0)
     ttft_only = [decoding("x", SLO.parse("1s", None)), decoding("y", SLO.parse("300ms", None))]
     # 150 ms: 10 ms fixed, 1 ms a token, so 140 tokens (two of them the decodes'), give or take
@@ -58,6 +58,19 @@ def test_without_a_tpot_a_step_keeps_to_half_the_tightest_ttft():
     assert planner.token_budget([*ttft_only, decoding("z", LOOSE)]) == 90
     # Turned off, such a step fills the engine's budget.
     assert Planner(MODEL, max_budget=512, headroom=1.0, arrival_share=None).token_budget(ttft_only) == 512
+
+
+def test_decodes_that_sit_out_leave_the_arrival_budget_to_the_prompt():
+    # 10 ms a step, 1 ms a token, 5 ms a request. While an admitted prompt waits, the two decodes
+    # without a TPOT sit the step out: the prompt alone gets 150 - 10 - 5 = 135 tokens, not what
+    # is left after two decodes that do not run (123).
+    planner = Planner(PER_REQUEST, max_budget=512, headroom=1.0)
+    ttft_only = [decoding("x", SLO.parse("1s", None)), decoding("y", SLO.parse("300ms", None))]
+    assert planner.held_back(ttft_only, admitted_waiting=True) == [True, True]
+    assert planner.token_budget(ttft_only) == pytest.approx(135, abs=1)
+    # With nobody waiting they run, and each is charged its token and request.
+    assert planner.held_back(ttft_only, admitted_waiting=False) == [False, False]
+    assert planner.token_budget(ttft_only, waiting=False) == pytest.approx(2 + 150 - 10 - 10 - 2, abs=1)
 
 
 # 10 ms a step, 1 ms a token, 5 ms a request in the batch: the per-request term matters.

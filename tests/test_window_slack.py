@@ -138,20 +138,20 @@ def test_window_slack_keeps_every_window_and_brings_first_tokens_sooner():
 
 
 def test_admission_plans_the_prompt_in_the_step_the_window_slack_allows():
-    # A 300-token prompt with a 450 ms TTFT, after the step under way (planned at one TPOT): one
-    # step of it beside the decode takes 321 ms, but chunked to one TPOT a step (79 tokens each
-    # beside the decode's one) it takes four steps, and its first token would come at 484 ms.
+    # A 300-token prompt with a 350 ms TTFT, admitted between steps: one step of it beside the
+    # decode takes 321 ms, but chunked to one TPOT a step (79 tokens each beside the decode's one)
+    # it takes four steps, and its first token would come at 384 ms.
     fast = decode_state([0.04] * 20)
     now = last_token(fast)
     decodes = [LiveRequest(fast, 1, 200)]
-    slo = SLO.parse("450ms", "100ms")
+    slo = SLO.parse("350ms", "100ms")
     new = LiveRequest(SLORequestState.create("new", slo, now, 300, MODEL), 300, 0)
     with_slack = Planner(MODEL, max_budget=512, headroom=1.0, window_reserve=0.75)
     per_step = Planner(MODEL, max_budget=512, headroom=1.0)
     assert with_slack.admit(now, new, decodes).admitted
     refused = per_step.admit(now, new, decodes)
     assert not refused.admitted and refused.reason.startswith("TTFT")
-    # The prediction: the step under way (one TPOT), then the prompt whole in one step.
+    # A router's prediction (mid-step): the step under way (one TPOT), then the prompt whole in one step.
     first = with_slack.first_token_time(now, new, decodes) - now
     assert first == pytest.approx(0.1 + 0.020 + 0.301, abs=1e-6)
     assert per_step.first_token_time(now, new, decodes) - now == pytest.approx(0.1 + 3 * 0.1 + 0.084, abs=1e-6)

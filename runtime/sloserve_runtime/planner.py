@@ -138,8 +138,8 @@ class Planner:
     # Steps in a row a decode without a TPOT target may give up to waiting prefills (``_yields``).
     max_yields: int = 4
     # With no TPOT target among the admitted decodes, a step may take this share of the tightest
-    # TTFT target among the live requests (``_arrival_bound``): a prompt that arrives during a
-    # step waits for it. None: such steps fill the whole token budget.
+    # TTFT target among the admitted running requests (``_arrival_bound``): a prompt that arrives
+    # during a step waits for it. None: such steps fill the whole token budget.
     arrival_share: float | None = 0.5
     # How best-effort requests that still wait for their first token are promised their SLO once
     # room returns (``promote``): "none", "edf" (the arrival check, in deadline order) or "dp"
@@ -150,6 +150,8 @@ class Planner:
     # Whether an admitted request waits to start, as the engine said this step (``held_back``,
     # called before ``token_budget``) or as an admission since implies.
     _admitted_waiting: bool = field(default=False, repr=False)
+    # The running requests (by their SLO state's id) that ``held_back`` sat out this step.
+    _sitting_out: set[int] = field(default_factory=set, repr=False)
 
     # ---- per-step budget ----
 
@@ -228,9 +230,7 @@ class Planner:
             self.speculation.plan(len(decodes), sum(r.context for r in decodes))
         per_step, bound = self._bounds(decodes, now)
         if math.isinf(bound):
-            per_step = bound = self._arrival_bound(running)
-            if math.isinf(bound):
-                return self.max_budget
+            return self._arrival_budget(running, waiting, start_prefix)
         # The first admitted prefill chunk under way, if any (running requests sort in deadline order).
         chunk = next((r for r in running if not r.decoding and not r.state.best_effort), None)
         if bound > per_step and chunk is None and not self._admitted_waiting:
@@ -269,16 +269,37 @@ class Planner:
         """
         self._admitted_waiting = admitted_waiting
         if admitted_waiting:
-            return [r.state.best_effort or self._yields(r) for r in running]
-        for r in running:
-            r.state.yielded_steps = 0
-        bound = min(self._bounds(_admitted_decodes(running), now))  # no slack for best effort (``token_budget``)
+            held = [r.state.best_effort or self._yields(r) for r in running]
+        else:
+            for r in running:
+                r.state.yielded_steps = 0
+            bound = min(self._bounds(_admitted_decodes(running), now))  # no slack for best effort (``token_budget``)
+            if math.isinf(bound):
+                held = [False] * len(running)
+            else:
+                joining = {id(r) for r in self._best_effort_joining(running, bound)}
+                held = [r.state.best_effort and id(r) not in joining for r in running]
+        self._sitting_out = {id(r.state) for r, sits in zip(running, held, strict=True) if sits}
+        return held
+
+    def _arrival_budget(self, running: Sequence[LiveRequest], waiting: bool, start_prefix: int) -> int:
+        """The budget of a step when no admitted decode has a TPOT target (``arrival_share``).
+
+        Every decode that runs this step (``held_back`` said which sit out) gets its token; a
+        prefill chunk (the first running one, or a prompt that starts) gets what is left of the
+        arrival bound. Without a TTFT among the admitted requests either, the engine's budget.
+        """
+        bound = self._arrival_bound(running)
         if math.isinf(bound):
-            bound = self._arrival_bound(running)
-        if math.isinf(bound):
-            return [False] * len(running)
-        joining = {id(r) for r in self._best_effort_joining(running, bound)}
-        return [r.state.best_effort and id(r) not in joining for r in running]
+            return self.max_budget
+        decodes = [r for r in running if r.decoding and id(r.state) not in self._sitting_out]
+        chunk = next((r for r in running if not r.decoding and id(r.state) not in self._sitting_out), None)
+        context = sum(r.context + 1 for r in decodes)
+        prefix = chunk.context if chunk is not None else start_prefix if waiting else 0
+        requests = len(decodes) + int(chunk is not None or waiting)
+        fixed = len(decodes)
+        budget = fixed + self.step_time.chunk_budget(bound, fixed, requests, context, context, prefix)
+        return max(fixed, min(budget, self.max_budget), 1)
 
     def _arrival_bound(self, running: Sequence[LiveRequest]) -> float:
         """How long a step may take when no admitted decode has a TPOT target: ``arrival_share``
