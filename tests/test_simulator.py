@@ -252,3 +252,28 @@ def test_simulate_cli_labels_speculating_schedulers(tmp_path):
     assert [row["scheduler"] for row in rows] == ["sloserve", "sloserve+spec4"]
     bad = run_cli("simulate", "--scenario", "coding", "--speculative-tokens", "-1", "--rate", "1")
     assert bad.returncode != 0 and "--speculative-tokens" in bad.stderr
+
+
+def test_a_request_that_arrives_mid_step_joins_when_the_step_ends(monkeypatch):
+    """As vLLM's engine core adds requests between steps, the simulated engine admits a request
+    that arrives during a step when that step ends, and an idle engine at once."""
+    from sloserve_runtime.simulator.engine import Engine
+
+    model = StepTimeModel("toy", (LinearPiece(per_token=0.001, constant=0.010),), max_num_batched_tokens=512)
+    slo = SLO.parse("5s", "100ms")
+    trace = [
+        ProgramSpec(0, 0.0, "chatbot", (StageSpec("chat", prompt_tokens=500, output_tokens=2, slo=slo),)),
+        ProgramSpec(1, 0.1, "chatbot", (StageSpec("chat", prompt_tokens=50, output_tokens=2, slo=slo),)),
+    ]
+    added: list[float] = []
+    original = Engine.add
+
+    def recording_add(self, request, now):  # noqa: ANN001, ANN202
+        added.append(now)
+        return original(self, request, now)
+
+    monkeypatch.setattr(Engine, "add", recording_add)
+    results = simulate(trace, "sloserve", model)
+    # The first prompt runs whole in one 0.51 s step; the second, sent at 0.1 s, joins after it.
+    assert added == pytest.approx([0.0, 0.51])
+    assert results[1].arrival == pytest.approx(0.1) and results[1].token_times[0] > 0.51
