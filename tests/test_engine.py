@@ -170,8 +170,10 @@ async def test_tight_request_jumps_a_queue_of_loose_ones(aclient, engine):
     ]
     tasks = [asyncio.create_task(job) for job in loose]
     await asyncio.sleep(0.5)  # the long prompts are queued in the engine by now
-    # Tight, yet attainable on a slow machine: the planner would send a hopeless request to best effort.
-    tasks.append(asyncio.create_task(send("tight", "Say hi.", {"ttft_ms": 3000})))
+    # Tight, yet attainable on a slow machine: the planner would send a hopeless request to best
+    # effort. On an AVX2-only CPU a 512-token chunk takes about 2.4 s, and the prefills already
+    # under way (which go first) take two or three of them.
+    tasks.append(asyncio.create_task(send("tight", "Say hi.", {"ttft_ms": 10_000})))
     await asyncio.gather(*tasks)
     # FCFS would finish it last; deadline order lets at most the in-flight prefills go first
     assert finished.index("tight") <= 2, finished
