@@ -150,8 +150,8 @@ class Planner:
     # Whether an admitted request waits to start, as the engine said this step (``held_back``,
     # called before ``token_budget``) or as an admission since implies.
     _admitted_waiting: bool = field(default=False, repr=False)
-    # The running requests (by their SLO state's id) that ``held_back`` sat out this step.
-    _sitting_out: set[int] = field(default_factory=set, repr=False)
+    # What ``held_back`` said of each running request this step (True: it sits the step out).
+    _held: list[bool] = field(default_factory=list, repr=False)
 
     # ---- per-step budget ----
 
@@ -279,7 +279,7 @@ class Planner:
             else:
                 joining = {id(r) for r in self._best_effort_joining(running, bound)}
                 held = [r.state.best_effort and id(r) not in joining for r in running]
-        self._sitting_out = {id(r.state) for r, sits in zip(running, held, strict=True) if sits}
+        self._held = held
         return held
 
     def _arrival_budget(self, running: Sequence[LiveRequest], waiting: bool, start_prefix: int) -> int:
@@ -292,8 +292,10 @@ class Planner:
         bound = self._arrival_bound(running)
         if math.isinf(bound):
             return self.max_budget
-        decodes = [r for r in running if r.decoding and id(r.state) not in self._sitting_out]
-        chunk = next((r for r in running if not r.decoding and id(r.state) not in self._sitting_out), None)
+        # ``held_back`` saw the same running requests in the same order (the engines ask it first).
+        held = self._held if len(self._held) == len(running) else [False] * len(running)
+        decodes = [r for r, sits in zip(running, held, strict=True) if r.decoding and not sits]
+        chunk = next((r for r, sits in zip(running, held, strict=True) if not r.decoding and not sits), None)
         context = sum(r.context + 1 for r in decodes)
         prefix = chunk.context if chunk is not None else start_prefix if waiting else 0
         requests = len(decodes) + int(chunk is not None or waiting)
