@@ -158,7 +158,7 @@ def measure(out: Path) -> None:
                 f"median {statistics.median(times) * 1000:.2f} ms",
                 flush=True,
             )
-    free, total = torch.cuda.mem_get_info()
+    _, total = torch.cuda.mem_get_info()
     properties = torch.cuda.get_device_properties(0)
     info = {
         "gpu": properties.name,

@@ -125,10 +125,10 @@ def command(options: ServerOptions) -> list[str]:
     if options.model is None:
         # tool_choice="required" needs a tool parser; SmolLM2's chat format is Hermes-like (ChatML).
         args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-    if is_cpu_build() and not _names_dtype(options.extra_args):
-        args += ["--dtype", cpu_dtype()]
     if is_cpu_build():
         args += ["--enforce-eager"]
+        if not _names_dtype(options.extra_args):
+            args += ["--dtype", cpu_dtype()]
     if options.api_key:
         args += ["--api-key", options.api_key]
     return args + list(options.extra_args)
