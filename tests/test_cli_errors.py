@@ -62,3 +62,11 @@ def test_serve_refuses_a_bad_default_slo(flag):
     assert result.returncode == 2
     assert f"invalid SLO {flag}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_profile_it_cannot_find():
+    result = run_cli("serve", "--port", "1", "--profile", "h100-nope", timeout=60)
+    assert result.returncode == 2
+    assert "--profile 'h100-nope': no such file or bundled profile" in result.stderr
+    assert "a100-opt13b-slos-serve" in result.stderr  # it says what there is
+    assert "Traceback" not in result.stderr

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import SERVER_DEFAULT_TPOT_MS
 from sloserve.slo import SLO
-from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel, attended_pairs
+from sloserve_runtime.step_time import StepTimeModel, attended_pairs, engine_profile
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 OUTCOME_KEYS = {"ttft_target_ms", "ttft_slowdown", "tpot_target_ms", "ttft_ms", "tpot_ms",
@@ -126,7 +126,7 @@ def test_slowdown_target_resolves_with_the_profile(client, engine):
         model=engine.model, messages=QUESTION, max_tokens=4, extra_body={"slo": {"ttft_ms": "3x"}}
     )
     outcome = response.model_extra["slo"]
-    prefill_ms = StepTimeModel.load(DEFAULT_PROFILE).prefill_seconds(response.usage.prompt_tokens) * 1000
+    prefill_ms = StepTimeModel.load(engine_profile()).prefill_seconds(response.usage.prompt_tokens) * 1000
     assert outcome["ttft_slowdown"] == 3.0
     assert outcome["ttft_target_ms"] == pytest.approx(3 * prefill_ms, rel=1e-3)
 
@@ -255,7 +255,7 @@ async def test_scheduler_calibrates_its_profile_to_the_engine(engine):
     assert fits, "no calibration line in the engine's log"
     window, scale, offset_ms = int(fits[-1][0]), float(fits[-1][1]), float(fits[-1][2])
     assert 0.5 <= scale <= 2.0
-    profile = StepTimeModel.load(DEFAULT_PROFILE)
+    profile = StepTimeModel.load(engine_profile())
     calibrated = profile.calibrated(scale, offset_ms / 1000)
     steps = [json.loads(line) for line in engine.step_log.read_text().splitlines()]
     cycles = [step for step in steps if "cycle_seconds" in step][-window:]

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from sloserve_runtime.profile_fit import StepSample, fit_step_time
+from sloserve_runtime.profiler import read_steps
 from sloserve_runtime.simulator import SimConfig
-from sloserve_runtime.step_time import PROFILES_DIR, LinearPiece, StepTimeModel, attended_pairs
+from sloserve_runtime.step_time import FLOAT32_PROFILE, PROFILES_DIR, LinearPiece, StepTimeModel, attended_pairs
 
 
 def synthetic(model: StepTimeModel, count: int, noise: float, seed: int = 1) -> list[StepSample]:
@@ -92,6 +93,7 @@ def test_fit_uses_the_engine_cycle_where_it_was_measured():
 
 
 GPU_STEPS = Path(__file__).parents[1] / "docs" / "data" / "gpu-h200-steps" / "steps.jsonl"
+CPU_FP32_STEPS = Path(__file__).parents[1] / "docs" / "data" / "cpu-avx2-steps" / "steps.jsonl"
 
 
 def test_bundled_gpu_profile_is_the_fit_of_its_measured_steps():
@@ -118,3 +120,15 @@ def test_profile_states_its_engine_limits():
     assert config.kv_capacity_tokens == 132_000
     # A profile that states none keeps the simulator's defaults.
     assert SimConfig.from_profile(PROFILES_DIR / "a100-opt13b-slos-serve.json").max_num_seqs == SimConfig.max_num_seqs
+
+
+def test_bundled_float32_cpu_profile_is_the_fit_of_its_measured_steps():
+    """What `sloserve serve` plans with on an AVX2-only CPU is what `sloserve profile` fitted to its steps."""
+    samples = read_steps(CPU_FP32_STEPS)
+    bundled = StepTimeModel.load(FLOAT32_PROFILE)
+    refit = fit_step_time(samples, bundled.name, bundled.source, bundled.max_num_batched_tokens)
+    assert refit.r2_heldout > 0.95
+    assert len(samples) == 1748
+    assert len(refit.model.pieces) == len(bundled.pieces)
+    for fitted, shipped in zip(refit.model.pieces, bundled.pieces, strict=True):
+        assert dataclasses.astuple(fitted) == pytest.approx(dataclasses.astuple(shipped), rel=1e-6)

@@ -80,7 +80,7 @@ def test_mixed_interleaves_three_kinds_in_equal_shares():
     assert {program.stages[0].name for program in trace if program.kind == "coding"} == {"complete"}
 
 
-def test_slo_scale_doubles_tpot_only():
+def test_slo_scale_doubles_targets_in_ms_and_keeps_slowdowns():
     scenario = load_scenario("reasoning")
     base, scaled = scenario.trace(1.0, 50, seed=4), scenario.trace(1.0, 50, seed=4, slo_scale=2.0)
     for program, twin in zip(base, scaled, strict=True):
@@ -88,6 +88,14 @@ def test_slo_scale_doubles_tpot_only():
             assert double.slo.tpot_ms == 2 * call.slo.tpot_ms
             assert double.slo.ttft_slowdown == call.slo.ttft_slowdown
             assert (double.prompt_tokens, double.output_tokens) == (call.prompt_tokens, call.output_tokens)
+    base, scaled = (
+        load_scenario("chat-ttft").trace(1.0, 5, seed=4),
+        load_scenario("chat-ttft").trace(1.0, 5, seed=4, slo_scale=5.0),
+    )
+    for program, twin in zip(base, scaled, strict=True):
+        assert program.stages[0].slo.ttft_ms == 500
+        assert twin.stages[0].slo.ttft_ms == 2500
+        assert twin.stages[0].slo.tpot_ms is None
 
 
 def test_length_scale_shrinks_every_length():

@@ -1,8 +1,23 @@
-"""The vLLM command line ``sloserve serve`` builds: the dtype follows the CPU, a user's choice wins."""
+"""The vLLM command line ``sloserve serve`` builds: the dtype follows the CPU, a user's choice wins,
+and the planner's profile is the one measured in that dtype unless the user names another."""
 
 from __future__ import annotations
 
-from sloserve_runtime.server import ServerOptions, command, cpu_dtype, is_cpu_build
+import json
+from pathlib import Path
+
+import pytest
+
+from sloserve_runtime.hardware import cpu_dtype
+from sloserve_runtime.server import ServerOptions, command, is_cpu_build
+from sloserve_runtime.step_time import (
+    DEFAULT_PROFILE,
+    FLOAT32_PROFILE,
+    PROFILES_DIR,
+    StepTimeModel,
+    engine_profile,
+    resolve_profile,
+)
 
 
 def test_cpu_dtype_follows_what_the_cpu_computes_natively(tmp_path):
@@ -30,3 +45,36 @@ def test_the_command_names_one_dtype_and_the_users_wins():
         assert "--enforce-eager" in chosen
     else:
         assert "--dtype" not in chosen
+
+
+def test_each_dtype_has_its_own_measured_profile():
+    assert engine_profile("float32") == FLOAT32_PROFILE
+    assert engine_profile("bfloat16") == DEFAULT_PROFILE
+    assert engine_profile() == engine_profile(cpu_dtype())
+    bf16, fp32 = StepTimeModel.load(DEFAULT_PROFILE), StepTimeModel.load(FLOAT32_PROFILE)
+    assert "float32" in json.loads(FLOAT32_PROFILE.read_text())["model"]
+    # Both describe the same engine limits; float32 without AVX512-BF16 is the slower machine.
+    assert fp32.max_num_batched_tokens == bf16.max_num_batched_tokens == 512
+    assert fp32.prefill_seconds(512) > bf16.prefill_seconds(512)
+
+
+def _additional_config(args: list[str]) -> dict:
+    return json.loads(args[args.index("--additional-config") + 1])["sloserve"]
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "expected"),
+    [(["--dtype", "float32"], FLOAT32_PROFILE), (["--dtype=bfloat16"], DEFAULT_PROFILE)],
+)
+def test_the_planner_gets_the_profile_of_the_dtype_the_engine_runs(extra_args, expected):
+    options = ServerOptions(model="/models/any", extra_args=extra_args)
+    assert Path(options.profile_path) == expected
+    assert Path(_additional_config(command(options))["profile"]) == expected
+
+
+def test_a_named_profile_wins_and_a_wrong_name_says_what_there_is():
+    options = ServerOptions(model="/models/any", profile="a100-opt13b-slos-serve", extra_args=["--dtype", "float32"])
+    assert Path(_additional_config(command(options))["profile"]) == PROFILES_DIR / "a100-opt13b-slos-serve.json"
+    assert resolve_profile(str(FLOAT32_PROFILE)) == FLOAT32_PROFILE
+    with pytest.raises(ValueError, match="no such file or bundled profile; bundled: .*cpu-smollm2-135m-fp32"):
+        resolve_profile("h100-nope")

@@ -23,6 +23,7 @@ from sloserve_runtime.app_loader import AppFileError, load_app, pick_program
 from sloserve_runtime.model import ModelConversionError
 from sloserve_runtime.report import program_attainment, stage_table
 from sloserve_runtime.runner import program_inputs, run_program
+from sloserve_runtime.step_time import resolve_profile
 
 cli = typer.Typer(
     name="sloserve",
@@ -91,6 +92,13 @@ def serve(
             "budget) or reject (HTTP 429 with Retry-After). A request may ask otherwise with x-slo-admission."
         ),
     ] = "best-effort",
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            help="The step-time profile the planner starts from: a bundled name (a100-opt13b-slos-serve, ...) "
+            "or a JSON from `sloserve profile` (default: the default model's, for the dtype this CPU runs)."
+        ),
+    ] = None,
     calibrate: Annotated[
         bool,
         typer.Option(
@@ -114,6 +122,11 @@ def serve(
         raise _fail(f"--step-log needs one of our schedulers ({ours}): steps are timed inside them")
     if step_log is not None and not step_log.resolve().parent.is_dir():
         raise _fail(f"--step-log {step_log}: folder {step_log.resolve().parent} does not exist")
+    if profile is not None:
+        try:
+            profile = str(resolve_profile(profile).resolve())
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
     options = server.ServerOptions(
         model=model,
         host=host,
@@ -121,6 +134,7 @@ def serve(
         default_slo=_default_slo(slo_ttft_ms, slo_tpot_ms),
         api_key=api_key,
         scheduler=scheduler,
+        profile=profile,
         step_log=None if step_log is None else str(step_log.resolve()),
         calibrate=calibrate,
         admission=admission,

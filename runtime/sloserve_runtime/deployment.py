@@ -60,7 +60,7 @@ def token_counter(model: str | None) -> Callable[[dict[str, Any]], int]:
 def build_gateway(
     replicas: ReplicaSet, infos: list[dict[str, Any]], options: server.ServerOptions, router: str
 ) -> Gateway:
-    step_time = StepTimeModel.load(options.profile)
+    step_time = StepTimeModel.load(options.profile_path)
     return Gateway(
         infos,
         router,

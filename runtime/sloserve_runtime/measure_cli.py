@@ -23,7 +23,7 @@ from sloserve_runtime.router import ROUTERS
 from sloserve_runtime.scenarios import ALL_SCENARIOS, SCENARIO_NAMES, load_scenario
 from sloserve_runtime.scenarios import Scenario as ScenarioSpec
 from sloserve_runtime.simulator import SimConfig
-from sloserve_runtime.step_time import DEFAULT_PROFILE, PROFILES_DIR
+from sloserve_runtime.step_time import DEFAULT_PROFILE, engine_profile, resolve_profile
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 
@@ -33,7 +33,9 @@ Rates = Annotated[str | None, typer.Option(help="A sweep: comma-separated rates.
 Capacity = Annotated[bool, typer.Option(help="Search the highest rate with >= 90 % attainment.")]
 NumRequests = Annotated[int, typer.Option(help="Programs per run (a flat request is a program of one stage).")]
 Seed = Annotated[int, typer.Option(help="Seed of the trace: the same seed gives the same trace.")]
-SloScale = Annotated[float, typer.Option(help="Multiply every TPOT target (slower hardware).")]
+SloScale = Annotated[
+    float, typer.Option(help="Multiply every target in ms: TPOT, and TTFT where not a slowdown (slower hardware).")
+]
 LengthScale = Annotated[float, typer.Option(help="Multiply every prompt and output length.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")]
 PlotOut = Annotated[Path | None, typer.Option("--plot", help="Write attainment-vs-rate and TTFT CDF plots here.")]
@@ -88,13 +90,10 @@ def _scenario(name: str) -> ScenarioSpec:
 
 
 def _profile(path: str, option: str = "--profile") -> SimConfig:
-    candidate = Path(path)
-    if not candidate.is_file():
-        candidate = PROFILES_DIR / f"{path}.json"
-    if not candidate.is_file():
-        names = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.json")))
-        raise MeasureError(f"{option} {path!r}: no such file or bundled profile; bundled: {names}")
-    return SimConfig.from_profile(candidate)
+    try:
+        return SimConfig.from_profile(resolve_profile(path, option))
+    except ValueError as exc:
+        raise MeasureError(str(exc)) from None
 
 
 def _summary_row(summary: Summary) -> list[str]:
@@ -161,7 +160,9 @@ def json_entry(scenario: str, label: str, measurement: Measurement) -> dict:
 
 def simulate_command(
     scenario: Annotated[str, typer.Option(help=f"One of {', '.join(SCENARIO_NAMES)}, or all.")] = "all",
-    profile: Annotated[str, typer.Option(help="A profile JSON, or a bundled profile's name.")] = str(DEFAULT_PROFILE),
+    profile: Annotated[
+        str, typer.Option(help="A profile JSON, or a bundled profile's name (default: this CPU's engine).")
+    ] = engine_profile().stem,
     scheduler: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(POLICIES)}.")] = "sloserve,vllm-fcfs",
     replicas: Annotated[
         str, typer.Option(help="Engine replicas behind a router; comma-separated counts run each, e.g. 1,2,4,8.")
@@ -355,7 +356,9 @@ def bench_command(
             "the scenario's SLOs still judge them."
         ),
     ] = False,
-    profile: Annotated[str, typer.Option(help="Profile that resolves TTFT slowdowns.")] = str(DEFAULT_PROFILE),
+    profile: Annotated[
+        str, typer.Option(help="Profile that resolves TTFT slowdowns (default: this CPU's engine, as the server's).")
+    ] = engine_profile().stem,
     seed: Seed = 0,
     slo_scale: SloScale = 1.0,
     length_scale: LengthScale = 1.0,

@@ -33,7 +33,7 @@ from sloserve.slo import SLO, SLOError, judge, parse_tpot, parse_ttft
 from sloserve_runtime import slo_metrics
 from sloserve_runtime.admission import ADMISSION_MODES, BEST_EFFORT, REJECT, XARG_TAG, Notice, NoticeBoard
 from sloserve_runtime.slo_state import slo_to_xargs
-from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel
+from sloserve_runtime.step_time import StepTimeModel, engine_profile
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -108,7 +108,7 @@ class SLOMiddleware:
         self.app = app
         self.default_slo = server_default_slo()
         self.default_admission = server_admission()
-        self.step_time = StepTimeModel.load(os.environ.get(ENV_PROFILE) or DEFAULT_PROFILE)
+        self.step_time = StepTimeModel.load(os.environ.get(ENV_PROFILE) or engine_profile())
         notices = os.environ.get(ENV_NOTICES)
         self.board = NoticeBoard.at(notices) if notices else None
 

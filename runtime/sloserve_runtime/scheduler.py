@@ -33,7 +33,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.logger import init_logger
@@ -47,7 +47,7 @@ from sloserve_runtime.planner import Decision, LiveRequest
 from sloserve_runtime.policies import make_policy
 from sloserve_runtime.server import parent_death_signal
 from sloserve_runtime.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_xargs
-from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel, attended_pairs
+from sloserve_runtime.step_time import StepTimeModel, attended_pairs, engine_profile
 
 CONFIG_KEY = "sloserve"
 # Under vLLM's logger, so the engine's log shows our lines in its own format.
@@ -59,7 +59,7 @@ class SLOConfig:
     """What the scheduler reads from vLLM's ``additional_config["sloserve"]``."""
 
     default_slo: SLO = SLO()  # applies to requests that carry no SLO of their own
-    profile: str = str(DEFAULT_PROFILE)  # step-time profile used to resolve TTFT slowdowns
+    profile: str = field(default_factory=lambda: str(engine_profile()))  # step-time profile (TTFT slowdowns)
     step_log: str | None = None  # if set, append one JSON line per engine step (features, seconds)
     policy: str = "sloserve"  # a name from ``policies.POLICIES``
     notices: str | None = None  # ZeroMQ address the front end reads admission notices from
@@ -70,7 +70,7 @@ class SLOConfig:
         section = (additional_config or {}).get(CONFIG_KEY, {}) if isinstance(additional_config, dict) else {}
         return cls(
             default_slo=SLO.parse(section.get("default_ttft"), section.get("default_tpot")),
-            profile=section.get("profile") or str(DEFAULT_PROFILE),
+            profile=section.get("profile") or str(engine_profile()),
             step_log=section.get("step_log"),
             policy=section.get("policy") or "sloserve",
             notices=section.get("notices"),

@@ -22,9 +22,10 @@ import httpx
 from sloserve.slo import SLO
 from sloserve_runtime import settings
 from sloserve_runtime.admission import ADMISSION_MODES, BEST_EFFORT
+from sloserve_runtime.hardware import cpu_dtype
 from sloserve_runtime.middleware import ENV_ADMISSION, ENV_DEFAULT_TPOT, ENV_DEFAULT_TTFT, ENV_NOTICES, ENV_PROFILE
 from sloserve_runtime.model import DEFAULT_MODEL_NAME, ensure_default_model
-from sloserve_runtime.step_time import DEFAULT_PROFILE
+from sloserve_runtime.step_time import DEFAULT_PROFILE, engine_profile, resolve_profile
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
@@ -52,7 +53,7 @@ class ServerOptions:
     default_slo: SLO = SLO()  # server-wide SLO defaults
     api_key: str | None = None
     scheduler: str = "sloserve"  # a key of SCHEDULERS
-    profile: str = str(DEFAULT_PROFILE)  # step-time profile for TTFT slowdowns
+    profile: str | None = None  # step-time profile (path or bundled name); None: the engine's own (``profile_path``)
     max_model_len: int = 2048
     max_num_batched_tokens: int = 512  # the chunked-prefill chunk size
     step_log: str | None = None  # if set, the scheduler logs each step's features and time here
@@ -67,6 +68,23 @@ class ServerOptions:
     def __post_init__(self) -> None:
         if self.admission not in ADMISSION_MODES:
             raise ValueError(f"admission {self.admission!r}: use one of {', '.join(ADMISSION_MODES)}")
+
+    @property
+    def profile_path(self) -> str:
+        """The profile named, else the bundled one of the default model in the dtype the engine runs in."""
+        if self.profile is not None:
+            return str(resolve_profile(self.profile))
+        return str(engine_profile(self.dtype) if self.dtype is not None else DEFAULT_PROFILE)
+
+    @property
+    def dtype(self) -> str | None:
+        """The dtype the engine loads the model in: the user's ``--dtype``, else the CPU's; None on a GPU build."""
+        for index, arg in enumerate(self.extra_args):
+            if arg == "--dtype" and index + 1 < len(self.extra_args):
+                return self.extra_args[index + 1]
+            if arg.startswith("--dtype="):
+                return arg.split("=", 1)[1]
+        return cpu_dtype() if is_cpu_build() else None
 
     @property
     def reports_admission(self) -> bool:
@@ -118,7 +136,7 @@ def command(options: ServerOptions) -> list[str]:
     scheduler_cls = SCHEDULERS[options.scheduler]
     if scheduler_cls is not None:
         config = SLOConfig(
-            options.default_slo, options.profile, options.step_log, policy=options.scheduler,
+            options.default_slo, options.profile_path, options.step_log, policy=options.scheduler,
             notices=options.notices, calibrate=options.calibrate,
         )  # fmt: skip
         args += ["--scheduler-cls", scheduler_cls, "--additional-config", json.dumps(config.to_additional_config())]
@@ -139,7 +157,7 @@ def environment(options: ServerOptions) -> dict[str, str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", settings.kv_cache_gib())
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.update(options.env)
-    env[ENV_PROFILE] = options.profile
+    env[ENV_PROFILE] = options.profile_path
     env[ENV_ADMISSION] = options.admission
     if options.reports_admission:
         env[ENV_NOTICES] = options.notices
@@ -162,20 +180,6 @@ def is_cpu_build() -> bool:
     except PackageNotFoundError:
         return False
     return True
-
-
-def cpu_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX), else float32.
-
-    Without those instructions PyTorch emulates bfloat16 matrix products: on an AVX2-only CPU
-    a bfloat16 prefill step of the default model took 30 times longer than the profile's
-    (measured on a CPU with AVX512-BF16), and float32 is several times faster than bfloat16 there.
-    """
-    try:
-        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split()
-    except OSError:
-        return "bfloat16"
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
 
 
 def _names_dtype(extra_args: Sequence[str]) -> bool:

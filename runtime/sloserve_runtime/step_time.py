@@ -13,7 +13,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
-DEFAULT_PROFILE = PROFILES_DIR / "cpu-smollm2-135m.json"
+# The default model on the CPU engine, one profile per dtype it runs in (``hardware.cpu_dtype``).
+DEFAULT_PROFILE = PROFILES_DIR / "cpu-smollm2-135m.json"  # bfloat16, a CPU with AVX512-BF16
+FLOAT32_PROFILE = PROFILES_DIR / "cpu-smollm2-135m-fp32.json"  # float32, an AVX2-only CPU
+
+
+def engine_profile(dtype: str | None = None) -> Path:
+    """The bundled profile of the default model in ``dtype`` (default: the one this CPU runs it in).
+
+    The two were measured on different machines; on an AVX2-only CPU the bfloat16 profile is
+    four to six times too fast, past what online calibration corrects.
+    """
+    if dtype is None:
+        from sloserve_runtime.hardware import cpu_dtype
+
+        dtype = cpu_dtype()
+    return FLOAT32_PROFILE if dtype in ("float32", "float") else DEFAULT_PROFILE
+
+
+def resolve_profile(name: str | Path, option: str = "--profile") -> Path:
+    """A profile JSON path, or a bundled profile's name (``a100-opt13b-slos-serve``)."""
+    candidate = Path(name)
+    if candidate.is_file():
+        return candidate
+    bundled = PROFILES_DIR / f"{name}.json"
+    if bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(path.stem for path in PROFILES_DIR.glob("*.json")))
+    raise ValueError(f"{option} {str(name)!r}: no such file or bundled profile; bundled: {names}")
 
 
 @dataclass(frozen=True)

@@ -79,8 +79,13 @@ class StageClass(_Spec):
         return value
 
     def slo(self, slo_scale: float) -> SLO:
+        """The stage's SLO with its targets in ms stretched by ``slo_scale``; a TTFT slowdown stays,
+        since it is already relative to the profile's own prefill time."""
         slo = SLO.parse(self.ttft, self.tpot)
-        return slo if slo.tpot_ms is None else dataclasses.replace(slo, tpot_ms=slo.tpot_ms * slo_scale)
+        scaled = {
+            name: getattr(slo, name) * slo_scale for name in ("ttft_ms", "tpot_ms") if getattr(slo, name) is not None
+        }
+        return dataclasses.replace(slo, **scaled)
 
     def repeats(self, rng: np.random.Generator) -> int:
         if self.repeat is None:
@@ -191,7 +196,7 @@ class Scenario(_Spec):
     ) -> list[ProgramSpec]:
         """Sample ``num_programs`` programs arriving at ``rate`` programs/s (the base rate outside a burst).
 
-        ``slo_scale`` multiplies every stage's TPOT target (TTFT slowdowns stay); ``length_scale``
+        ``slo_scale`` multiplies every target in ms (TPOT, an absolute TTFT; slowdowns stay); ``length_scale``
         multiplies every sampled length; ``max_model_len`` shrinks each call to fit that context.
         The same seed gives the same trace.
         """
