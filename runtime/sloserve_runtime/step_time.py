@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from sloserve_runtime.hardware import cpu_dtype
+
 PROFILES_DIR = Path(__file__).parent / "profiles"
 # The default model on the CPU engine, one profile per dtype it runs in (``hardware.cpu_dtype``).
 DEFAULT_PROFILE = PROFILES_DIR / "cpu-smollm2-135m.json"  # bfloat16, a CPU with AVX512-BF16
@@ -25,8 +27,6 @@ def engine_profile(dtype: str | None = None) -> Path:
     four to six times too fast, past what online calibration corrects.
     """
     if dtype is None:
-        from sloserve_runtime.hardware import cpu_dtype
-
         dtype = cpu_dtype()
     return FLOAT32_PROFILE if dtype in ("float32", "float") else DEFAULT_PROFILE
 
