@@ -159,10 +159,14 @@ def test_other_routes_pass_through(engine):
 async def test_tight_request_jumps_a_queue_of_loose_ones(aclient, engine):
     """Earliest first-token deadline first: a tight request overtakes queued long prefills."""
     finished: list[str] = []
+    outcomes: dict[str, dict] = {}
 
     async def send(name: str, prompt: str, slo: dict) -> None:
-        await aclient.completions.create(model=engine.model, prompt=prompt, max_tokens=1, extra_body={"slo": slo})
+        response = await aclient.completions.create(
+            model=engine.model, prompt=prompt, max_tokens=1, extra_body={"slo": slo}
+        )
         finished.append(name)
+        outcomes[name] = response.model_extra["slo"]
 
     loose = [
         send(f"loose-{i}", f"Document {i}. " + " ".join(f"w{i}x{j}" for j in range(350)), {"ttft_ms": "120s"})
@@ -171,12 +175,12 @@ async def test_tight_request_jumps_a_queue_of_loose_ones(aclient, engine):
     tasks = [asyncio.create_task(job) for job in loose]
     await asyncio.sleep(0.5)  # the long prompts are queued in the engine by now
     # Tight, yet attainable on a slow machine: the planner would send a hopeless request to best
-    # effort. On an AVX2-only CPU a 512-token chunk takes about 2.4 s, and the prefills already
-    # under way (which go first) take two or three of them.
-    tasks.append(asyncio.create_task(send("tight", "Say hi.", {"ttft_ms": 10_000})))
+    # effort. On an AVX2-only CPU (float32 profile) a 512-token chunk takes about 2 s, and the
+    # prefills already under way (which go first) take several of them.
+    tasks.append(asyncio.create_task(send("tight", "Say hi.", {"ttft_ms": 20_000})))
     await asyncio.gather(*tasks)
     # FCFS would finish it last; deadline order lets at most the in-flight prefills go first
-    assert finished.index("tight") <= 2, finished
+    assert finished.index("tight") <= 2, (finished, outcomes["tight"])
 
 
 async def test_sdk_session_runs_the_agent_tool_loop(engine):
