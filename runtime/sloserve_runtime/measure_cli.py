@@ -26,6 +26,7 @@ from sloserve_runtime.simulator import SimConfig
 from sloserve_runtime.step_time import DEFAULT_PROFILE, engine_profile, resolve_profile
 
 console = Console(width=None if sys.stdout.isatty() else 200)
+ENGINE_PROFILE = engine_profile().stem  # what `sloserve serve` plans with on this CPU
 
 Scenario = Annotated[str, typer.Option(help=f"One of {', '.join(SCENARIO_NAMES)}.")]
 Rate = Annotated[float | None, typer.Option(help="Programs per second.")]
@@ -162,7 +163,7 @@ def simulate_command(
     scenario: Annotated[str, typer.Option(help=f"One of {', '.join(SCENARIO_NAMES)}, or all.")] = "all",
     profile: Annotated[
         str, typer.Option(help="A profile JSON, or a bundled profile's name (default: this CPU's engine).")
-    ] = engine_profile().stem,
+    ] = ENGINE_PROFILE,
     scheduler: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(POLICIES)}.")] = "sloserve,vllm-fcfs",
     replicas: Annotated[
         str, typer.Option(help="Engine replicas behind a router; comma-separated counts run each, e.g. 1,2,4,8.")
@@ -358,7 +359,7 @@ def bench_command(
     ] = False,
     profile: Annotated[
         str, typer.Option(help="Profile that resolves TTFT slowdowns (default: this CPU's engine, as the server's).")
-    ] = engine_profile().stem,
+    ] = ENGINE_PROFILE,
     seed: Seed = 0,
     slo_scale: SloScale = 1.0,
     length_scale: LengthScale = 1.0,

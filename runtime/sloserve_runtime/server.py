@@ -79,12 +79,7 @@ class ServerOptions:
     @property
     def dtype(self) -> str | None:
         """The dtype the engine loads the model in: the user's ``--dtype``, else the CPU's; None on a GPU build."""
-        for index, arg in enumerate(self.extra_args):
-            if arg == "--dtype" and index + 1 < len(self.extra_args):
-                return self.extra_args[index + 1]
-            if arg.startswith("--dtype="):
-                return arg.split("=", 1)[1]
-        return cpu_dtype() if is_cpu_build() else None
+        return _named_dtype(self.extra_args) or (cpu_dtype() if is_cpu_build() else None)
 
     @property
     def reports_admission(self) -> bool:
@@ -145,7 +140,7 @@ def command(options: ServerOptions) -> list[str]:
         args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     if is_cpu_build():
         args += ["--enforce-eager"]
-        if not _names_dtype(options.extra_args):
+        if _named_dtype(options.extra_args) is None:
             args += ["--dtype", cpu_dtype()]
     if options.api_key:
         args += ["--api-key", options.api_key]
@@ -182,8 +177,14 @@ def is_cpu_build() -> bool:
     return True
 
 
-def _names_dtype(extra_args: Sequence[str]) -> bool:
-    return any(arg == "--dtype" or arg.startswith("--dtype=") for arg in extra_args)
+def _named_dtype(extra_args: Sequence[str]) -> str | None:
+    """The ``--dtype`` among the arguments passed through to vLLM ("" if it has no value); None if none."""
+    for index, arg in enumerate(extra_args):
+        if arg == "--dtype":
+            return extra_args[index + 1] if index + 1 < len(extra_args) else ""
+        if arg.startswith("--dtype="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def port_is_free(host: str, port: int) -> bool:
