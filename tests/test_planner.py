@@ -298,3 +298,35 @@ def test_admission_predicts_that_decodes_without_tpot_yield_to_a_prompt():
     prompt = arriving("prompt", SLO.parse("400ms", None), 100)
     assert planner.first_token_time(0.0, prompt, free) == pytest.approx(0.220)
     assert planner.admit(0.0, prompt, free).admitted
+
+
+@pytest.mark.parametrize("speculate", [False, True])
+def test_decode_load_in_one_pass_is_the_decodes_added_one_by_one(speculate):
+    """Admission's hot path counts the decodes per tier; it must say what adding them one by one says."""
+    from sloserve_runtime.planner import _DecodeLoad
+    from sloserve_runtime.speculation import TierSpeculation
+
+    speculation = TierSpeculation(MODEL, max_length=4, prior=0.6) if speculate else None
+    planner = Planner(MODEL, max_budget=512, speculation=speculation)
+    free = SLO.parse("2000ms", None)
+    decodes = [decoding(f"d{i}", (TIGHT, LOOSE, free)[i % 3], context=50 + 7 * i) for i in range(20)]
+    folded = _DecodeLoad(math.inf, 0, 0, 0)
+    for r in decodes:
+        folded = planner._with_decode(folded, r.state.tpot_seconds, r.context + 1)
+    assert planner._decode_load(decodes) == folded
+    assert folded.free == 6 and folded.requests == 14  # every tier was counted
+
+
+@pytest.mark.parametrize("decodes", [2, 60])
+def test_forward_simulation_gives_each_prefill_its_fold_of_the_ones_before(decodes):
+    """First-token times are the prefills run one after another; with the decodes alone over their
+    TPOT (60 of them at 1 ms a token and 10 ms a step, against 50 ms) every one of them is never."""
+    planner = Planner(MODEL, max_budget=512, headroom=1.0)
+    running = [decoding(f"d{i}", TIGHT) for i in range(decodes)]
+    pending = [arriving(f"p{i}", LOOSE, prompt=40 + 30 * i, arrival=0.001 * i) for i in range(5)]
+    times = planner._first_tokens(0.0, pending, running)
+    clock, load = planner._forward_start(0.0, running, len(pending), step_under_way=False)
+    for request in pending:
+        clock, load = planner._prefill(clock, load, request)
+        assert times[request.state.request_id] == clock
+    assert all(math.isinf(t) for t in times.values()) == (decodes == 60)

@@ -21,6 +21,7 @@ policy, on ``LiveRequest`` views of their own request objects.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -71,8 +72,8 @@ class _Decoders(NamedTuple):
 
     @classmethod
     def of(cls, requests: Sequence[LiveRequest]) -> _Decoders:
-        tiers = frozenset(r.state.tpot_seconds for r in requests)
-        return cls(tiers, len(requests), sum(r.context + r.to_compute for r in requests))
+        tiers = frozenset({r.state.tpot_seconds for r in requests})
+        return cls(tiers, len(requests), sum([r.context for r in requests]) + sum([r.to_compute for r in requests]))
 
     def plus(self, r: LiveRequest) -> _Decoders:
         return _Decoders(self.tiers | {r.state.tpot_seconds}, self.count + 1, self.context + r.context + r.to_compute)
@@ -104,8 +105,21 @@ class Decision:
 ADMITTED = Decision(True, "admitted")
 
 
+# ``LiveRequest.decoding`` spelled out in these: a property call per request is most of the
+# time of a pass over every request in the engine, and the planner makes several per call.
+
+
+def _decodes(live: Sequence[LiveRequest]) -> list[LiveRequest]:
+    return [r for r in live if r.to_compute <= 1 and r.context > 0]
+
+
+def _prefills(live: Sequence[LiveRequest]) -> list[LiveRequest]:
+    """The requests still computing their prompt (not ``decoding``)."""
+    return [r for r in live if r.to_compute > 1 or r.context <= 0]
+
+
 def _admitted_decodes(live: Sequence[LiveRequest]) -> list[LiveRequest]:
-    return [r for r in live if r.decoding and not r.state.best_effort]
+    return [r for r in live if r.to_compute <= 1 and r.context > 0 and not r.state.best_effort]
 
 
 def _best_effort(live: Sequence[LiveRequest]) -> list[LiveRequest]:
@@ -164,7 +178,8 @@ class Planner:
 
     def _bounds(self, decodes: Sequence[LiveRequest], now: float | None = None) -> tuple[float, float]:
         """(one TPOT a step, the bound with window slack) for a step of these admitted decodes."""
-        bound = min((self._seconds_per_step(r.state.tpot_seconds) for r in decodes), default=math.inf) * self.headroom
+        tiers = {r.state.tpot_seconds for r in decodes}  # a few tiers among many decodes
+        bound = min((self._seconds_per_step(tpot) for tpot in tiers), default=math.inf) * self.headroom
         if now is None or math.isinf(bound) or self.window_reserve is None:
             return bound, bound
         if self.speculation is not None:
@@ -232,7 +247,7 @@ class Planner:
         if math.isinf(bound):
             return self._arrival_budget(running, waiting, start_prefix)
         # The first admitted prefill chunk under way, if any (running requests sort in deadline order).
-        chunk = next((r for r in running if not r.decoding and not r.state.best_effort), None)
+        chunk = next((r for r in _prefills(running) if not r.state.best_effort), None)
         if bound > per_step and chunk is None and not self._admitted_waiting:
             # Window slack goes to admitted prompts only: best effort that got a first token from it
             # could no longer be promoted, and would then decode only on leftover time.
@@ -242,9 +257,13 @@ class Planner:
         joining = [] if self._admitted_waiting else self._best_effort_joining(running, bound)
         # A decode attends to its whole context (``attended_pairs(1, n) == n``), once per verified
         # token: without speculation the attention work of the decodes equals their context.
-        verified = [self._verified(r.state.tpot_seconds) for r in decodes]
-        context = sum(r.context + 1 for r in (*decodes, *joining))
-        attended = context + sum((length - 1) * (r.context + 1) for r, length in zip(decodes, verified, strict=True))
+        context = sum(r.context for r in decodes) + sum(r.context for r in joining) + len(decodes) + len(joining)
+        if self.speculation is None:
+            verified_tokens, attended = len(decodes), context
+        else:
+            verified = [self._verified(r.state.tpot_seconds) for r in decodes]
+            verified_tokens = sum(verified)
+            attended = context + sum((n - 1) * (r.context + 1) for r, n in zip(decodes, verified, strict=True))
         # Each request of the step costs its per-request time: the admitted decodes and chunks, the
         # best-effort requests that join, and, while a request waits to start, one more for it (it
         # takes what a finishing chunk leaves). Reserving that time when nobody waits would cost
@@ -253,7 +272,7 @@ class Planner:
         # What the decodes leave goes to a prefill chunk: the first running one (vLLM serves running
         # requests first), or else a prompt that starts. Its attention grows with its length and with
         # what its prompt has computed so far.
-        fixed = sum(verified) + len(joining)
+        fixed = verified_tokens + len(joining)
         prefix = chunk.context if chunk is not None else start_prefix if waiting else 0
         budget = fixed + self.step_time.chunk_budget(bound, fixed, requests, context, attended, prefix)
         # Admitted decodes always run: admission keeps them within the bound, and a step that
@@ -344,7 +363,7 @@ class Planner:
         """
         best_effort = _best_effort(running)
         admitted = [r for r in running if not r.state.best_effort]
-        if not best_effort or any(not r.decoding for r in admitted):
+        if not best_effort or _prefills(admitted):
             return []
         tokens = requests = len(admitted)
         context = sum(r.context + 1 for r in admitted)
@@ -413,7 +432,7 @@ class Planner:
 
     def _prefills_fit(self, now: float, new: LiveRequest, admitted: list[LiveRequest]) -> Decision:
         """Simulate the prefill queue in deadline order: every first token must come on time."""
-        waiting = [r for r in admitted if not r.decoding]
+        waiting = _prefills(admitted)
         with_new = self._first_tokens(now, [*waiting, new], admitted)
         late = [r for r in (*waiting, new) if with_new[r.state.request_id] > r.state.first_token_deadline]
         if not late:
@@ -453,6 +472,9 @@ class Planner:
         first_bound = self._slack_bound(now, admitted, load)
         times = {}
         for request in sorted(pending, key=_prefill_order):
+            if math.isinf(clock):  # no budget left for prefill: every later first token is as late
+                times[request.state.request_id] = clock
+                continue
             clock, load = self._prefill(clock, load, request, first_bound)
             first_bound = None
             times[request.state.request_id] = clock
@@ -479,7 +501,7 @@ class Planner:
         self, now: float, admitted: list[LiveRequest], pending: int, step_under_way: bool
     ) -> tuple[float, _DecodeLoad]:
         """When the first of ``pending`` prefills can start, and the decodes every step carries until then."""
-        load = self._decode_load([r for r in admitted if r.decoding])
+        load = self._decode_load(_decodes(admitted))
         clock = now
         if not step_under_way:
             return clock, load
@@ -538,19 +560,19 @@ class Planner:
 
     def _decode_load(self, decodes: list[LiveRequest]) -> _DecodeLoad:
         """The load of these decodes: ``_with_decode`` of each, in one pass (the hot path of admission)."""
-        bound, requests, tokens, context, free, free_context = math.inf, 0, 0, 0, 0, 0
-        tiers: dict[float, tuple[float, int]] = {}  # TPOT -> (seconds a step may take, tokens verified)
-        for r in decodes:
-            tpot = r.state.tpot_seconds
+        # Counted per tier (a few TPOTs among many decodes), with the per-request work in
+        # comprehensions and ``Counter``: admission runs this over every decode in the engine.
+        tpots = [r.state.tpot_seconds for r in decodes]
+        context = sum([r.context for r in decodes]) + len(decodes)
+        bound, requests, tokens, free, free_context = math.inf, 0, 0, 0, 0
+        for tpot, count in Counter(tpots).items():
             if math.isinf(tpot):
-                free, free_context = free + 1, free_context + r.context + 1
+                free = count
+                free_context = sum([r.context for r, t in zip(decodes, tpots, strict=True) if t == tpot]) + count
                 continue
-            tier = tiers.get(tpot)
-            if tier is None:
-                tier = tiers[tpot] = (self._seconds_per_step(tpot), self._verified(tpot))
-            bound, requests = min(bound, tier[0]), requests + 1
-            tokens, context = tokens + tier[1], context + r.context + 1
-        return _DecodeLoad(bound, requests, tokens, context, free, free_context)
+            bound, requests = min(bound, self._seconds_per_step(tpot)), requests + count
+            tokens += count * self._verified(tpot)
+        return _DecodeLoad(bound, requests, tokens, context - free_context, free, free_context)
 
     def _with_decode(self, load: _DecodeLoad, tpot_seconds: float, context: int) -> _DecodeLoad:
         """``load`` with one more decode of this tier over ``context`` KV tokens."""
@@ -649,7 +671,7 @@ class Planner:
         pending = [r for r in pending if self._decoders_fit(decoders.plus(r)).admitted]
         if not pending:
             return []
-        waiting = [r for r in admitted if not r.decoding]
+        waiting = _prefills(admitted)
         tiers = sorted({r.state.tpot_seconds for r in pending})
         clock, load = self._forward_start(now, admitted, len(waiting) + len(pending), step_under_way=False)
         on_time = {}  # the admitted prefills' first tokens with nothing promoted
@@ -689,5 +711,5 @@ class Planner:
         find the replica with the most slack.
         """
         admitted = [r for r in live if not r.state.best_effort and r.state is not new.state]
-        waiting = [r for r in admitted if not r.decoding]
+        waiting = _prefills(admitted)
         return self._first_tokens(now, [*waiting, new], admitted, step_under_way=True)[new.state.request_id]

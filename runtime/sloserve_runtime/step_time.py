@@ -7,6 +7,7 @@ simulator read them. Imports no vLLM.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -83,7 +84,12 @@ class StepTimeModel:
     source: str = ""  # where the coefficients come from and how they were obtained
 
     def step_seconds(self, tokens: int, requests: int, context_tokens: int = 0, attended: int = 0) -> float:
-        return max(piece.seconds(tokens, requests, context_tokens, attended) for piece in self.pieces)
+        # A loop, not max() over a generator: the planner's forward simulation calls this per chunk.
+        pieces = self.pieces
+        seconds = pieces[0].seconds(tokens, requests, context_tokens, attended)
+        for piece in pieces[1:]:
+            seconds = max(seconds, piece.seconds(tokens, requests, context_tokens, attended))
+        return seconds
 
     def prefill_seconds(self, prompt_tokens: int) -> float:
         """Zero-load prefill time of a prompt: its chunks run alone, one step each."""
@@ -118,7 +124,7 @@ class StepTimeModel:
                 best = min(best, room / linear)
         return int(best) if math.isfinite(best) else 1 << 30
 
-    @property
+    @functools.cached_property
     def context_aware(self) -> bool:
         """Whether a step's time depends on the KV context it reads (not only on its tokens and requests)."""
         return any(piece.per_context_token or piece.per_attended_pair for piece in self.pieces)
