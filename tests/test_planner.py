@@ -330,3 +330,16 @@ def test_forward_simulation_gives_each_prefill_its_fold_of_the_ones_before(decod
         clock, load = planner._prefill(clock, load, request)
         assert times[request.state.request_id] == clock
     assert all(math.isinf(t) for t in times.values()) == (decodes == 60)
+
+
+def test_overhead_bench_walks_every_prefill_of_its_ttft_only_state():
+    """The overhead bench's longest path: with TTFT targets only, every first token is reachable,
+    so the forward simulation walks each prefill chunk by chunk instead of stopping at the first."""
+    import random
+
+    from sloserve_runtime.overhead import TTFT_ONLY, _live_states
+
+    live = _live_states(64, MODEL, random.Random(0), (TTFT_ONLY,))
+    queue = [r for r in live if not r.decoding]
+    times = Planner(MODEL, max_budget=512)._first_tokens(0.0, queue, live)
+    assert len(times) == 16 and all(math.isfinite(t) for t in times.values())

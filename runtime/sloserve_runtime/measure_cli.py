@@ -489,11 +489,14 @@ def overhead_command(
         "step (promotion, budget, hold-back)",
         "total",
         "p99 total",
+        "forward simulation, every prefill",
     )
     for column in columns:
         table.add_column(column, justify="right")
     for size in sizes:
         result = measure_overhead(step_time, size, repeats)
-        figures = (result.admit_ms, result.full_check_ms, result.step_ms, result.total_ms, result.p99_ms)
+        figures = (
+            result.admit_ms, result.full_check_ms, result.step_ms, result.total_ms, result.p99_ms, result.walk_ms
+        )  # fmt: skip
         table.add_row(str(size), *(f"{value:.3f}" for value in figures))
     console.print(table)

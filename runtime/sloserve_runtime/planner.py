@@ -550,12 +550,12 @@ class Planner:
         """The prefill chunk by chunk, each as long as the bound lets it be after those before it: (end, steps)."""
         prefix, left, steps = request.context, request.to_compute, 0
         while left > 0:
-            seconds, chunk = self._prefill_rate(load, prefix)
+            chunk = self._prefill_tokens(load, prefix)
             if chunk <= 0:
                 return math.inf, steps
-            if chunk > left:
-                chunk, seconds = left, self._step_seconds(load, left, prefix)
-            clock, prefix, left, steps = clock + seconds, prefix + chunk, left - chunk, steps + 1
+            chunk = min(chunk, left)
+            clock += self._step_seconds(load, chunk, prefix)
+            prefix, left, steps = prefix + chunk, left - chunk, steps + 1
         return clock, steps
 
     def _decode_load(self, decodes: list[LiveRequest]) -> _DecodeLoad:
@@ -606,13 +606,16 @@ class Planner:
         chunks that follow ``prefix`` computed tokens of their prompt. ``bound``: the step's bound
         (headroom included), if not one TPOT of ``load``.
         """
-        if math.isinf(load.bound):
-            prefill = max(self.max_budget - load.tokens, 0)
-        else:
-            requests, bound = load.requests + 1, load.bound * self.headroom if bound is None else bound
-            chunk = self.step_time.chunk_budget(bound, load.tokens, requests, load.context, load.context, prefix)
-            prefill = max(min(load.tokens + chunk, self.max_budget) - load.tokens, 0)
+        prefill = self._prefill_tokens(load, prefix, bound)
         return self._step_seconds(load, prefill, prefix), prefill
+
+    def _prefill_tokens(self, load: _DecodeLoad, prefix: int = 0, bound: float | None = None) -> int:
+        """The prefill tokens of a full step of ``_prefill_rate``."""
+        if math.isinf(load.bound):
+            return max(self.max_budget - load.tokens, 0)
+        requests, bound = load.requests + 1, load.bound * self.headroom if bound is None else bound
+        chunk = self.step_time.chunk_budget(bound, load.tokens, requests, load.context, load.context, prefix)
+        return max(min(load.tokens + chunk, self.max_budget) - load.tokens, 0)
 
     # ---- promotion ----
 
