@@ -70,3 +70,13 @@ def test_serve_refuses_a_profile_it_cannot_find():
     assert "--profile 'h100-nope': no such file or bundled profile" in result.stderr
     assert "a100-opt13b-slos-serve" in result.stderr  # it says what there is
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "message"), [("vllm", "stock scheduler has none"), ("sloserve-edf", "deadline only")]
+)
+def test_serve_refuses_max_yields_for_a_scheduler_without_the_planner(scheduler, message):
+    result = run_cli("serve", "--port", "1", "--scheduler", scheduler, "--max-yields", "0", timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

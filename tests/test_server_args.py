@@ -78,3 +78,23 @@ def test_a_named_profile_wins_and_a_wrong_name_says_what_there_is():
     assert resolve_profile(str(FLOAT32_PROFILE)) == FLOAT32_PROFILE
     with pytest.raises(ValueError, match="no such file or bundled profile; bundled: .*cpu-smollm2-135m-fp32"):
         resolve_profile("h100-nope")
+
+
+def test_max_yields_reaches_the_planner_inside_the_engine():
+    """``sloserve serve --max-yields N`` travels in the scheduler's additional config to the planner."""
+    from sloserve_runtime.policies import make_policy
+    from sloserve_runtime.scheduler import SLOConfig
+
+    args = command(ServerOptions(model="/models/any", max_yields=0))
+    config = SLOConfig.from_additional_config(json.loads(args[args.index("--additional-config") + 1]))
+    assert config.max_yields == 0
+    model = StepTimeModel.load(DEFAULT_PROFILE)
+    assert make_policy("sloserve", model, 512, max_yields=config.max_yields).planner.max_yields == 0
+    # Not given: the planner keeps its default, and the config says so.
+    default = SLOConfig.from_additional_config(SLOConfig().to_additional_config())
+    assert default.max_yields is None
+    assert make_policy("sloserve-dp", model, 512, max_yields=default.max_yields).planner.max_yields == 4
+    with pytest.raises(ValueError, match="'vllm-fcfs' has none"):
+        make_policy("vllm-fcfs", model, 512, max_yields=1)
+    with pytest.raises(ValueError, match="0 or more"):
+        make_policy("sloserve", model, 512, max_yields=-1)

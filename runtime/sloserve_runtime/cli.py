@@ -106,6 +106,14 @@ def serve(
             "--no-calibrate plans with the profile as shipped."
         ),
     ] = True,
+    max_yields: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Steps in a row a decode without a TPOT target may sit out while an admitted prompt waits "
+            "to start (default 4): more gets first tokens sooner, 0 keeps every decode batched (throughput).",
+        ),
+    ] = None,
     replicas: ReplicasOption = 1,
     router: RouterOption = "slo",
     ray_address: RayAddressOption = None,
@@ -120,6 +128,10 @@ def serve(
     if step_log is not None and server.SCHEDULERS[scheduler] is None:
         ours = ", ".join(name for name, cls in server.SCHEDULERS.items() if cls is not None)
         raise _fail(f"--step-log needs one of our schedulers ({ours}): steps are timed inside them")
+    if max_yields is not None and server.SCHEDULERS[scheduler] is None:
+        raise _fail("--max-yields is a setting of our planner (sloserve): vLLM's stock scheduler has none")
+    if max_yields is not None and scheduler == "sloserve-edf":
+        raise _fail("--max-yields is a setting of the planner; sloserve-edf orders by deadline only")
     if step_log is not None and not step_log.resolve().parent.is_dir():
         raise _fail(f"--step-log {step_log}: folder {step_log.resolve().parent} does not exist")
     if profile is not None:
@@ -137,6 +149,7 @@ def serve(
         profile=profile,
         step_log=None if step_log is None else str(step_log.resolve()),
         calibrate=calibrate,
+        max_yields=max_yields,
         admission=admission,
         extra_args=list(_vllm_args),
     )

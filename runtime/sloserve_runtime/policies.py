@@ -242,13 +242,26 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {
 
 
 def make_policy(
-    name: str, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1, calibrate: bool = False
+    name: str,
+    step_time: StepTimeModel,
+    max_budget: int,
+    max_spec_length: int = 1,
+    calibrate: bool = False,
+    max_yields: int | None = None,
 ) -> SchedulingPolicy:
     """The policy registered as ``name``, for an engine with this step-time model, token limit and
     speculation; with ``calibrate``, the model is refitted to the steps the engine reports.
+    ``max_yields``: the planner's ``Planner.max_yields`` instead of its default (planner policies only).
     """
     try:
-        policy = POLICIES[name]
+        policy = POLICIES[name](step_time, max_budget, max_spec_length, calibrate)
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(POLICIES)}") from None
-    return policy(step_time, max_budget, max_spec_length, calibrate)
+    if max_yields is not None:
+        if not isinstance(policy, PlannerPolicy):
+            planners = ", ".join(key for key, cls in POLICIES.items() if issubclass(cls, PlannerPolicy))
+            raise ValueError(f"max_yields is a setting of the planner ({planners}); {name!r} has none")
+        if max_yields < 0:
+            raise ValueError(f"max_yields {max_yields}: give 0 or more steps")
+        policy.planner.max_yields = max_yields
+    return policy

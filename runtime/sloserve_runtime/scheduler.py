@@ -64,6 +64,7 @@ class SLOConfig:
     policy: str = "sloserve"  # a name from ``policies.POLICIES``
     notices: str | None = None  # ZeroMQ address the front end reads admission notices from
     calibrate: bool = True  # refit the profile to the steps this engine takes (``calibration.py``)
+    max_yields: int | None = None  # the planner's ``max_yields`` (None: its default)
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> SLOConfig:
@@ -75,6 +76,7 @@ class SLOConfig:
             policy=section.get("policy") or "sloserve",
             notices=section.get("notices"),
             calibrate=bool(section.get("calibrate", True)),
+            max_yields=section.get("max_yields"),
         )
 
     def to_additional_config(self) -> dict[str, Any]:
@@ -86,6 +88,7 @@ class SLOConfig:
             "policy": self.policy,
             "notices": self.notices,
             "calibrate": self.calibrate,
+            "max_yields": self.max_yields,
         }
         return {CONFIG_KEY: section}
 
@@ -115,7 +118,7 @@ class SLOScheduler(Scheduler):
         max_spec_length = 1 + (self.num_spec_tokens or 0)
         self.slo_policy = make_policy(
             self.slo_config.policy, self.step_time, self.max_num_scheduled_tokens, max_spec_length,
-            calibrate=self.slo_config.calibrate,
+            calibrate=self.slo_config.calibrate, max_yields=self.slo_config.max_yields,
         )  # fmt: skip
         self.slo_states: dict[str, SLORequestState] = {}
         sinks = []

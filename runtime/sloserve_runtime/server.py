@@ -58,6 +58,9 @@ class ServerOptions:
     max_num_batched_tokens: int = 512  # the chunked-prefill chunk size
     step_log: str | None = None  # if set, the scheduler logs each step's features and time here
     calibrate: bool = True  # our scheduler refits the profile to the steps this engine takes
+    # Steps in a row a decode without a TPOT target may sit out for a waiting admitted prompt
+    # (the planner's ``max_yields``); None: the planner's default.
+    max_yields: int | None = None
     admission: str = BEST_EFFORT  # what a request the planner cannot promise gets: best effort or HTTP 429
     extra_args: list[str] = field(default_factory=list)  # passed to vLLM unchanged
     env: dict[str, str] = field(default_factory=dict)  # extra environment of the engine (e.g. its CPU cores)
@@ -132,7 +135,7 @@ def command(options: ServerOptions) -> list[str]:
     if scheduler_cls is not None:
         config = SLOConfig(
             options.default_slo, options.profile_path, options.step_log, policy=options.scheduler,
-            notices=options.notices, calibrate=options.calibrate,
+            notices=options.notices, calibrate=options.calibrate, max_yields=options.max_yields,
         )  # fmt: skip
         args += ["--scheduler-cls", scheduler_cls, "--additional-config", json.dumps(config.to_additional_config())]
     if options.model is None:
