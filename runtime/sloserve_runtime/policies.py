@@ -253,10 +253,9 @@ def make_policy(
     speculation; with ``calibrate``, the model is refitted to the steps the engine reports.
     ``max_yields``: the planner's ``Planner.max_yields`` instead of its default (planner policies only).
     """
-    try:
-        policy = POLICIES[name](step_time, max_budget, max_spec_length, calibrate)
-    except KeyError:
-        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(POLICIES)}") from None
+    if name not in POLICIES:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(POLICIES)}")
+    policy = POLICIES[name](step_time, max_budget, max_spec_length, calibrate)
     if max_yields is not None:
         if not isinstance(policy, PlannerPolicy):
             planners = ", ".join(key for key, cls in POLICIES.items() if issubclass(cls, PlannerPolicy))
