@@ -21,6 +21,7 @@ from sloserve_runtime import measure_cli, server
 from sloserve_runtime.admission import ADMISSION_MODES, REJECT
 from sloserve_runtime.app_loader import AppFileError, load_app, pick_program
 from sloserve_runtime.model import ModelConversionError
+from sloserve_runtime.policies import PLANNER_POLICIES
 from sloserve_runtime.report import program_attainment, stage_table
 from sloserve_runtime.runner import program_inputs, run_program
 from sloserve_runtime.step_time import resolve_profile
@@ -128,10 +129,10 @@ def serve(
     if step_log is not None and server.SCHEDULERS[scheduler] is None:
         ours = ", ".join(name for name, cls in server.SCHEDULERS.items() if cls is not None)
         raise _fail(f"--step-log needs one of our schedulers ({ours}): steps are timed inside them")
-    if max_yields is not None and server.SCHEDULERS[scheduler] is None:
-        raise _fail("--max-yields is a setting of our planner (sloserve): vLLM's stock scheduler has none")
-    if max_yields is not None and scheduler == "sloserve-edf":
-        raise _fail("--max-yields is a setting of the planner; sloserve-edf orders by deadline only")
+    if max_yields is not None and scheduler not in PLANNER_POLICIES:
+        if server.SCHEDULERS[scheduler] is None:
+            raise _fail("--max-yields is a setting of our planner (sloserve): vLLM's stock scheduler has none")
+        raise _fail(f"--max-yields is a setting of the planner; {scheduler} orders by deadline only")
     if step_log is not None and not step_log.resolve().parent.is_dir():
         raise _fail(f"--step-log {step_log}: folder {step_log.resolve().parent} does not exist")
     if profile is not None:

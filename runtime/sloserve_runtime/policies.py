@@ -241,6 +241,10 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {
 }
 
 
+# The policies that plan with a ``Planner`` (and so take its settings, such as ``max_yields``).
+PLANNER_POLICIES = tuple(name for name, policy in POLICIES.items() if issubclass(policy, PlannerPolicy))
+
+
 def make_policy(
     name: str,
     step_time: StepTimeModel,
@@ -257,8 +261,8 @@ def make_policy(
         raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(POLICIES)}")
     policy = POLICIES[name](step_time, max_budget, max_spec_length, calibrate)
     if max_yields is not None:
-        if not isinstance(policy, PlannerPolicy):
-            planners = ", ".join(key for key, cls in POLICIES.items() if issubclass(cls, PlannerPolicy))
+        if name not in PLANNER_POLICIES:
+            planners = ", ".join(PLANNER_POLICIES)
             raise ValueError(f"max_yields is a setting of the planner ({planners}); {name!r} has none")
         if max_yields < 0:
             raise ValueError(f"max_yields {max_yields}: give 0 or more steps")
