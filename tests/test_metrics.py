@@ -76,6 +76,16 @@ def test_attainment_per_kind():
     assert (by_kind["code"].requests, by_kind["code"].attainment, by_kind["code"].programs) == (2, 0.0, 2)
 
 
+def test_each_stage_says_which_half_of_its_slo_it_missed():
+    by_stage = summarize(run(), duration_s=10.0).by_stage
+    assert list(by_stage) == ["chat/chat", "code/complete"]
+    chat, code = by_stage["chat/chat"], by_stage["code/complete"]
+    # Program 0 missed a TPOT window only; program 1 met everything.
+    assert (chat.requests, chat.attainment, chat.ttft_met, chat.tpot_met) == (2, 0.5, 1.0, 0.5)
+    # Program 2 missed its TTFT only; program 3's call failed, which keeps neither half.
+    assert (code.requests, code.attainment, code.ttft_met, code.tpot_met) == (2, 0.0, 0.0, 0.5)
+
+
 def test_one_failed_stage_fails_its_program():
     results = [
         call(7, 0.0, 100, [30] * 12, kind="reasoning", stage="think"),
@@ -101,6 +111,7 @@ def test_summary_serializes_to_json():
     assert data["attainment"] == 0.25
     assert data["ttft_ms"]["p90"] == pytest.approx(260.0)
     assert data["by_kind"]["chat"]["requests"] == 2
+    assert data["by_stage"]["code/complete"]["ttft_met"] == 0.0
 
 
 def test_compare_gives_ours_over_theirs():

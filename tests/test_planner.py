@@ -343,3 +343,24 @@ def test_overhead_bench_walks_every_prefill_of_its_ttft_only_state():
     queue = [r for r in live if not r.decoding]
     times = Planner(MODEL, max_budget=512)._first_tokens(0.0, queue, live)
     assert len(times) == 16 and all(math.isfinite(t) for t in times.values())
+
+
+@pytest.mark.parametrize("admitted_waiting", [False, True])
+def test_budget_after_held_back_is_the_budget_of_a_fresh_look(admitted_waiting):
+    """``held_back`` sorts the running requests once for the step and ``token_budget`` reuses that;
+    the budget must be what a planner that sorts them again finds, and a changed list is sorted anew."""
+    running = [
+        *(decoding(f"t{i}", TIGHT, context=40 + i) for i in range(2)),
+        *(decoding(f"l{i}", LOOSE, context=60 + i) for i in range(2)),
+        decoding("free", SLO.parse("2000ms", None)),
+        *(best_effort(decoding(f"b{i}", LOOSE)) for i in range(4)),
+    ]
+    reused, fresh = (Planner(PER_REQUEST, max_budget=512, headroom=1.0) for _ in range(2))
+    held = reused.held_back(running, admitted_waiting, now=1.0)
+    assert held == fresh.held_back(list(running), admitted_waiting, now=1.0)  # another list: sorted again
+    assert reused.token_budget(running, now=1.0) == fresh.token_budget(running, now=1.0)
+    # A list ``held_back`` did not see: the tight tier has left, so the step may run longer.
+    loose_only = [r for r in running if r.state.tpot_seconds != TIGHT.tpot_ms / 1000]
+    reused.held_back(running, admitted_waiting, now=1.0)
+    assert reused.token_budget(loose_only, now=1.0) == fresh.token_budget(loose_only, now=1.0)
+    assert fresh.token_budget(loose_only, now=1.0) > fresh.token_budget(running, now=1.0)

@@ -132,6 +132,19 @@ def results_table(title: str, rows: list[tuple[str, str, Measurement]]) -> Table
     return table
 
 
+def stage_table(title: str, rows: list[tuple[str, str, Measurement]]) -> Table:
+    """Per stage and rate run: how many calls met their SLO, and which half the others missed."""
+    table = Table(title=title)
+    for column in ("scheduler", "rate", "stage", "calls", "met", "TTFT met", "TPOT met"):
+        table.add_column(column, justify="left" if column in ("scheduler", "stage") else "right")
+    for _, label, measurement in rows:
+        for rate, summary in measurement.probes:
+            for stage, part in summary.by_stage.items():
+                shares = (f"{share:.1%}" for share in (part.attainment, part.ttft_met, part.tpot_met))
+                table.add_row(label, f"{rate:.3g}", stage, str(part.requests), *shares)
+    return table
+
+
 def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
@@ -390,6 +403,7 @@ def bench_command(
                 (scenario, target.base_url, measure(target.base_url, runner, spec, options, rate_list, start, True))
             )
     console.print(results_table(f"{scenario}: {num_requests} programs per run, seed {seed}", rows))
+    console.print(stage_table("Calls by stage: which half of the SLO they kept", rows))
     if compare_to:
         _print_comparison(rows[0][2], rows[1][2])
     fidelity = [_fidelity(row[2], policy, config, spec, options) for row, policy in zip(rows, policies, strict=False)]

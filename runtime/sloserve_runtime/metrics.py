@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,16 @@ class KindSummary:
 
 
 @dataclass(frozen=True)
+class StageSummary:
+    """Which half of their SLO the calls of one stage (``kind/stage``) kept; a failed call kept neither."""
+
+    requests: int
+    attainment: float  # fraction that met their whole SLO
+    ttft_met: float  # fraction whose first token came within the TTFT target
+    tpot_met: float  # fraction whose every 10-token window kept the TPOT target
+
+
+@dataclass(frozen=True)
 class Summary:
     """What a run achieved; fractions are 0 when there was nothing to count."""
 
@@ -65,6 +75,7 @@ class Summary:
     admitted_attainment: float | None = None
     best_effort: int = 0
     best_effort_completed: int = 0
+    by_stage: dict[str, StageSummary] = field(default_factory=dict)  # keyed "kind/stage"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +109,7 @@ def summarize(results: Sequence[StageResult], duration_s: float) -> Summary:
         admitted_attainment=_admitted_attainment(results, met),
         best_effort=sum(result.best_effort for result in results),
         best_effort_completed=sum(result.best_effort and _completed(result) for result in results),
+        by_stage=_by_stage(results, outcomes),
     )
 
 
@@ -159,6 +171,22 @@ def _by_kind(results: Sequence[StageResult], met: Sequence[bool]) -> dict[str, K
             program_attainment=_program_attainment(kind_results, kind_met),
         )
     return summaries
+
+
+def _by_stage(results: Sequence[StageResult], outcomes: Sequence[Outcome | None]) -> dict[str, StageSummary]:
+    """Per stage of each kind of program: how many calls met their SLO, their TTFT, their TPOT."""
+    calls: dict[str, list[Outcome | None]] = defaultdict(list)
+    for result, outcome in zip(results, outcomes, strict=True):
+        calls[f"{result.kind}/{result.stage}"].append(outcome)
+    return {
+        name: StageSummary(
+            requests=len(stage),
+            attainment=_fraction(sum(o is not None and o.met for o in stage), len(stage)),
+            ttft_met=_fraction(sum(o is not None and o.ttft_met for o in stage), len(stage)),
+            tpot_met=_fraction(sum(o is not None and o.tpot_met for o in stage), len(stage)),
+        )
+        for name, stage in sorted(calls.items())
+    }
 
 
 def _fraction(count: int, total: int) -> float:

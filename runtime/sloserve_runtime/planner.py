@@ -24,6 +24,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import NamedTuple
 
 from sloserve_runtime.slo_state import SLORequestState
@@ -50,6 +51,12 @@ class LiveRequest(NamedTuple):
         return cls(state, num_tokens - computed, computed)
 
 
+# Sums over every live request read their fields through these: a C-level ``map`` takes about half
+# the time of a comprehension. (Not ``attrgetter("state.tpot_seconds")``: that is slower than one.)
+_TO_COMPUTE = itemgetter(1)  # LiveRequest.to_compute
+_CONTEXT = itemgetter(2)  # LiveRequest.context
+
+
 class _DecodeLoad(NamedTuple):
     """The decodes a forward simulation of the prefill queue carries in every step."""
 
@@ -63,6 +70,20 @@ class _DecodeLoad(NamedTuple):
     free_context: int = 0
 
 
+class _Running(NamedTuple):
+    """The running requests of one step, sorted in one pass: ``held_back`` makes it, ``token_budget`` uses it."""
+
+    of: Sequence[LiveRequest]  # the list sorted (both engines hand the same one to both calls)
+    decodes: list[LiveRequest]  # the admitted decodes
+    best_effort: list[LiveRequest]
+    tiers: set[float]  # the admitted decodes' TPOTs (seconds)
+
+    @classmethod
+    def of_step(cls, running: Sequence[LiveRequest]) -> _Running:
+        decodes = _admitted_decodes(running)
+        return cls(running, decodes, _best_effort(running), {r.state.tpot_seconds for r in decodes})
+
+
 class _Decoders(NamedTuple):
     """What admission's decode check needs of a set of requests that decode (or will)."""
 
@@ -72,8 +93,8 @@ class _Decoders(NamedTuple):
 
     @classmethod
     def of(cls, requests: Sequence[LiveRequest]) -> _Decoders:
-        tiers = frozenset({r.state.tpot_seconds for r in requests})
-        return cls(tiers, len(requests), sum([r.context for r in requests]) + sum([r.to_compute for r in requests]))
+        context = sum(map(_CONTEXT, requests)) + sum(map(_TO_COMPUTE, requests))
+        return cls(frozenset({r.state.tpot_seconds for r in requests}), len(requests), context)
 
     def plus(self, r: LiveRequest) -> _Decoders:
         return _Decoders(self.tiers | {r.state.tpot_seconds}, self.count + 1, self.context + r.context + r.to_compute)
@@ -166,6 +187,8 @@ class Planner:
     _admitted_waiting: bool = field(default=False, repr=False)
     # What ``held_back`` said of each running request this step (True: it sits the step out).
     _held: list[bool] = field(default_factory=list, repr=False)
+    # The running requests as ``held_back`` sorted them this step, for ``token_budget`` (once).
+    _step: _Running | None = field(default=None, repr=False)
 
     # ---- per-step budget ----
 
@@ -176,9 +199,13 @@ class Planner:
         """
         return self._bounds(_admitted_decodes(live), now)[1]
 
-    def _bounds(self, decodes: Sequence[LiveRequest], now: float | None = None) -> tuple[float, float]:
-        """(one TPOT a step, the bound with window slack) for a step of these admitted decodes."""
-        tiers = {r.state.tpot_seconds for r in decodes}  # a few tiers among many decodes
+    def _bounds(
+        self, decodes: Sequence[LiveRequest], now: float | None = None, tiers: set[float] | None = None
+    ) -> tuple[float, float]:
+        """(one TPOT a step, the bound with window slack) for a step of these admitted decodes
+        (``tiers``: their TPOTs, if known)."""
+        if tiers is None:
+            tiers = {r.state.tpot_seconds for r in decodes}  # a few tiers among many decodes
         bound = min((self._seconds_per_step(tpot) for tpot in tiers), default=math.inf) * self.headroom
         if now is None or math.isinf(bound) or self.window_reserve is None:
             return bound, bound
@@ -205,7 +232,7 @@ class Planner:
         # lower bound, and a crowded engine stops there without a pass over the decodes.)
         if self.step_time.step_seconds(count, count) > tpot_bound:
             return tpot_bound
-        context = sum(r.context + 1 for r in decodes)
+        context = sum(map(_CONTEXT, decodes)) + count
         decode_only = self.step_time.step_seconds(count, count, context, context)
         if decode_only > tpot_bound:
             return tpot_bound
@@ -240,10 +267,13 @@ class Planner:
         leave; ``start_prefix``: the prompt tokens the prefix cache holds for it, which its chunk
         attends to.
         """
-        decodes = _admitted_decodes(running)
+        step, self._step = self._step, None
+        if step is None or step.of is not running:
+            step = _Running.of_step(running)
+        decodes = step.decodes
         if self.speculation is not None:
-            self.speculation.plan(len(decodes), sum(r.context for r in decodes))
-        per_step, bound = self._bounds(decodes, now)
+            self.speculation.plan(len(decodes), sum(map(_CONTEXT, decodes)))
+        per_step, bound = self._bounds(decodes, now, step.tiers)
         if math.isinf(bound):
             return self._arrival_budget(running, waiting, start_prefix)
         # The first admitted prefill chunk under way, if any (running requests sort in deadline order).
@@ -254,10 +284,10 @@ class Planner:
             bound = per_step
         # Best effort joins only while no admitted prefill waits: a step planned for joiners that
         # then sit out would leave the waiting request a budget cut by their per-request time.
-        joining = [] if self._admitted_waiting else self._best_effort_joining(running, bound)
+        joining = [] if self._admitted_waiting else self._best_effort_joining(running, bound, step.best_effort)
         # A decode attends to its whole context (``attended_pairs(1, n) == n``), once per verified
         # token: without speculation the attention work of the decodes equals their context.
-        context = sum(r.context for r in decodes) + sum(r.context for r in joining) + len(decodes) + len(joining)
+        context = sum(map(_CONTEXT, decodes)) + sum(map(_CONTEXT, joining)) + len(decodes) + len(joining)
         if self.speculation is None:
             verified_tokens, attended = len(decodes), context
         else:
@@ -268,7 +298,7 @@ class Planner:
         # best-effort requests that join, and, while a request waits to start, one more for it (it
         # takes what a finishing chunk leaves). Reserving that time when nobody waits would cost
         # the running chunk a per-request time of tokens every step.
-        requests = len(running) - len(_best_effort(running)) + len(joining) + int(waiting)
+        requests = len(running) - len(step.best_effort) + len(joining) + int(waiting)
         # What the decodes leave goes to a prefill chunk: the first running one (vLLM serves running
         # requests first), or else a prompt that starts. Its attention grows with its length and with
         # what its prompt has computed so far.
@@ -287,16 +317,18 @@ class Planner:
         planned for join (see ``_best_effort_joining``) and the rest wait.
         """
         self._admitted_waiting = admitted_waiting
+        self._step = step = _Running.of_step(running)
         if admitted_waiting:
             held = [r.state.best_effort or self._yields(r) for r in running]
         else:
             for r in running:
                 r.state.yielded_steps = 0
-            bound = min(self._bounds(_admitted_decodes(running), now))  # no slack for best effort (``token_budget``)
-            if math.isinf(bound):
+            # No slack for best effort (``token_budget``).
+            bound = min(self._bounds(step.decodes, now, step.tiers))
+            if math.isinf(bound) or not step.best_effort:
                 held = [False] * len(running)
             else:
-                joining = {id(r) for r in self._best_effort_joining(running, bound)}
+                joining = {id(r) for r in self._best_effort_joining(running, bound, step.best_effort)}
                 held = [r.state.best_effort and id(r) not in joining for r in running]
         self._held = held
         return held
@@ -353,7 +385,9 @@ class Planner:
         r.state.yielded_steps += 1
         return True
 
-    def _best_effort_joining(self, running: Sequence[LiveRequest], bound: float) -> list[LiveRequest]:
+    def _best_effort_joining(
+        self, running: Sequence[LiveRequest], bound: float, best_effort: list[LiveRequest] | None = None
+    ) -> list[LiveRequest]:
         """The best-effort running requests that join a step bounded by ``bound``, in running order.
 
         None while an admitted prefill chunk runs: admission promised that chunk the prefill budget
@@ -361,9 +395,12 @@ class Planner:
         Otherwise they join as long as the step, with one token for each and one more request for
         whoever takes the leftover budget, stays within the bound.
         """
-        best_effort = _best_effort(running)
+        if best_effort is None:
+            best_effort = _best_effort(running)
+        if not best_effort:
+            return []
         admitted = [r for r in running if not r.state.best_effort]
-        if not best_effort or _prefills(admitted):
+        if _prefills(admitted):
             return []
         tokens = requests = len(admitted)
         context = sum(r.context + 1 for r in admitted)
@@ -561,9 +598,9 @@ class Planner:
     def _decode_load(self, decodes: list[LiveRequest]) -> _DecodeLoad:
         """The load of these decodes: ``_with_decode`` of each, in one pass (the hot path of admission)."""
         # Counted per tier (a few TPOTs among many decodes), with the per-request work in
-        # comprehensions and ``Counter``: admission runs this over every decode in the engine.
+        # comprehensions, C-level maps and ``Counter``: admission runs this over every decode in the engine.
         tpots = [r.state.tpot_seconds for r in decodes]
-        context = sum([r.context for r in decodes]) + len(decodes)
+        context = sum(map(_CONTEXT, decodes)) + len(decodes)
         bound, requests, tokens, free, free_context = math.inf, 0, 0, 0, 0
         for tpot, count in Counter(tpots).items():
             if math.isinf(tpot):
