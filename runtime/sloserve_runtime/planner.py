@@ -386,17 +386,16 @@ class Planner:
         return True
 
     def _best_effort_joining(
-        self, running: Sequence[LiveRequest], bound: float, best_effort: list[LiveRequest] | None = None
+        self, running: Sequence[LiveRequest], bound: float, best_effort: list[LiveRequest]
     ) -> list[LiveRequest]:
         """The best-effort running requests that join a step bounded by ``bound``, in running order.
 
         None while an admitted prefill chunk runs: admission promised that chunk the prefill budget
         the admitted decodes leave, and a best-effort request would take a per-request time of it.
         Otherwise they join as long as the step, with one token for each and one more request for
-        whoever takes the leftover budget, stays within the bound.
+        whoever takes the leftover budget, stays within the bound. ``best_effort``: the best-effort
+        requests of ``running``, in running order (``_Running``).
         """
-        if best_effort is None:
-            best_effort = _best_effort(running)
         if not best_effort:
             return []
         admitted = [r for r in running if not r.state.best_effort]
