@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import random
+import statistics
 import time
 from itertools import pairwise
 
@@ -286,3 +288,53 @@ def test_a_request_that_arrives_mid_step_joins_when_the_step_ends(monkeypatch):
     # The first prompt runs whole in one 0.51 s step; the second, sent at 0.1 s, joins after it.
     assert added == pytest.approx([0.0, 0.51])
     assert results[1].arrival == pytest.approx(0.1) and results[1].token_times[0] > 0.51
+
+
+def noisy(spread: float, correlation: float) -> SimConfig:
+    return SimConfig(step_time=MODEL, step_noise=spread, step_noise_correlation=correlation)
+
+
+def test_step_noise_has_the_spread_and_correlation_asked_for():
+    """A lone decode's gaps are the profile's step times times exp(x), x an AR(1) process."""
+    trace = [program(0, 0.0, chat(10, 20_000, SLO.parse("5x", None)))]
+    result = simulate(trace, "vllm-fcfs", MODEL, noisy(0.15, 0.8))[0]
+    gaps = [later - earlier for earlier, later in pairwise(result.token_times)]
+    errors = [math.log(gap / MODEL.step_seconds(1, 1)) for gap in gaps]  # MODEL has no context term
+    assert statistics.pstdev(errors) == pytest.approx(0.15, rel=0.1)
+    assert statistics.correlation(errors[:-1], errors[1:]) == pytest.approx(0.8, abs=0.03)
+    assert abs(statistics.fmean(errors)) < 0.03
+    # The same run again draws the same steps; without noise every gap is the profile's.
+    assert simulate(trace, "vllm-fcfs", MODEL, noisy(0.15, 0.8)) == [result]
+    exact = simulate(trace, "vllm-fcfs", MODEL, noisy(0.0, 0.0))[0]
+    assert [later - earlier for earlier, later in pairwise(exact.token_times[:50])] == pytest.approx(
+        [MODEL.step_seconds(1, 1)] * 49
+    )
+
+
+def test_step_noise_leaves_a_run_without_it_as_it_was():
+    trace = random_trace(150, rate=8.0, seed=3, stages=2)
+    assert simulate(trace, "sloserve", MODEL, noisy(0.0, 0.5)) == simulate(trace, "sloserve", MODEL)
+    assert simulate(trace, "sloserve", MODEL, noisy(0.1, 0.5)) != simulate(trace, "sloserve", MODEL)
+
+
+@pytest.mark.parametrize(("spread", "correlation"), [(-0.1, 0.0), (0.1, 1.0), (0.1, -0.2)])
+def test_step_noise_out_of_range_is_refused(spread, correlation):
+    with pytest.raises(ValueError, match="step noise needs a spread of 0 or more and a correlation in"):
+        noisy(spread, correlation)
+
+
+def test_simulate_command_writes_the_step_noise_it_ran_with(tmp_path):
+    out = tmp_path / "noisy.json"
+    result = run_cli(
+        "simulate", "--scenario", "chatbot", "--scheduler", "sloserve,vllm-fcfs", "--rate", "0.3",
+        "--num-requests", "20", "--step-noise", "0.1", "--step-noise-correlation", "0.7", "--calibrate",
+        "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(out.read_text())
+    assert payload["step_noise"] == [0.1, 0.7]
+    assert payload["calibrate"] is True
+    refused = run_cli("simulate", "--scenario", "chatbot", "--rate", "1", "--step-noise", "-1", timeout=60)
+    assert refused.returncode == 2
+    assert "--step-noise" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -12,11 +12,23 @@ and shifted alike): ``StepTimeModel.calibrated``. The fit is a least-squares lin
 one size (``min_spread``) fix the offset alone and leave the scale at 1. The scale is clamped to
 ``[min_scale, max_scale]``, and a step never comes out cheaper than ``min_fraction`` of the
 profile's. Steps far off the line (a pause of the whole process) are left out of the fit: the
-line is fitted twice, the second time without them. Imports no vLLM.
+line is fitted twice, the second time without them.
+
+The line over a window of 256 steps follows how the machine differs from the profile; it is too
+slow for how the engine's steps drift from one to the next. Measured on the real CPU engine, the
+error of the line's prediction for a step is strongly correlated with the error of the step before
+(0.5–0.8, and still 0.3–0.5 ten steps on: the steps of a crowded long-context batch run slow
+together, whatever their features say), so the mean of 10 tokens' gaps, which attainment judges,
+errs almost as much as one step. So every step also updates a short memory of how far the line was
+off, in log terms: a moving average that weighs the latest step ``recent_weight``. The model the
+policy plans the next step with is the line's times that correction (``model``); on the CPU
+engine's step logs it halves the error of a step's prediction (``docs/scripts/calibration_replay.py``).
+Imports no vLLM.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -38,26 +50,46 @@ class StepTimeCalibration:
     min_fraction: float = 0.25  # no corrected step is cheaper than this share of the profile's
     outlier_ratio: float = 4.0  # steps off the profile by more than this factor are never weighed
     outlier_mads: float = 6.0  # nor steps this many median absolute residuals off the first fit
+    # The latest step's weight in the short memory of the line's error (0: no short memory), and
+    # the most one step may move it, in log terms (a step 35 % off counts as that, not more).
+    recent_weight: float = 0.3
+    recent_limit: float = 0.3
     scale: float = 1.0
     offset: float = 0.0
+    recent: float = 0.0  # the short memory: how far, in log terms, the line has lately been off
     steps: int = 0  # steps observed in all
-    model: StepTimeModel = field(init=False)  # the profile as last fitted
+    fitted: StepTimeModel = field(init=False)  # the profile as the line last fitted it
+    model: StepTimeModel = field(init=False)  # what the next step is planned with: the line, corrected by ``recent``
     samples: deque[tuple[float, float]] = field(init=False, repr=False)  # (predicted, observed) seconds
 
     def __post_init__(self) -> None:
         self.samples = deque(maxlen=self.window)
-        self.model = self.profile
+        self.fitted = self.model = self.profile
 
     def observe(self, tokens: int, requests: int, context_tokens: int, attended: int, seconds: float) -> bool:
-        """One step with these features took ``seconds``; True when the model was refitted just now."""
+        """One step with these features took ``seconds``; True when ``model`` changed just now."""
         predicted = self.profile.step_seconds(tokens, requests, context_tokens, attended)
         self.steps += 1
-        if predicted > 0 and 1 / self.outlier_ratio <= seconds / predicted <= self.outlier_ratio:
+        # Far off the profile: a pause of the whole process, not a step; neither memory weighs it.
+        in_line = predicted > 0 and 1 / self.outlier_ratio <= seconds / predicted <= self.outlier_ratio
+        if in_line:
             self.samples.append((predicted, seconds))
-        if self.steps % self.refit_every or len(self.samples) < self.min_steps:
+        refit = not self.steps % self.refit_every and len(self.samples) >= self.min_steps
+        if refit:
+            self.scale, self.offset = self._fit()
+            self.fitted = self.profile.calibrated(self.scale, self.offset)
+        remember = in_line and self.recent_weight > 0
+        if remember:
+            off = math.log(seconds / self.fitted.step_seconds(tokens, requests, context_tokens, attended))
+            off = min(self.recent_limit, max(-self.recent_limit, off))
+            self.recent += self.recent_weight * (off - self.recent)
+        if not (refit or remember):
             return False
-        self.scale, self.offset = self._fit()
-        self.model = self.profile.calibrated(self.scale, self.offset)
+        # The correction multiplies every piece, offset included (again a max of linear pieces),
+        # and the cheapest step keeps its floor.
+        scale = self.scale * math.exp(self.recent)
+        offset = max(self.offset * math.exp(self.recent), self._floor_offset(scale))
+        self.model = self.profile.calibrated(scale, offset)
         return True
 
     def _fit(self) -> tuple[float, float]:
@@ -72,9 +104,12 @@ class StepTimeCalibration:
         kept = [sample for sample, residual in zip(samples, residuals, strict=True) if residual <= limit]
         if len(kept) >= self.min_steps // 2:
             scale, offset = self._line(kept)
-        # The cheapest step the profile knows (one token, no context) keeps a floor share of its cost.
-        cheapest = self.profile.step_seconds(1, 1)
-        return scale, max(offset, (self.min_fraction - scale) * cheapest)
+        return scale, max(offset, self._floor_offset(scale))
+
+    def _floor_offset(self, scale: float) -> float:
+        """The least offset at ``scale`` that leaves the cheapest step the profile knows (one token,
+        no context) its floor share of the profile's cost."""
+        return (self.min_fraction - scale) * self.profile.step_seconds(1, 1)
 
     def _line(self, samples: list[tuple[float, float]]) -> tuple[float, float]:
         n = len(samples)

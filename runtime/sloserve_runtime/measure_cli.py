@@ -39,6 +39,18 @@ SloScale = Annotated[
 ]
 LengthScale = Annotated[float, typer.Option(help="Multiply every prompt and output length.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")]
+StepNoise = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        help="The simulated engine's steps stray from the profile: each takes its time times exp(x), x an "
+        "AR(1) process with this standard deviation (0: exact; the CPU engine's step logs show 0.08-0.15).",
+    ),
+]
+StepNoiseCorrelation = Annotated[
+    float,
+    typer.Option(min=0.0, max=0.99, help="How much of a step's error carries to the next (the CPU engine's: 0.5-0.8)."),
+]
 PlotOut = Annotated[Path | None, typer.Option("--plot", help="Write attainment-vs-rate and TTFT CDF plots here.")]
 
 
@@ -213,6 +225,8 @@ def simulate_command(
     calibrate: Annotated[
         bool, typer.Option(help="The schedulers refit their profile to the simulated steps, as sloserve serve does.")
     ] = False,
+    step_noise: StepNoise = 0.0,
+    step_noise_correlation: StepNoiseCorrelation = 0.0,
     enable_prefix_caching: Annotated[
         bool,
         typer.Option(
@@ -234,7 +248,10 @@ def simulate_command(
     config = _profile(profile)
     if planner_profile is not None:
         config = dataclasses.replace(config, planner_step_time=_profile(planner_profile, "--planner-profile").step_time)
-    config = dataclasses.replace(config, calibrate=calibrate, enable_prefix_caching=enable_prefix_caching)
+    config = dataclasses.replace(
+        config, calibrate=calibrate, enable_prefix_caching=enable_prefix_caching,
+        step_noise=step_noise, step_noise_correlation=step_noise_correlation,
+    )  # fmt: skip
     if not 0.0 <= spec_acceptance <= 1.0:
         raise MeasureError(f"--spec-acceptance {spec_acceptance}: give a probability between 0 and 1")
     drafts = _counts("--speculative-tokens", speculative_tokens, minimum=0)
@@ -279,6 +296,7 @@ def simulate_command(
             "spec_acceptance": spec_acceptance if any(drafts) else None,
             "planner_profile": None if planner_profile is None else config.scheduler_step_time.name,
             "calibrate": calibrate,
+            "step_noise": [step_noise, step_noise_correlation] if step_noise else None,
         }  # fmt: skip
         _write_json(json_out, {**payload, "results": [json_entry(*row) for row in rows]})
     if plot is not None:
@@ -380,6 +398,8 @@ def bench_command(
         str | None,
         typer.Option(help="Fidelity: also simulate each endpoint's trace as these schedulers (one per endpoint)."),
     ] = None,
+    step_noise: StepNoise = 0.0,
+    step_noise_correlation: StepNoiseCorrelation = 0.0,
     json_out: JsonOut = None,
     plot: PlotOut = None,
 ) -> None:
@@ -406,7 +426,13 @@ def bench_command(
     console.print(stage_table("Calls by stage: which half of the SLO they kept", rows))
     if compare_to:
         _print_comparison(rows[0][2], rows[1][2])
-    fidelity = [_fidelity(row[2], policy, config, spec, options) for row, policy in zip(rows, policies, strict=False)]
+    # With step noise the simulated schedulers calibrate to the noisy steps, as `sloserve serve` does.
+    simulated = dataclasses.replace(
+        config, step_noise=step_noise, step_noise_correlation=step_noise_correlation, calibrate=step_noise > 0
+    )
+    fidelity = [
+        _fidelity(row[2], policy, simulated, spec, options) for row, policy in zip(rows, policies, strict=False)
+    ]
     if fidelity:
         _print_fidelity(fidelity, config)
     if json_out is not None:

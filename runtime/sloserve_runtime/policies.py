@@ -84,8 +84,9 @@ class SchedulingPolicy(ABC):
     def observe_step(self, tokens: int, requests: int, context_tokens: int, attended: int, seconds: float) -> bool:
         """The engine ran a step with these features in ``seconds`` (its whole cycle, as a client sees it).
 
-        With calibration on, every few steps the policy plans with the refitted model from then on;
-        True when that happened just now.
+        With calibration on, the policy plans from then on with the model as calibrated to the steps
+        so far (the line refitted every few steps, its short memory moved every step); True when
+        that model changed just now.
         """
         calibration = self.calibration
         if calibration is None or not calibration.observe(tokens, requests, context_tokens, attended, seconds):

@@ -36,6 +36,13 @@ class SimConfig:
     # Whether the scheduler refits its profile to the steps the engine takes (as ``sloserve serve``
     # does by default); off, the simulated engine's figures are those of the planner's model alone.
     calibrate: bool = False
+    # A real engine's steps stray from any profile, and stray together: on the CPU engine a step's
+    # error is correlated 0.5-0.8 with the step before's (``docs/scripts/calibration_replay.py``).
+    # The simulated engine can do the same: each step takes the profile's time times exp(x), where
+    # x follows an AR(1) process with this standard deviation and this correlation from one step to
+    # the next. 0: every step takes the profile's time.
+    step_noise: float = 0.0
+    step_noise_correlation: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kv_capacity_blocks < 1 or self.max_num_seqs < 1 or self.batched_tokens < 1:
@@ -44,6 +51,11 @@ class SimConfig:
             raise ValueError(
                 f"speculation needs 0 or more draft tokens and an acceptance rate in [0, 1]; got "
                 f"{self.num_speculative_tokens} and {self.spec_acceptance}"
+            )
+        if self.step_noise < 0 or not 0.0 <= self.step_noise_correlation < 1.0:
+            raise ValueError(
+                f"step noise needs a spread of 0 or more and a correlation in [0, 1); got "
+                f"{self.step_noise} and {self.step_noise_correlation}"
             )
 
     @property

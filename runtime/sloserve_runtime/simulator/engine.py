@@ -7,6 +7,7 @@ capped by the remaining budget, and preemption of the last running request when 
 
 from __future__ import annotations
 
+import math
 import random
 from typing import NamedTuple
 
@@ -24,7 +25,7 @@ class Batch(NamedTuple):
     requests: list[SimRequest]  # scheduled requests, in scheduling order
     tokens: list[int]  # tokens computed for each (a decode: 1 plus its drafts; a prefill: its chunk)
     drafts: list[int]  # drafted tokens each verifies (0 unless it decodes with speculation)
-    seconds: float  # predicted duration of the step
+    seconds: float  # duration of the step: the profile's, with the config's step noise
 
 
 class Engine:
@@ -44,6 +45,10 @@ class Engine:
         self.unpromised: list[SimRequest] = []
         self.preemptions = 0  # requests sent back to recompute, over the whole run
         self.rng = random.Random(seed)  # draws which drafts are accepted: a seed gives the same run
+        # Draws the step noise (``SimConfig.step_noise``), apart from the drafts' draws, so a run
+        # without noise is the run it was; ``noise`` is the current step's log error.
+        self.noise_rng = random.Random(f"step-noise-{seed}")
+        self.noise = 0.0
 
     @property
     def has_work(self) -> bool:
@@ -95,8 +100,17 @@ class Engine:
             attended += attended_pairs(count, request.computed_tokens + drafted)
         scheduled = sum(tokens)
         seconds = self.config.step_time.step_seconds(scheduled, len(requests), context_tokens, attended)
+        if self.config.step_noise:
+            seconds *= self._noise_factor()
         policy.observe_step(scheduled, len(requests), context_tokens, attended, seconds)
         return Batch(requests, tokens, drafts, seconds)
+
+    def _noise_factor(self) -> float:
+        """The next step's time over the profile's: exp of an AR(1) process of the configured spread."""
+        spread, correlation = self.config.step_noise, self.config.step_noise_correlation
+        fresh = self.noise_rng.gauss(0.0, spread * math.sqrt(1.0 - correlation * correlation))
+        self.noise = correlation * self.noise + fresh
+        return math.exp(self.noise)
 
     def complete(self, batch: Batch, now: float) -> list[SimRequest]:
         """End the step at ``now``: requests whose tokens are all computed sample one token each.

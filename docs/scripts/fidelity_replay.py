@@ -1,0 +1,74 @@
+"""Simulates again the traces of a recorded `sloserve bench --simulate-as` run, with or without step noise.
+
+A bench JSON keeps each endpoint's real figures beside the simulator's. This re-simulates the
+same traces (give the bench's trace options again) as the same schedulers, once with steps at
+the profile's times and once with the step noise given, and prints real against both, so a
+change to the simulator is judged against a real run without running the engine again.
+
+    .venv/bin/python docs/scripts/fidelity_replay.py BENCH.json --scenario reasoning --num-requests 30 \
+        --length-scale 0.25 --slo-scale 5 --profile cpu-smollm2-135m-fp32 \
+        --step-noise 0.15 --step-noise-correlation 0.79
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from sloserve_runtime.measure import TraceOptions, simulator_runner
+from sloserve_runtime.measure_cli import FIDELITY_METRICS, _fidelity_figures
+from sloserve_runtime.metrics import summarize
+from sloserve_runtime.scenarios import load_scenario
+from sloserve_runtime.simulator import SimConfig
+from sloserve_runtime.step_time import resolve_profile
+
+
+def cell(real: float | None, simulated: float | None) -> str:
+    if real is None or simulated is None:
+        return "-"
+    error = abs(simulated - real) / real if real else float("nan")
+    shown = (lambda v: f"{v:.1%}") if real <= 1 and simulated <= 1 else (lambda v: f"{v:,.0f}")
+    return f"{shown(simulated)} ({error:.0%})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bench_json", type=Path)
+    parser.add_argument("--scenario", required=True)
+    parser.add_argument("--num-requests", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slo-scale", type=float, default=1.0)
+    parser.add_argument("--length-scale", type=float, default=1.0)
+    parser.add_argument("--max-model-len", type=int, default=2048, help="the served model's, as the bench read it")
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--step-noise", type=float, required=True)
+    parser.add_argument("--step-noise-correlation", type=float, required=True)
+    args = parser.parse_args()
+    recorded = json.loads(args.bench_json.read_text())
+    spec = load_scenario(args.scenario)
+    options = TraceOptions(args.num_requests, args.seed, args.slo_scale, args.length_scale, args.max_model_len)
+    exact = SimConfig.from_profile(resolve_profile(args.profile))
+    noisy = dataclasses.replace(
+        exact, step_noise=args.step_noise, step_noise_correlation=args.step_noise_correlation, calibrate=True
+    )
+    print(f"{args.bench_json}: simulated (relative error), exact steps / steps with noise "
+          f"{args.step_noise} correlated {args.step_noise_correlation}")  # fmt: skip
+    print("| simulated as | rate | figure | real | exact | with noise |")
+    print("|---|---:|---|---:|---:|---:|")
+    for entry in recorded["fidelity"]:
+        policy = entry["simulated_as"]
+        for row in entry["rates"]:
+            trace = options.trace(spec, row["rate"])
+            exact_figures = _fidelity_figures(summarize(*simulator_runner(policy, exact)(trace)))
+            noisy_figures = _fidelity_figures(summarize(*simulator_runner(policy, noisy)(trace)))
+            for metric in FIDELITY_METRICS:
+                real = row["real"][metric]
+                shown = "-" if real is None else f"{real:.1%}" if metric == "attainment" else f"{real:,.0f}"
+                print(f"| {policy} | {row['rate']} | {metric} | {shown} | "
+                      f"{cell(real, exact_figures[metric])} | {cell(real, noisy_figures[metric])} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
