@@ -46,9 +46,9 @@ class Engine:
         self.preemptions = 0  # requests sent back to recompute, over the whole run
         self.rng = random.Random(seed)  # draws which drafts are accepted: a seed gives the same run
         # Draws the step noise (``SimConfig.step_noise``), apart from the drafts' draws, so a run
-        # without noise is the run it was; ``noise`` is the current step's log error.
+        # without noise is the run it was; ``noise`` is the last step's log error (None: no step yet).
         self.noise_rng = random.Random(f"step-noise-{seed}")
-        self.noise = 0.0
+        self.noise: float | None = None
 
     @property
     def has_work(self) -> bool:
@@ -108,8 +108,11 @@ class Engine:
     def _noise_factor(self) -> float:
         """The next step's time over the profile's: exp of an AR(1) process of the configured spread."""
         spread, correlation = self.config.step_noise, self.config.step_noise_correlation
-        fresh = self.noise_rng.gauss(0.0, spread * math.sqrt(1.0 - correlation * correlation))
-        self.noise = correlation * self.noise + fresh
+        if self.noise is None:  # the first step draws from the process's own spread, as every later one does
+            self.noise = self.noise_rng.gauss(0.0, spread)
+        else:
+            fresh = self.noise_rng.gauss(0.0, spread * math.sqrt(1.0 - correlation * correlation))
+            self.noise = correlation * self.noise + fresh
         return math.exp(self.noise)
 
     def complete(self, batch: Batch, now: float) -> list[SimRequest]:
