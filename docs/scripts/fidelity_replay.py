@@ -25,12 +25,15 @@ from sloserve_runtime.simulator import SimConfig
 from sloserve_runtime.step_time import resolve_profile
 
 
-def cell(real: float | None, simulated: float | None) -> str:
+def shown(metric: str, value: float) -> str:
+    return f"{value:.1%}" if metric == "attainment" else f"{value:,.0f}"
+
+
+def cell(metric: str, real: float | None, simulated: float | None) -> str:
     if real is None or simulated is None:
         return "-"
     error = abs(simulated - real) / real if real else float("nan")
-    shown = (lambda v: f"{v:.1%}") if real <= 1 and simulated <= 1 else (lambda v: f"{v:,.0f}")
-    return f"{shown(simulated)} ({error:.0%})"
+    return f"{shown(metric, simulated)} ({error:.0%})"
 
 
 def main() -> None:
@@ -65,9 +68,9 @@ def main() -> None:
             noisy_figures = _fidelity_figures(summarize(*simulator_runner(policy, noisy)(trace)))
             for metric in FIDELITY_METRICS:
                 real = row["real"][metric]
-                shown = "-" if real is None else f"{real:.1%}" if metric == "attainment" else f"{real:,.0f}"
-                print(f"| {policy} | {row['rate']} | {metric} | {shown} | "
-                      f"{cell(real, exact_figures[metric])} | {cell(real, noisy_figures[metric])} |")  # fmt: skip
+                print(f"| {policy} | {row['rate']} | {metric} | {'-' if real is None else shown(metric, real)} | "
+                      f"{cell(metric, real, exact_figures[metric])} | "
+                      f"{cell(metric, real, noisy_figures[metric])} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ class StepTimeCalibration:
             self.fitted = self.profile.calibrated(self.scale, self.offset)
         remember = in_line and self.recent_weight > 0
         if remember:
-            off = math.log(seconds / self.fitted.step_seconds(tokens, requests, context_tokens, attended))
+            # ``fitted`` maps every profile prediction to this line (``StepTimeModel.calibrated``).
+            off = math.log(seconds / (self.scale * predicted + self.offset))
             off = min(self.recent_limit, max(-self.recent_limit, off))
             self.recent += self.recent_weight * (off - self.recent)
         if not (refit or remember):
