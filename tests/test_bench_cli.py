@@ -14,7 +14,7 @@ def test_short_bench_run_against_the_real_engine(engine, tmp_path):
     result = run_cli(
         "bench", "--scenario", "chatbot", "--rate", "2", "--num-requests", "20", "--length-scale", "0.1",
         "--endpoint", engine.base_url, "--compare", engine.base_url, "--simulate-as", "sloserve,vllm-fcfs",
-        "--json", str(out), "--plot", str(plot),
+        "--json", str(out), "--plot", str(plot), "--save-detailed", "--frontend-in-ms", "60", "--frontend-out-ms", "8",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Fidelity" in result.stdout
@@ -27,7 +27,25 @@ def test_short_bench_run_against_the_real_engine(engine, tmp_path):
     assert probe["ttft_ms"]["p50"] <= probe["ttft_ms"]["p90"] <= probe["ttft_ms"]["p99"]
     fidelity = data["fidelity"][0]["rates"][0]
     assert set(fidelity["relative_error"]) == {"ttft_p50_ms", "ttft_p90_ms", "tpot_p90_ms", "attainment"}
+    assert data["fidelity"][0]["frontend_ms"] == [60.0, 8.0]
     assert plot.stat().st_size > 10_000
+    # --save-detailed: every call, with the server's id for it and every token's time, in the step
+    # log's timeline of the engine too.
+    calls = probe["calls"]
+    assert len(calls) == 20 and all(call["request_id"].startswith("cmpl-") for call in calls)
+    for call in calls:
+        assert len(call["token_times"]) == call["output_tokens"]
+        assert call["arrival"] <= call["token_times"][0]
+        assert call["token_times"] == sorted(call["token_times"])
+    logged = engine.step_log.read_text()
+    assert all(f'"{call["request_id"]}-0-' in logged for call in calls)
+
+
+def test_save_detailed_needs_a_json_file():
+    result = run_cli("bench", "--scenario", "chatbot", "--rate", "1", "--save-detailed", timeout=60)
+    assert result.returncode == 2
+    assert "--save-detailed saves into the results JSON: give --json FILE too" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_simulate_writes_the_documented_json(tmp_path):

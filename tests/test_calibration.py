@@ -211,3 +211,47 @@ def test_a_scheduler_given_a_too_fast_profile_keeps_its_promises_once_calibrated
     stale, calibrated = tpot_misses(False), tpot_misses(True)
     assert stale >= 20
     assert calibrated <= stale // 3
+
+
+def test_window_margin_is_how_much_slower_than_planned_ten_steps_in_a_row_ran():
+    """Steps the model predicts exactly leave no margin; stretches of steps that run slow together
+    (the error the short memory cannot see coming) set it to the slow stretches' excess, at most
+    ``max_margin``."""
+    exact = StepTimeCalibration(TWO_PIECES)
+    for features in random_steps(320, seed=6):
+        exact.observe(*features, TWO_PIECES.step_seconds(*features))
+    assert exact.window_margin == 0.0
+    rng = random.Random(1)
+    slow = StepTimeCalibration(TWO_PIECES)
+    for index, features in enumerate(random_steps(512, seed=7)):
+        # Every fifth stretch of 10 steps runs 6 % slow, drawn afresh each step: the memory lags it.
+        factor = 1.06 if (index // 10) % 5 == 0 else 1.0
+        slow.observe(*features, TWO_PIECES.step_seconds(*features) * factor * rng.uniform(0.99, 1.01))
+    assert 0.02 < slow.window_margin < 0.07
+    wild = StepTimeCalibration(TWO_PIECES)
+    for index, features in enumerate(random_steps(512, seed=8)):
+        wild.observe(*features, TWO_PIECES.step_seconds(*features) * (1.8 if index % 20 < 10 else 0.7))
+    assert wild.window_margin == wild.max_margin
+
+
+def test_the_planner_keeps_the_margin_back_from_each_window():
+    """The policy hands the calibration's margin to the planner, which plans each window that much short."""
+    policy = make_policy("sloserve", TWO_PIECES, 512, calibrate=True)
+    for index, features in enumerate(random_steps(256, seed=9)):
+        policy.observe_step(*features, TWO_PIECES.step_seconds(*features) * (1.05 if (index // 10) % 4 == 0 else 1.0))
+    margin = policy.calibration.window_margin
+    assert margin > 0.0 and policy.planner.window_margin == margin
+    state = SLORequestState.create("d", SLO.parse("5x", "100ms"), 0.0, 100, TWO_PIECES)
+    for index in range(1, 21):
+        state.record_output(1.0 + 0.06 * index, index)
+    decodes = [LiveRequest(state, 1, 300)]
+    now = state.token_times[-1]
+    with_margin = policy.planner.step_bound(decodes, now)
+    policy.planner.window_margin = 0.0
+    without = policy.planner.step_bound(decodes, now)
+    assert with_margin < without
+    # Each window is planned as if its TPOT were 1 + margin tighter.
+    planner = policy.planner
+    tpot = 0.1 * planner.headroom / (1 + margin)
+    decode_only = planner.step_time.step_seconds(1, 1, 301, 301)
+    assert with_margin == pytest.approx(state.window_bound(now, tpot, max(planner.window_reserve * tpot, decode_only)))

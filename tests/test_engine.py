@@ -239,6 +239,34 @@ async def test_step_log_records_features_and_busy_cycles(engine):
     assert all(step["cycle_seconds"] >= step["seconds"] > 0 for step in cycles)
 
 
+def test_step_log_lays_the_engines_tokens_beside_the_clients(engine):
+    """`--step-log` records when the engine emitted each request's tokens and when the request came
+    in, on the wall clock a client shares: a streamed call's tokens reach the client after the
+    engine emitted them, one emitted token per streamed token, and the request reaches the engine
+    after it was sent."""
+    before = engine.step_log.read_text().count("\n") if engine.step_log.exists() else 0
+    sent = time.time()
+    stream_id, received = None, []
+    with httpx.stream(
+        "POST", f"{engine.base_url}/completions", timeout=60,
+        json={"model": engine.model, "prompt": [200] * 40, "max_tokens": 12, "ignore_eos": True, "stream": True},
+    ) as response:  # fmt: skip
+        for line in response.iter_lines():
+            if line.startswith("data:") and not line.endswith("[DONE]"):
+                stream_id = stream_id or json.loads(line[5:])["id"]
+                received.append(time.time())
+    steps = [json.loads(line) for line in engine.step_log.read_text().splitlines()[before:]]
+    # vLLM's engine id for the call: the stream's id, the prompt's index and a suffix.
+    ours = [rid for step in steps for rid in step.get("emitted", {}) if rid.startswith(f"{stream_id}-")]
+    rid = ours[0]
+    emitted = [step["emitted_at"] for step in steps for _ in range(step.get("emitted", {}).get(rid, 0))]
+    assert len(emitted) == len(received) == 12
+    assert all(client >= engine_time for client, engine_time in zip(received, emitted, strict=True))
+    assert emitted == sorted(emitted)
+    created, added = next(step["arrived"][rid] for step in steps if rid in step.get("arrived", {}))
+    assert sent <= created <= added <= emitted[0]
+
+
 CALIBRATED = re.compile(r"calibrated to this engine's last (\d+) steps: scale ([\d.]+), offset ([+-][\d.]+) ms")
 
 

@@ -98,7 +98,7 @@ CPU_FP32_STEPS = Path(__file__).parents[1] / "docs" / "data" / "cpu-avx2-steps" 
 
 def test_bundled_gpu_profile_is_the_fit_of_its_measured_steps():
     """The H200 profile the simulator ships is what fitting its committed steps gives, and predicts them."""
-    samples = [StepSample(**json.loads(line)) for line in GPU_STEPS.read_text().splitlines()]
+    samples = [StepSample.from_record(json.loads(line)) for line in GPU_STEPS.read_text().splitlines()]
     bundled = StepTimeModel.load(PROFILES_DIR / "h200-opt13b-measured.json")
     refit = fit_step_time(samples, bundled.name, bundled.source, bundled.max_num_batched_tokens)
     assert refit.r2_heldout > 0.95

@@ -12,7 +12,7 @@ from itertools import pairwise
 import pytest
 
 from conftest import run_cli
-from sloserve.slo import SLO
+from sloserve.slo import SLO, judge
 from sloserve_runtime.simulator import SimConfig, simulate
 from sloserve_runtime.simulator.loop import Simulation
 from sloserve_runtime.step_time import PROFILES_DIR, LinearPiece, StepTimeModel
@@ -338,3 +338,39 @@ def test_simulate_command_writes_the_step_noise_it_ran_with(tmp_path):
     assert refused.returncode == 2
     assert "--step-noise" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def fronted(in_s: float, out_s: float) -> SimConfig:
+    return SimConfig(step_time=MODEL, frontend_in_seconds=in_s, frontend_out_seconds=out_s)
+
+
+def test_the_front_end_delays_what_the_client_sees_and_not_the_engine():
+    """A call reaches the engine ``in`` after it was sent and each token reaches the client ``out``
+    after the engine emitted it; the next stage is sent once the client has the last token."""
+    trace = [program(0, 0.0, chat(100, 3), chat(50, 2, delay=0.2))]
+    bare = simulate(trace, "sloserve", MODEL)
+    fronted_results = simulate(trace, "sloserve", MODEL, fronted(0.05, 0.01))
+    first, second = fronted_results
+    assert first.arrival == 0.0
+    assert first.token_times == pytest.approx([t + 0.06 for t in bare[0].token_times])
+    # The second call is sent 0.2 s after the client read the first call's last token.
+    assert second.arrival == pytest.approx(first.token_times[-1] + 0.2)
+    assert second.arrival == pytest.approx(bare[1].arrival + 0.06)
+    assert second.token_times == pytest.approx([t + 0.12 for t in bare[1].token_times])
+    # Without a front end nothing moves.
+    assert simulate(trace, "sloserve", MODEL, fronted(0.0, 0.0)) == bare
+
+
+def test_the_front_end_counts_against_the_slo_from_the_send():
+    """The SLO's clock starts at the send, as the server's middleware stamps it: a front end slower
+    than a TTFT's slack turns a met first token into a missed one."""
+    trace = [program(0, 0.0, chat(100, 3, SLO.parse("200ms", None)))]  # prefill: 71 ms on MODEL
+    on_time = simulate(trace, "vllm-fcfs", MODEL)[0]
+    late = simulate(trace, "vllm-fcfs", MODEL, fronted(0.15, 0.0))[0]
+    assert judge(on_time.arrival, on_time.token_times, 200.0, None).ttft_met
+    assert not judge(late.arrival, late.token_times, 200.0, None).ttft_met
+
+
+def test_a_negative_front_end_is_refused():
+    with pytest.raises(ValueError, match="the front end's delays must be 0 or more"):
+        fronted(-0.01, 0.0)

@@ -8,7 +8,8 @@ per kind of step (grouped as ``step_errors.py`` groups them), the median of meas
 and over all steps the median error of one step and the percentiles of measured / predicted over
 10 steps in a row: a decode in all of them gets one attainment window's tokens from them. Last,
 the spread and step-to-step correlation of the line's error in log terms: what ``sloserve
-simulate --step-noise S --step-noise-correlation C`` gives the simulated engine's steps.
+simulate --step-noise S --step-noise-correlation C`` gives the simulated engine's steps, and the
+window margin the calibration handed the planner (``StepTimeCalibration.window_margin``).
 
     .venv/bin/python docs/scripts/calibration_replay.py STEPS.jsonl [profile]
 """
@@ -22,6 +23,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from records import read_text
 from step_errors import BANDS, context_band
 
 from sloserve_runtime.calibration import StepTimeCalibration
@@ -41,7 +43,8 @@ def main(steps: Path, profile_path: Path) -> None:
     calibration = StepTimeCalibration(profile)
     groups: dict[tuple[str, int, int], list[tuple[float, ...]]] = defaultdict(list)
     rows: list[tuple[float, ...]] = []  # (measured, predicted by each model)
-    for line in steps.read_text().splitlines():
+    margins: list[float] = []  # the window margin after each step
+    for line in read_text(steps).splitlines():
         step = json.loads(line)
         if "cycle_seconds" not in step:  # the first step after idle: no whole cycle to calibrate with
             continue
@@ -50,6 +53,7 @@ def main(steps: Path, profile_path: Path) -> None:
         models = (profile, calibration.fitted, calibration.model)
         row = (measured, *(model.step_seconds(*features) for model in models))
         calibration.observe(*features, measured)
+        margins.append(calibration.window_margin)
         tokens, requests = features[0], features[1]
         kind = "prefill" if tokens > requests else "decode"
         groups[(kind, min(requests, 8), context_band(features[2] // max(requests, 1)))].append(row)
@@ -79,6 +83,8 @@ def main(steps: Path, profile_path: Path) -> None:
     spread = statistics.pstdev(errors)
     correlation = statistics.correlation(errors[:-1], errors[1:])
     print(f"\nthe line's error in log terms: --step-noise {spread:.2f} --step-noise-correlation {correlation:.2f}")
+    print(f"the window margin the planner kept back, over the steps: P10 {quantile(margins, 0.1):.1%}, "
+          f"P50 {quantile(margins, 0.5):.1%}, P90 {quantile(margins, 0.9):.1%}")  # fmt: skip
 
 
 if __name__ == "__main__":

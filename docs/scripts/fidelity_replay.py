@@ -7,7 +7,10 @@ change to the simulator is judged against a real run without running the engine 
 
     .venv/bin/python docs/scripts/fidelity_replay.py BENCH.json --scenario reasoning --num-requests 30 \
         --length-scale 0.25 --slo-scale 5 --profile cpu-smollm2-135m-fp32 \
-        --step-noise 0.15 --step-noise-correlation 0.79
+        --step-noise 0.15 --step-noise-correlation 0.79 [--frontend-in-ms 60 --frontend-out-ms 8]
+
+With ``--frontend-in-ms``/``--frontend-out-ms`` (``docs/scripts/frontend_delay.py`` measures
+them) a third column adds the front end to the noisy simulation.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+
+from records import read_text
 
 from sloserve_runtime.measure import TraceOptions, simulator_runner
 from sloserve_runtime.measure_cli import FIDELITY_METRICS, _fidelity_figures
@@ -48,8 +53,10 @@ def main() -> None:
     parser.add_argument("--profile", required=True)
     parser.add_argument("--step-noise", type=float, required=True)
     parser.add_argument("--step-noise-correlation", type=float, required=True)
+    parser.add_argument("--frontend-in-ms", type=float, default=0.0, help="a third column: noise and this front end")
+    parser.add_argument("--frontend-out-ms", type=float, default=0.0)
     args = parser.parse_args()
-    recorded = json.loads(args.bench_json.read_text())
+    recorded = json.loads(read_text(args.bench_json))
     spec = load_scenario(args.scenario)
     options = TraceOptions(args.num_requests, args.seed, args.slo_scale, args.length_scale, args.max_model_len)
     exact = SimConfig.from_profile(resolve_profile(args.profile))
@@ -58,19 +65,23 @@ def main() -> None:
     )
     print(f"{args.bench_json}: simulated (relative error), exact steps / steps with noise "
           f"{args.step_noise} correlated {args.step_noise_correlation}")  # fmt: skip
-    print("| simulated as | rate | figure | real | exact | with noise |")
-    print("|---|---:|---|---:|---:|---:|")
+    configs = {"exact": exact, "with noise": noisy}
+    if args.frontend_in_ms or args.frontend_out_ms:
+        configs[f"with noise, front end {args.frontend_in_ms:g} / {args.frontend_out_ms:g} ms"] = dataclasses.replace(
+            noisy, frontend_in_seconds=args.frontend_in_ms / 1000, frontend_out_seconds=args.frontend_out_ms / 1000
+        )
+    print("| simulated as | rate | figure | real | " + " | ".join(configs) + " |")
+    print("|---|---:|---|---:|" + "---:|" * len(configs))
     for entry in recorded["fidelity"]:
         policy = entry["simulated_as"]
         for row in entry["rates"]:
             trace = options.trace(spec, row["rate"])
-            exact_figures = _fidelity_figures(summarize(*simulator_runner(policy, exact)(trace)))
-            noisy_figures = _fidelity_figures(summarize(*simulator_runner(policy, noisy)(trace)))
+            figures = [_fidelity_figures(summarize(*simulator_runner(policy, c)(trace))) for c in configs.values()]
             for metric in FIDELITY_METRICS:
                 real = row["real"][metric]
-                print(f"| {policy} | {row['rate']} | {metric} | {'-' if real is None else shown(metric, real)} | "
-                      f"{cell(metric, real, exact_figures[metric])} | "
-                      f"{cell(metric, real, noisy_figures[metric])} |")  # fmt: skip
+                measured = "-" if real is None else shown(metric, real)
+                cells = " | ".join(cell(metric, real, simulated[metric]) for simulated in figures)
+                print(f"| {policy} | {row['rate']} | {metric} | {measured} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def fit(measured: Path, profile_path: Path) -> None:
     from sloserve_runtime.profile_fit import StepSample, fit_step_time
 
     info = json.loads((measured / "device.json").read_text())
-    samples = [StepSample(**json.loads(line)) for line in (measured / "steps.jsonl").read_text().splitlines()]
+    samples = [StepSample.from_record(json.loads(line)) for line in (measured / "steps.jsonl").read_text().splitlines()]
     gpu = info["gpu"]
     slug = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.split()[-1].lower()
     # vLLM keeps gpu_memory_utilization (0.9) of the GPU, less the weights and the activation peak.

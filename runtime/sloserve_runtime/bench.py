@@ -105,7 +105,9 @@ async def _stage_call(
                 if not line.startswith("data:") or line.endswith("[DONE]"):
                     continue
                 now = time.time()
-                for choice in json.loads(line[5:]).get("choices") or []:
+                chunk = json.loads(line[5:])
+                result.request_id = result.request_id or chunk.get("id")
+                for choice in chunk.get("choices") or []:
                     token_ids = choice.get("token_ids") or []
                     output_ids.extend(token_ids)
                     count = len(token_ids) or (1 if choice.get("text") else 0)

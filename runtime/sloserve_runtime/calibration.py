@@ -23,6 +23,13 @@ errs almost as much as one step. So every step also updates a short memory of ho
 off, in log terms: a moving average that weighs the latest step ``recent_weight``. The model the
 policy plans the next step with is the line's times that correction (``model``); on the CPU
 engine's step logs it halves the error of a step's prediction (``docs/scripts/calibration_replay.py``).
+
+What the short memory leaves is still error, and attainment judges it ten steps at a time: a
+planner that spends a window's slack to the edge loses the window whenever ten steps in a row run
+a little slower than planned. So the calibration also keeps, over the last ``window`` stretches of
+ten steps, how much slower than ``model`` planned each stretch ran, and at every refit states the
+``margin_quantile`` of that as ``window_margin`` (at most ``max_margin``): the planner plans windows
+that much short. On a simulated engine whose steps take the profile's time it stays 0.
 Imports no vLLM.
 """
 
@@ -33,6 +40,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
+from sloserve.slo import ATTAINMENT_WINDOW
 from sloserve_runtime.step_time import StepTimeModel
 
 
@@ -54,6 +62,9 @@ class StepTimeCalibration:
     # the most one step may move it, in log terms (a step 35 % off counts as that, not more).
     recent_weight: float = 0.3
     recent_limit: float = 0.3
+    # The share of 10-step stretches the window margin covers, and the most it may be.
+    margin_quantile: float = 0.95
+    max_margin: float = 0.1
     scale: float = 1.0
     offset: float = 0.0
     recent: float = 0.0  # the short memory: how far, in log terms, the line has lately been off
@@ -61,10 +72,18 @@ class StepTimeCalibration:
     fitted: StepTimeModel = field(init=False)  # the profile as the line last fitted it
     model: StepTimeModel = field(init=False)  # what the next step is planned with: the line, corrected by ``recent``
     samples: deque[tuple[float, float]] = field(init=False, repr=False)  # (predicted, observed) seconds
+    # How much slower than planned 10 steps in a row lately ran (``margin_quantile`` of the stretches):
+    # the share the planner keeps back from each attainment window.
+    window_margin: float = 0.0
+    planned: deque[tuple[float, float]] = field(init=False, repr=False)  # the last steps: (model's, observed)
+    stretches: deque[float] = field(init=False, repr=False)  # observed / planned over each 10 steps in a row
 
     def __post_init__(self) -> None:
         self.samples = deque(maxlen=self.window)
+        self.planned = deque(maxlen=ATTAINMENT_WINDOW)
+        self.stretches = deque(maxlen=self.window)
         self.fitted = self.model = self.profile
+        self._model_line = (1.0, 0.0)  # ``model`` as scale and offset of the profile's prediction
 
     def observe(self, tokens: int, requests: int, context_tokens: int, attended: int, seconds: float) -> bool:
         """One step with these features took ``seconds``; True when ``model`` changed just now."""
@@ -74,10 +93,15 @@ class StepTimeCalibration:
         in_line = predicted > 0 and 1 / self.outlier_ratio <= seconds / predicted <= self.outlier_ratio
         if in_line:
             self.samples.append((predicted, seconds))
+            model_scale, model_offset = self._model_line
+            self.planned.append((model_scale * predicted + model_offset, seconds))
+            if len(self.planned) == ATTAINMENT_WINDOW:
+                self.stretches.append(sum(y for _, y in self.planned) / sum(x for x, _ in self.planned))
         refit = not self.steps % self.refit_every and len(self.samples) >= self.min_steps
         if refit:
             self.scale, self.offset = self._fit()
             self.fitted = self.profile.calibrated(self.scale, self.offset)
+            self.window_margin = self._margin()
         remember = in_line and self.recent_weight > 0
         if remember:
             # ``fitted`` maps every profile prediction to this line (``StepTimeModel.calibrated``).
@@ -91,7 +115,16 @@ class StepTimeCalibration:
         scale = self.scale * math.exp(self.recent)
         offset = max(self.offset * math.exp(self.recent), self._floor_offset(scale))
         self.model = self.profile.calibrated(scale, offset)
+        self._model_line = (scale, offset)
         return True
+
+    def _margin(self) -> float:
+        """The ``margin_quantile`` of how much slower than planned the recent 10-step stretches ran."""
+        if len(self.stretches) < self.min_steps:
+            return 0.0
+        ranked = sorted(self.stretches)
+        slowest = ranked[min(len(ranked) - 1, int(self.margin_quantile * len(ranked)))]
+        return min(self.max_margin, max(0.0, slowest - 1.0))
 
     def _fit(self) -> tuple[float, float]:
         """The least-squares line through the samples, refitted without the steps far off it (more than

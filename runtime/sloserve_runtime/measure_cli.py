@@ -51,6 +51,18 @@ StepNoiseCorrelation = Annotated[
     float,
     typer.Option(min=0.0, max=0.99, help="How much of a step's error carries to the next (the CPU engine's: 0.5-0.8)."),
 ]
+FrontendInMs = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        help="The simulated front end: a call reaches the engine this many ms after the client sent it "
+        "(docs/scripts/frontend_delay.py measures it from a bench run and the server's step log).",
+    ),
+]
+FrontendOutMs = Annotated[
+    float,
+    typer.Option(min=0.0, help="The simulated front end: a token reaches the client this many ms after the engine."),
+]
 PlotOut = Annotated[Path | None, typer.Option("--plot", help="Write attainment-vs-rate and TTFT CDF plots here.")]
 
 
@@ -161,7 +173,9 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def json_entry(scenario: str, label: str, measurement: Measurement) -> dict:
+def json_entry(scenario: str, label: str, measurement: Measurement, detailed: bool = False) -> dict:
+    """One scenario x scheduler (or endpoint) of the JSON; ``detailed``: each probe also lists its
+    calls, every token's time among them (``bench --save-detailed``)."""
     rate, summary = measurement.headline
     return {
         "scenario": scenario,
@@ -180,8 +194,17 @@ def json_entry(scenario: str, label: str, measurement: Measurement) -> dict:
         "admitted_attainment": summary.admitted_attainment,
         "best_effort": summary.best_effort,
         "best_effort_completed": summary.best_effort_completed,
-        "probes": [{"rate": r, **s.to_json()} for r, s in measurement.probes],
+        "probes": [
+            {"rate": r, **s.to_json(), **({"calls": _calls(measurement, r)} if detailed else {})}
+            for r, s in measurement.probes
+        ],
     }
+
+
+def _calls(measurement: Measurement, rate: float) -> list[dict]:
+    """The calls of the run at ``rate`` (the last, if a search ran it twice), as vLLM's benchmark
+    saves them with --save-detailed: when each was sent and when each of its tokens came."""
+    return [dataclasses.asdict(result) for result in measurement.results_at.get(rate, [])]
 
 
 def simulate_command(
@@ -227,6 +250,8 @@ def simulate_command(
     ] = False,
     step_noise: StepNoise = 0.0,
     step_noise_correlation: StepNoiseCorrelation = 0.0,
+    frontend_in_ms: FrontendInMs = 0.0,
+    frontend_out_ms: FrontendOutMs = 0.0,
     enable_prefix_caching: Annotated[
         bool,
         typer.Option(
@@ -251,6 +276,7 @@ def simulate_command(
     config = dataclasses.replace(
         config, calibrate=calibrate, enable_prefix_caching=enable_prefix_caching,
         step_noise=step_noise, step_noise_correlation=step_noise_correlation,
+        frontend_in_seconds=frontend_in_ms / 1000.0, frontend_out_seconds=frontend_out_ms / 1000.0,
     )  # fmt: skip
     if not 0.0 <= spec_acceptance <= 1.0:
         raise MeasureError(f"--spec-acceptance {spec_acceptance}: give a probability between 0 and 1")
@@ -297,6 +323,7 @@ def simulate_command(
             "planner_profile": None if planner_profile is None else config.scheduler_step_time.name,
             "calibrate": calibrate,
             "step_noise": [step_noise, step_noise_correlation] if step_noise else None,
+            "frontend_ms": [frontend_in_ms, frontend_out_ms] if frontend_in_ms or frontend_out_ms else None,
         }  # fmt: skip
         _write_json(json_out, {**payload, "results": [json_entry(*row) for row in rows]})
     if plot is not None:
@@ -400,11 +427,23 @@ def bench_command(
     ] = None,
     step_noise: StepNoise = 0.0,
     step_noise_correlation: StepNoiseCorrelation = 0.0,
+    frontend_in_ms: FrontendInMs = 0.0,
+    frontend_out_ms: FrontendOutMs = 0.0,
     json_out: JsonOut = None,
+    save_detailed: Annotated[
+        bool,
+        typer.Option(
+            help="With --json: also save every call (its id, when it was sent, when each token came), "
+            "as vLLM's benchmark does; lay them beside a server's --step-log with "
+            "docs/scripts/frontend_delay.py."
+        ),
+    ] = False,
     plot: PlotOut = None,
 ) -> None:
     """Stream a scenario's trace to an endpoint (and --compare) and report SLO attainment side by side."""
     rate_list = _rates(rate, rates, capacity)
+    if save_detailed and json_out is None:
+        raise MeasureError("--save-detailed saves into the results JSON: give --json FILE too")
     config = _profile(profile)
     spec = _scenario(scenario)
     urls = [endpoint] + ([compare_to] if compare_to else [])
@@ -428,15 +467,20 @@ def bench_command(
         _print_comparison(rows[0][2], rows[1][2])
     # With step noise the simulated schedulers calibrate to the noisy steps, as `sloserve serve` does.
     simulated = dataclasses.replace(
-        config, step_noise=step_noise, step_noise_correlation=step_noise_correlation, calibrate=step_noise > 0
-    )
+        config, step_noise=step_noise, step_noise_correlation=step_noise_correlation, calibrate=step_noise > 0,
+        frontend_in_seconds=frontend_in_ms / 1000.0, frontend_out_seconds=frontend_out_ms / 1000.0,
+    )  # fmt: skip
     fidelity = [
         _fidelity(row[2], policy, simulated, spec, options) for row, policy in zip(rows, policies, strict=False)
     ]
     if fidelity:
         _print_fidelity(fidelity, config)
     if json_out is not None:
-        payload = {"scenario": scenario, "results": [json_entry(*row) for row in rows], "fidelity": fidelity}
+        payload = {
+            "scenario": scenario,
+            "results": [json_entry(*row, detailed=save_detailed) for row in rows],
+            "fidelity": fidelity,
+        }
         _write_json(json_out, payload)
     if plot is not None:
         _plot(plot, f"{scenario} on {endpoint}" + (f" vs {compare_to}" if compare_to else ""), rows)
@@ -484,7 +528,12 @@ def _fidelity(real: Measurement, policy: str, config: SimConfig, spec: ScenarioS
             for key in FIDELITY_METRICS
         }  # fmt: skip
         rows.append({"rate": rate, "real": measured, "simulated": predicted, "relative_error": errors})
-    return {"endpoint": real.label, "simulated_as": policy, "rates": rows}
+    frontend_ms = [1000.0 * config.frontend_in_seconds, 1000.0 * config.frontend_out_seconds]
+    return {
+        "endpoint": real.label, "simulated_as": policy, "rates": rows,
+        "step_noise": [config.step_noise, config.step_noise_correlation] if config.step_noise else None,
+        "frontend_ms": frontend_ms if any(frontend_ms) else None,
+    }  # fmt: skip
 
 
 def _print_fidelity(fidelity: list[dict], config: SimConfig) -> None:

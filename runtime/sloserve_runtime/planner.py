@@ -170,6 +170,9 @@ class Planner:
     # Window slack (``_window_bound``): the share of the TPOT each later token is planned to take
     # after a step that spends its window's slack. None: every step is bounded by one TPOT.
     window_reserve: float | None = None
+    # The share of each attainment window the window slack keeps back: how much slower than the
+    # model ten steps in a row have lately run (online calibration's ``window_margin``; 0 without).
+    window_margin: float = 0.0
     # Steps in a row a decode without a TPOT target may give up to waiting prefills (``_yields``).
     max_yields: int = 4
     # With no TPOT target among the admitted decodes, a step may take this share of the tightest
@@ -238,7 +241,7 @@ class Planner:
             return tpot_bound
         bound = math.inf
         for r in decodes:
-            tpot = r.state.tpot_seconds * self.headroom
+            tpot = r.state.tpot_seconds * self.headroom / (1.0 + self.window_margin)
             if math.isinf(tpot):
                 continue
             window = r.state.window_bound(now, tpot, max(self.window_reserve * tpot, decode_only))

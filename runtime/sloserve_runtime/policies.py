@@ -133,6 +133,8 @@ class PlannerPolicy(DeadlinePolicy):
     def use_step_time(self, step_time: StepTimeModel) -> None:
         super().use_step_time(step_time)
         self.planner.step_time = self.speculation.step_time = step_time
+        if self.calibration is not None:  # the calibrated model's own error, ten steps at a time
+            self.planner.window_margin = self.calibration.window_margin
 
     def running_key(self, state: SLORequestState, output_tokens: int) -> SortKey:
         # Decodes with a TPOT target first (each needs one token this step to keep it), then prefill

@@ -24,6 +24,12 @@ class StepSample:
     attended: int = 0  # attention pairs of the step (``step_time.attended_pairs`` summed over requests)
     cycle_seconds: float | None = None  # schedule() to next schedule() while the engine stayed busy
 
+    @classmethod
+    def from_record(cls, record: dict) -> StepSample:
+        """A step log's record (``--step-log``): its features and times; the timeline of the tokens
+        the step emitted (``emitted_at``, ``emitted``) is not a sample's."""
+        return cls(**{name: record[name] for name in cls.__dataclass_fields__ if name in record})
+
     @property
     def duration(self) -> float:
         """What the simulator advances its clock by: the whole engine cycle where it was measured."""

@@ -69,7 +69,7 @@ async def _drive(base_url: str, model: str, grid: ProfileGrid, progress: Progres
 
 
 def read_steps(path: Path) -> list[StepSample]:
-    return [StepSample(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return [StepSample.from_record(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
 def profile_engine(

@@ -127,10 +127,12 @@ class SLOScheduler(Scheduler):
         if self.slo_config.calibrate:
             sinks.append(self._observe_step)
         self.step_recorder = StepRecorder(sinks) if sinks else None
-        self._logged_fit: tuple[float, float] | None = None  # the calibration last logged
+        self._logged_fit: tuple[tuple[float, float], int] | None = None  # the calibration last logged
         self.notices = NoticePublisher(self.slo_config.notices) if self.slo_config.notices else None
 
     def add_request(self, request: Request) -> None:
+        if self.step_recorder is not None:
+            self.step_recorder.arrived(request.request_id, request.arrival_time, time.time())
         state = self._state(request)
         state.cached_tokens = self._cached_prefix(request)
         live = [self._live(other) for other in (*self.running, *self.waiting)]
@@ -151,7 +153,7 @@ class SLOScheduler(Scheduler):
             retry_after = self.slo_policy.step_time.prefill_seconds(backlog)
         self.notices.publish(Notice(str(tag), decision.admitted, decision.reason, retry_after))
 
-    def _observe_step(self, record: dict[str, float]) -> None:
+    def _observe_step(self, record: dict[str, Any]) -> None:
         """A step's features and times, from the recorder: its whole cycle calibrates the policy's model."""
         if "cycle_seconds" not in record:
             return
@@ -162,12 +164,13 @@ class SLOScheduler(Scheduler):
         calibration = self.slo_policy.calibration
         if refitted and calibration is not None:
             fit = (round(calibration.scale, 2), round(calibration.offset * 1000, 1))
-            if fit != self._logged_fit:  # a line when the fit moves, not one per refit
-                self._logged_fit = fit
+            margin = round(calibration.window_margin * 100)
+            if (fit, margin) != self._logged_fit:  # a line when the fit moves, not one per refit
+                self._logged_fit = (fit, margin)
                 logger.info(
                     "sloserve: step-time profile %s calibrated to this engine's last %d steps: "
-                    "scale %.2f, offset %+.1f ms (%d steps seen)",
-                    self.step_time.name, len(calibration.samples), *fit, calibration.steps,
+                    "scale %.2f, offset %+.1f ms (%d steps seen); windows planned %d %% short",
+                    self.step_time.name, len(calibration.samples), *fit, calibration.steps, margin,
                 )  # fmt: skip
 
     def _live(self, request: Request) -> LiveRequest:
@@ -248,9 +251,10 @@ class SLOScheduler(Scheduler):
     def update_from_output(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's outputs
         executed_at = time.perf_counter()
         outputs = super().update_from_output(*args, **kwargs)
-        self._record_outputs(time.time())
+        now = time.time()
+        self._record_outputs(now)
         if self.step_recorder is not None:
-            self.step_recorder.executed(executed_at, busy_after=self.has_unfinished_requests())
+            self.step_recorder.executed(executed_at, self.has_unfinished_requests(), now, _emitted(outputs))
         return outputs
 
     def _record_outputs(self, now: float) -> None:
@@ -319,13 +323,22 @@ class SLOScheduler(Scheduler):
                 del self.slo_states[request_id]
 
 
+def _emitted(outputs: dict[int, Any]) -> dict[str, int]:
+    """The output tokens a step sent to the front end, per request (vLLM's ``EngineCoreOutputs``
+    by client): what the step log's timeline of the engine's tokens is made of."""
+    return {
+        output.request_id: len(output.new_token_ids)
+        for client_outputs in outputs.values() for output in client_outputs.outputs if output.new_token_ids
+    }  # fmt: skip
+
+
 class StepLog:
     """Appends step records to a file, one JSON line each (read by ``sloserve profile``)."""
 
     def __init__(self, path: str) -> None:
         self.sink = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the engine
 
-    def write(self, record: dict[str, float]) -> None:
+    def write(self, record: dict[str, Any]) -> None:
         self.sink.write(json.dumps(record) + "\n")
 
 
@@ -339,10 +352,16 @@ class StepRecorder:
     advances its clock by: it adds scheduling, output processing and the CPU the API server takes.
     """
 
-    def __init__(self, sinks: list[Callable[[dict[str, float]], None]]) -> None:
+    def __init__(self, sinks: list[Callable[[dict[str, Any]], None]]) -> None:
         self.sinks = sinks
         self.pending: deque[tuple[float, float, dict[str, int]]] = deque()
-        self.executed_steps: deque[tuple[float, dict[str, float]]] = deque()  # awaiting their cycle
+        self.executed_steps: deque[tuple[float, dict[str, Any]]] = deque()  # awaiting their cycle
+        self.arrivals: dict[str, list[float]] = {}  # since the last step that emitted tokens
+
+    def arrived(self, request_id: str, created: float, added: float) -> None:
+        """A request reached the engine at ``added``; vLLM's front end created it at ``created``
+        (both wall clock). The next step that emits tokens carries it, as ``arrived``."""
+        self.arrivals[request_id] = [created, added]
 
     def scheduled(self, started: float, output: Any, requests: dict[str, Request]) -> None:
         """A ``schedule()`` call that began at ``started`` produced ``output``."""
@@ -364,12 +383,29 @@ class StepRecorder:
         }
         self.pending.append((started, time.perf_counter(), features))
 
-    def executed(self, executed_at: float, busy_after: bool) -> None:
-        """The oldest pending step's forward pass ended at ``executed_at``; ``busy_after``: work remains."""
+    def executed(
+        self,
+        executed_at: float,
+        busy_after: bool,
+        emitted_at: float | None = None,
+        emitted: dict[str, int] | None = None,
+    ) -> None:
+        """The oldest pending step's forward pass ended at ``executed_at``; ``busy_after``: work remains.
+
+        ``emitted``: the output tokens the step sent, per request id, at ``emitted_at`` (wall clock,
+        ``time.time()``, which a client on the same machine shares): the record keeps them as
+        ``emitted_at`` and ``emitted``, and the requests that arrived since (``arrived``: id to
+        [created by the front end, added to the engine]), so a client's times can be laid beside
+        the engine's.
+        """
         if not self.pending:
             return
         started, executing, features = self.pending.popleft()
-        record = {**features, "seconds": executed_at - executing}
+        record: dict[str, Any] = {**features, "seconds": executed_at - executing}
+        if emitted:
+            record |= {"emitted_at": emitted_at, "emitted": emitted}
+            if self.arrivals:
+                record["arrived"], self.arrivals = self.arrivals, {}
         if busy_after:
             self.executed_steps.append((started, record))
         else:
@@ -380,6 +416,6 @@ class StepRecorder:
             started, record = self.executed_steps.popleft()
             self._emit({**record, "cycle_seconds": now - started})
 
-    def _emit(self, record: dict[str, float]) -> None:
+    def _emit(self, record: dict[str, Any]) -> None:
         for sink in self.sinks:
             sink(record)

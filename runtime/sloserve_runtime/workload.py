@@ -51,3 +51,4 @@ class StageResult:
     error: str | None = None  # why the call failed, if it did
     admission: str | None = None  # the scheduler's admission decision, where it reports one
     best_effort: bool = False  # not admitted: served from leftover budget
+    request_id: str | None = None  # the server's id for the call (the stream's "id"), where there is one

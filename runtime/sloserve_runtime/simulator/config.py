@@ -43,6 +43,13 @@ class SimConfig:
     # the next. 0: every step takes the profile's time.
     step_noise: float = 0.0
     step_noise_correlation: float = 0.0
+    # The front end between a client and the engine (vLLM's API server, the HTTP stream): a call
+    # reaches the engine this long after the client sent it, and each token reaches the client
+    # this long after the engine emitted it (``docs/scripts/frontend_delay.py`` measures both from
+    # a bench run and the server's step log). The SLO's clock starts at the send, as the server's
+    # middleware stamps it; 0: the client sits at the engine.
+    frontend_in_seconds: float = 0.0
+    frontend_out_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kv_capacity_blocks < 1 or self.max_num_seqs < 1 or self.batched_tokens < 1:
@@ -56,6 +63,11 @@ class SimConfig:
             raise ValueError(
                 f"step noise needs a spread of 0 or more and a correlation in [0, 1); got "
                 f"{self.step_noise} and {self.step_noise_correlation}"
+            )
+        if self.frontend_in_seconds < 0 or self.frontend_out_seconds < 0:
+            raise ValueError(
+                f"the front end's delays must be 0 or more; got {self.frontend_in_seconds} s in and "
+                f"{self.frontend_out_seconds} s out"
             )
 
     @property

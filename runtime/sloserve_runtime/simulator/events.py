@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from sloserve_runtime.simulator.cluster import Replica
 from sloserve_runtime.simulator.engine import Batch
+from sloserve_runtime.simulator.request import SimRequest
 
 if TYPE_CHECKING:
     from sloserve_runtime.simulator.loop import Simulation
@@ -25,7 +26,7 @@ class Event(ABC):
 
 @dataclass(frozen=True)
 class StageArrival(Event):
-    """A stage call reaches the cluster: a program's first stage, or the next one after a finished stage."""
+    """A client sends a stage call: a program's first stage, or the next one after a finished stage."""
 
     time: float
     program_index: int  # position of the program in the trace
@@ -35,13 +36,27 @@ class StageArrival(Event):
         request = sim.stages.start(self.program_index, self.stage_index, self.time)
         if request is None:
             return []
-        replica = sim.cluster.place(request, self.time)
+        frontend = sim.stages.config.frontend_in_seconds
+        if frontend > 0:
+            return [EngineArrival(self.time + frontend, request)]
+        return EngineArrival(self.time, request).handle(sim)
+
+
+@dataclass(frozen=True)
+class EngineArrival(Event):
+    """A stage call comes through the front end to the cluster."""
+
+    time: float
+    request: SimRequest
+
+    def handle(self, sim: Simulation) -> list[Event]:
+        replica = sim.cluster.place(self.request, self.time)
         if replica.stepping:
             # vLLM's engine core adds the requests that came in during a step before it schedules
             # the next one: admission runs then, between steps.
-            replica.arrived.append(request)
+            replica.arrived.append(self.request)
             return []
-        replica.engine.add(request, self.time)
+        replica.engine.add(self.request, self.time)
         # An idle engine wakes up at once, as vLLM's busy loop does when a request comes in.
         replica.stepping = True
         return [EngineStep(self.time, replica)]

@@ -27,6 +27,7 @@ class SimRequest:
     # Leading tokens its program computed before (an earlier call, or this request before it was
     # preempted): what the prefix cache may hold for it.
     shared_prefix_tokens: int = 0
+    frontend_out: float = 0.0  # seconds from the engine emitting a token to the client reading it
 
     def live(self) -> LiveRequest:
         """The planner's view of this request."""
@@ -56,7 +57,8 @@ class SimRequest:
         return len(self.result.token_times) >= self.output_tokens
 
     def emit_token(self, now: float) -> None:
-        """The step that computed all its tokens ends at ``now`` and samples the next one."""
-        self.result.token_times.append(now)
+        """The step that computed all its tokens ends at ``now`` and samples the next one; the
+        client reads it ``frontend_out`` later (the planner's windows count the engine's time)."""
+        self.result.token_times.append(now + self.frontend_out)
         self.num_tokens += 1
         self.state.record_output(now, len(self.result.token_times))

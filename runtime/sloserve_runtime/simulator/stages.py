@@ -11,7 +11,8 @@ from sloserve_runtime.workload import ProgramSpec, StageResult
 class StageCalls:
     """Creates the request of each stage call when it arrives and records its ``StageResult``.
 
-    Stages of a program are dependent: stage i+1 is sent ``delay_s`` after stage i's last token.
+    Stages of a program are dependent: stage i+1 is sent ``delay_s`` after stage i's last token
+    reached the client.
     """
 
     def __init__(self, trace: list[ProgramSpec], config: SimConfig) -> None:
@@ -45,16 +46,17 @@ class StageCalls:
         )
         return SimRequest(
             program_index, stage_index, state, stage.output_tokens, result, stage.prompt_tokens,
-            shared_prefix_tokens=stage.shared_prefix_tokens,
+            shared_prefix_tokens=stage.shared_prefix_tokens, frontend_out=self.config.frontend_out_seconds,
         )  # fmt: skip
 
     def next_stage(self, request: SimRequest, finished_at: float) -> tuple[float, int] | None:
-        """(arrival time, stage index) of the program's next stage call, or None after the last."""
+        """(send time, stage index) of the program's next stage call, or None after the last: the
+        client sends it once it has read the last token (``finished_at`` is the engine's time)."""
         stages = self.trace[request.program_index].stages
         following = request.stage_index + 1
         if following >= len(stages):
             return None
-        return finished_at + stages[following].delay_s, following
+        return finished_at + request.frontend_out + stages[following].delay_s, following
 
     def results(self) -> list[StageResult]:
         """All results, program by program in trace order, stages in program order."""
