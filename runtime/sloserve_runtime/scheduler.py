@@ -127,11 +127,13 @@ class SLOScheduler(Scheduler):
         if self.slo_config.calibrate:
             sinks.append(self._observe_step)
         self.step_recorder = StepRecorder(sinks) if sinks else None
+        # The step log also lays out the engine's token timeline (calibration needs none of it).
+        self.timeline = bool(self.slo_config.step_log)
         self._logged_fit: tuple[tuple[float, float], int] | None = None  # the calibration last logged
         self.notices = NoticePublisher(self.slo_config.notices) if self.slo_config.notices else None
 
     def add_request(self, request: Request) -> None:
-        if self.step_recorder is not None:
+        if self.timeline:
             self.step_recorder.arrived(request.request_id, request.arrival_time, time.time())
         state = self._state(request)
         state.cached_tokens = self._cached_prefix(request)
@@ -254,7 +256,8 @@ class SLOScheduler(Scheduler):
         now = time.time()
         self._record_outputs(now)
         if self.step_recorder is not None:
-            self.step_recorder.executed(executed_at, self.has_unfinished_requests(), now, _emitted(outputs))
+            emitted = _emitted(outputs) if self.timeline else None
+            self.step_recorder.executed(executed_at, self.has_unfinished_requests(), now, emitted)
         return outputs
 
     def _record_outputs(self, now: float) -> None:
