@@ -374,3 +374,17 @@ def test_the_front_end_counts_against_the_slo_from_the_send():
 def test_a_negative_front_end_is_refused():
     with pytest.raises(ValueError, match="the front end's delays must be 0 or more"):
         fronted(-0.01, 0.0)
+
+
+def test_simulate_command_runs_and_records_a_front_end(tmp_path):
+    out = tmp_path / "fronted.json"
+    result = run_cli(
+        "simulate", "--scenario", "chatbot", "--scheduler", "vllm-fcfs", "--rate", "0.3", "--num-requests", "20",
+        "--frontend-in-ms", "45", "--frontend-out-ms", "8", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["frontend_ms"] == [45.0, 8.0]
+    refused = run_cli("simulate", "--scenario", "chatbot", "--rate", "1", "--frontend-out-ms", "-5", timeout=60)
+    assert refused.returncode == 2
+    assert "--frontend-out-ms" in refused.stderr
+    assert "Traceback" not in refused.stderr
