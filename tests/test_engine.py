@@ -258,6 +258,7 @@ def test_step_log_lays_the_engines_tokens_beside_the_clients(engine):
     steps = [json.loads(line) for line in engine.step_log.read_text().splitlines()[before:]]
     # vLLM's engine id for the call: the stream's id, the prompt's index and a suffix.
     ours = [rid for step in steps for rid in step.get("emitted", {}) if rid.startswith(f"{stream_id}-")]
+    assert ours, f"no step of the log emitted tokens for {stream_id}"
     rid = ours[0]
     emitted = [step["emitted_at"] for step in steps for _ in range(step.get("emitted", {}).get(rid, 0))]
     assert len(emitted) == len(received) == 12
