@@ -26,7 +26,7 @@ from pathlib import Path
 
 from records import read_text
 
-from sloserve.slo import ATTAINMENT_WINDOW, judge
+from sloserve.slo import judge
 
 
 def quantiles(values: list[float]) -> str:
@@ -103,12 +103,12 @@ def delays(
             ttft_engine.append(engine_times[0] - added)
         if call["tpot_target_ms"] is None or len(engine_times) < len(call["token_times"]):
             continue
-        at_engine = judge(engine_times[0], engine_times, None, call["tpot_target_ms"]).tpot_met
+        engine = judge(engine_times[0], engine_times, None, call["tpot_target_ms"])
         at_client = judge(call["arrival"], call["token_times"], None, call["tpot_target_ms"]).tpot_met
-        kept += at_engine
-        lost += at_engine and not at_client
-        if not at_engine:
-            overruns.append(worst_window(engine_times) / (ATTAINMENT_WINDOW * call["tpot_target_ms"] / 1000) - 1)
+        kept += engine.tpot_met
+        lost += engine.tpot_met and not at_client
+        if not engine.tpot_met:
+            overruns.append(engine.worst_window_tpot_ms / call["tpot_target_ms"] - 1)
     if not matched:
         return None
     bands = [sum(low < over <= high for over in overruns) for low, high in OVERRUN_BANDS]
@@ -126,13 +126,6 @@ def delays(
 
 
 OVERRUN_BANDS = ((0.0, 0.02), (0.02, 0.05), (0.05, 0.1), (0.1, float("inf")))
-
-
-def worst_window(times: list[float]) -> float:
-    """The longest span of ``ATTAINMENT_WINDOW`` gaps (the whole tail, if shorter)."""
-    if len(times) <= ATTAINMENT_WINDOW:
-        return (times[-1] - times[0]) * ATTAINMENT_WINDOW / max(1, len(times) - 1)
-    return max(later - earlier for earlier, later in zip(times, times[ATTAINMENT_WINDOW:], strict=False))
 
 
 if __name__ == "__main__":
