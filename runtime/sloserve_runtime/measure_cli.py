@@ -322,8 +322,7 @@ def simulate_command(
             "spec_acceptance": spec_acceptance if any(drafts) else None,
             "planner_profile": None if planner_profile is None else config.scheduler_step_time.name,
             "calibrate": calibrate,
-            "step_noise": [step_noise, step_noise_correlation] if step_noise else None,
-            "frontend_ms": [frontend_in_ms, frontend_out_ms] if frontend_in_ms or frontend_out_ms else None,
+            **_engine_strays(config),
         }  # fmt: skip
         _write_json(json_out, {**payload, "results": [json_entry(*row) for row in rows]})
     if plot is not None:
@@ -528,12 +527,16 @@ def _fidelity(real: Measurement, policy: str, config: SimConfig, spec: ScenarioS
             for key in FIDELITY_METRICS
         }  # fmt: skip
         rows.append({"rate": rate, "real": measured, "simulated": predicted, "relative_error": errors})
-    frontend_ms = [1000.0 * config.frontend_in_seconds, 1000.0 * config.frontend_out_seconds]
+    return {"endpoint": real.label, "simulated_as": policy, "rates": rows, **_engine_strays(config)}
+
+
+def _engine_strays(config: SimConfig) -> dict:
+    """How the simulated engine strays from the profile, for the JSON: its step noise and front end."""
+    frontend_ms = [round(1000.0 * config.frontend_in_seconds, 3), round(1000.0 * config.frontend_out_seconds, 3)]
     return {
-        "endpoint": real.label, "simulated_as": policy, "rates": rows,
         "step_noise": [config.step_noise, config.step_noise_correlation] if config.step_noise else None,
         "frontend_ms": frontend_ms if any(frontend_ms) else None,
-    }  # fmt: skip
+    }
 
 
 def _print_fidelity(fidelity: list[dict], config: SimConfig) -> None:
