@@ -31,7 +31,7 @@ from sloserve.slo import SLO
 from sloserve_runtime import scheduler as scheduler_module
 from sloserve_runtime.model import ensure_default_model
 from sloserve_runtime.policies import make_policy
-from sloserve_runtime.scheduler import SLOConfig, SLOScheduler
+from sloserve_runtime.scheduler import RecordingScheduler, SLOConfig, SLOScheduler
 from sloserve_runtime.simulator.config import SimConfig
 from sloserve_runtime.simulator.engine import Engine
 from sloserve_runtime.simulator.request import SimRequest
@@ -126,7 +126,7 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def engine_config(profile: Path, prefix_caching: bool):
+def engine_config(profile: Path, prefix_caching: bool, step_log: Path | None = None):
     """The engine config ``sloserve serve`` gives vLLM, for the default model (loads its HF config: slow)."""
     args = EngineArgs(
         model=str(ensure_default_model()),
@@ -135,7 +135,9 @@ def engine_config(profile: Path, prefix_caching: bool):
         enable_prefix_caching=prefix_caching,
         enforce_eager=True,
         scheduler_cls="sloserve_runtime.scheduler.SLOScheduler",
-        additional_config=SLOConfig(profile=str(profile), calibrate=False).to_additional_config(),
+        additional_config=SLOConfig(
+            profile=str(profile), step_log=None if step_log is None else str(step_log), calibrate=False
+        ).to_additional_config(),
     )
     return args.create_engine_config()
 
@@ -150,6 +152,12 @@ def vllm_config(profile: Path):
 def vllm_config_cached(profile: Path):
     """With vLLM's automatic prefix caching, as ``sloserve serve`` runs by default."""
     return engine_config(profile, prefix_caching=True)
+
+
+@pytest.fixture(scope="module")
+def stock_config(profile: Path, tmp_path_factory: pytest.TempPathFactory):
+    """For vLLM's stock scheduler with a step log, as ``sloserve serve --scheduler vllm --step-log``."""
+    return engine_config(profile, prefix_caching=False, step_log=tmp_path_factory.mktemp("stock") / "steps.jsonl")
 
 
 class Clock:
@@ -173,14 +181,14 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return shared
 
 
-def make_scheduler(vllm_config, num_blocks: int) -> SLOScheduler:
+def make_scheduler(vllm_config, num_blocks: int, scheduler_cls: type[RecordingScheduler] = SLOScheduler):
     vllm_config.cache_config.num_gpu_blocks = num_blocks  # what vLLM sets once it has sized the cache
     block_size = vllm_config.cache_config.block_size
     spec = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32)
     kv_cache_config = KVCacheConfig(
         num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)]
     )
-    return SLOScheduler(
+    return scheduler_cls(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,
         structured_output_manager=StructuredOutputManager(vllm_config),
@@ -188,7 +196,7 @@ def make_scheduler(vllm_config, num_blocks: int) -> SLOScheduler:
     )
 
 
-def make_engine(vllm_config, num_blocks: int) -> Engine:
+def make_engine(vllm_config, num_blocks: int, policy: str = "sloserve") -> Engine:
     block_size = vllm_config.cache_config.block_size
     config = SimConfig(
         MODEL,
@@ -198,7 +206,7 @@ def make_engine(vllm_config, num_blocks: int) -> Engine:
         block_size=block_size,
         enable_prefix_caching=vllm_config.cache_config.enable_prefix_caching,
     )
-    return Engine(make_policy("sloserve", MODEL, MAX_BATCHED_TOKENS), config)
+    return Engine(make_policy(policy, MODEL, MAX_BATCHED_TOKENS), config)
 
 
 def vllm_request(index: int, spec: Spec, block_hasher=None) -> Request:
@@ -228,10 +236,14 @@ Scheduled = list[tuple[str, int]]  # (request id, tokens) in scheduling order
 class Lockstep:
     """The adapter and the simulator on one clock, fed the same arrivals, stepped together."""
 
-    def __init__(self, vllm_config, clock: Clock, scenario: Scenario) -> None:
+    def __init__(self, vllm_config, clock: Clock, scenario: Scenario, stock: bool = False) -> None:
+        """``stock``: vLLM's own scheduler (``RecordingScheduler`` decides as vLLM does) against the
+        simulator's ``vllm-fcfs``; otherwise ours against the simulator's ``sloserve``."""
         self.clock = clock
-        self.scheduler = make_scheduler(vllm_config, scenario.num_blocks)
-        self.engine = make_engine(vllm_config, scenario.num_blocks)
+        self.stock = stock
+        scheduler_cls = RecordingScheduler if stock else SLOScheduler
+        self.scheduler = make_scheduler(vllm_config, scenario.num_blocks, scheduler_cls)
+        self.engine = make_engine(vllm_config, scenario.num_blocks, "vllm-fcfs" if stock else "sloserve")
         self.block_hasher = block_hasher(vllm_config)
         self.pending = sorted(enumerate(scenario.specs), key=lambda item: item[1].at)
         self.now = NOW
@@ -253,10 +265,11 @@ class Lockstep:
         while self.pending and self.pending[0][1].arrival <= self.now:
             index, spec = self.pending.pop(0)
             self.scheduler.add_request(vllm_request(index, spec, self.block_hasher))
-            self.vllm_states[spec.name] = self.scheduler.slo_states[spec.name]
             sim = sim_request(index, spec)
             self.engine.add(sim, self.now)
-            self.sim_states[spec.name] = sim.state
+            if not self.stock:  # vLLM's scheduler admits everything and keeps no SLO state
+                self.vllm_states[spec.name] = self.scheduler.slo_states[spec.name]
+                self.sim_states[spec.name] = sim.state
             self.sims[spec.name] = sim
 
     def decisions(self) -> tuple[dict[str, tuple[bool, str]], dict[str, tuple[bool, str]]]:
@@ -368,3 +381,58 @@ def test_preempted_requests_recompute_from_the_prefix_cache_alike(vllm_config, v
     # The same trace without the cache takes more steps: the hits spared real work.
     uncached = run_to_completion(Lockstep(vllm_config, clock, SCENARIOS["kv-tight"]))
     assert seen["steps"] < uncached["steps"]
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_the_simulated_stock_scheduler_batches_as_vllms_own(stock_config, clock, name):
+    """The simulator's ``vllm-fcfs`` baseline against vLLM's own v1 scheduler, deciding unchanged
+    inside ``RecordingScheduler`` (what ``--scheduler vllm --step-log`` runs): the same batches in
+    the same order, the same preemptions, step after step; and the step log has every step."""
+    step_log = Path(stock_config.additional_config["sloserve"]["step_log"])
+    before = step_log.read_text().count("\n") if step_log.exists() else 0
+    lockstep = Lockstep(stock_config, clock, SCENARIOS[name], stock=True)
+    seen = run_to_completion(lockstep)
+    assert seen["best_effort"] == 0  # vLLM admits everything
+    if name == "kv-tight":
+        assert seen["preemptions"] > 0
+    records = [json.loads(line) for line in step_log.read_text().splitlines()[before:]]
+    assert len(records) == seen["steps"]
+    assert all(record["tokens"] > 0 and record["requests"] > 0 for record in records)
+    # Every request's output tokens reached the front end, one emission per sampled token.
+    emitted: dict[str, int] = {}
+    for record in records:
+        for request_id, tokens in record.get("emitted", {}).items():
+            emitted[request_id] = emitted.get(request_id, 0) + tokens
+    assert emitted == {spec.name: spec.output for spec in SCENARIOS[name].specs}
+
+
+def test_the_stock_scheduler_with_a_step_log_decides_as_vllm_does(stock_config, clock):
+    """``RecordingScheduler`` only times: beside a plain vLLM ``Scheduler`` fed the same requests and
+    the same forward passes, every step's batch is the same."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    specs, num_blocks = SCENARIOS["kv-tight"].specs, SCENARIOS["kv-tight"].num_blocks
+    recording = make_scheduler(stock_config, num_blocks, RecordingScheduler)
+    plain = make_scheduler(stock_config, num_blocks, Scheduler)
+    for index, spec in enumerate(specs):
+        recording.add_request(vllm_request(index, spec))
+        plain.add_request(vllm_request(index, spec))
+    steps = 0
+    while plain.has_unfinished_requests():
+        ours, theirs = recording.schedule(), plain.schedule()
+        assert list(ours.num_scheduled_tokens.items()) == list(theirs.num_scheduled_tokens.items()), f"step {steps}"
+        assert ours.preempted_req_ids == theirs.preempted_req_ids, f"step {steps}"
+        for scheduler, output in ((recording, ours), (plain, theirs)):
+            ids = list(output.num_scheduled_tokens)
+            sampled = [
+                [SAMPLED] if scheduler.requests[name].num_computed_tokens >= scheduler.requests[name].num_tokens else []
+                for name in ids
+            ]
+            scheduler.update_from_output(
+                output,
+                ModelRunnerOutput(req_ids=ids, req_id_to_index={n: i for i, n in enumerate(ids)}, sampled_token_ids=sampled),
+            )
+        steps += 1
+        assert steps < 2000
+    assert not recording.has_unfinished_requests()
+    assert steps > len(specs)

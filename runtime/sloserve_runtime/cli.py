@@ -84,7 +84,10 @@ def serve(
         ),
     ] = "sloserve",
     step_log: Annotated[
-        Path | None, typer.Option(help="Append one JSON line per engine step (features, durations) to this file.")
+        Path | None, typer.Option(
+            help="Append one JSON line per engine step (features, durations, tokens emitted) to this file; "
+            "with --scheduler vllm, vLLM's stock scheduler decides and a thin subclass only times its steps."
+        ),
     ] = None,
     admission: Annotated[
         str,
@@ -126,9 +129,6 @@ def serve(
         raise _fail(f"--admission {admission!r} is not one of {', '.join(ADMISSION_MODES)}")
     if admission == REJECT and server.SCHEDULERS[scheduler] is None:
         raise _fail("--admission reject needs our scheduler (sloserve): vLLM's stock one admits everything")
-    if step_log is not None and server.SCHEDULERS[scheduler] is None:
-        ours = ", ".join(name for name, cls in server.SCHEDULERS.items() if cls is not None)
-        raise _fail(f"--step-log needs one of our schedulers ({ours}): steps are timed inside them")
     if max_yields is not None and scheduler not in PLANNER_POLICIES:
         if server.SCHEDULERS[scheduler] is None:
             raise _fail("--max-yields is a setting of our planner (sloserve): vLLM's stock scheduler has none")

@@ -104,13 +104,61 @@ def die_with_server() -> None:
         os._exit(1)
 
 
-class SLOScheduler(Scheduler):
-    """vLLM v1 scheduler that serves requests in SLO-deadline order."""
+class RecordingScheduler(Scheduler):
+    """vLLM's v1 scheduler, deciding as vLLM does, that times each step into a step log.
+
+    ``sloserve serve --scheduler vllm --step-log FILE`` runs this one, so stock vLLM's steps and
+    token timeline can be laid beside ours; ``SLOScheduler`` builds on it. ``_schedule_step`` and
+    ``_after_output`` are what a subclass changes; the timing wraps them both.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         die_with_server()
         super().__init__(*args, **kwargs)
         self.slo_config = SLOConfig.from_additional_config(self.vllm_config.additional_config)
+        sinks = self._step_sinks()
+        self.step_recorder = StepRecorder(sinks) if sinks else None
+        # The step log also lays out the engine's token timeline (calibration needs none of it).
+        self.timeline = bool(self.slo_config.step_log)
+
+    def _step_sinks(self) -> list[Callable[[dict[str, Any]], None]]:
+        """Where each step's record goes."""
+        return [StepLog(self.slo_config.step_log).write] if self.slo_config.step_log else []
+
+    def add_request(self, request: Request) -> None:
+        if self.timeline:
+            self.step_recorder.arrived(request.request_id, request.arrival_time, time.time())
+        super().add_request(request)
+
+    def schedule(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's SchedulerOutput
+        started = time.perf_counter()
+        output = self._schedule_step(*args, **kwargs)
+        if self.step_recorder is not None:
+            self.step_recorder.scheduled(started, output, self.requests)
+        return output
+
+    def _schedule_step(self, *args: Any, **kwargs: Any):  # noqa: ANN202 - vLLM's SchedulerOutput
+        return super().schedule(*args, **kwargs)
+
+    def update_from_output(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's outputs
+        executed_at = time.perf_counter()
+        outputs = super().update_from_output(*args, **kwargs)
+        now = time.time()
+        self._after_output(now)
+        if self.step_recorder is not None:
+            emitted = _emitted(outputs) if self.timeline else None
+            self.step_recorder.executed(executed_at, self.has_unfinished_requests(), now, emitted)
+        return outputs
+
+    def _after_output(self, now: float) -> None:
+        """A step's outputs are in, at wall-clock ``now``."""
+
+
+class SLOScheduler(RecordingScheduler):
+    """vLLM v1 scheduler that serves requests in SLO-deadline order."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         # The profile as shipped resolves TTFT slowdowns (an SLO's meaning does not drift); the
         # policy plans with it as calibrated to the steps this engine takes.
         self.step_time = StepTimeModel.load(self.slo_config.profile)
@@ -121,20 +169,13 @@ class SLOScheduler(Scheduler):
             calibrate=self.slo_config.calibrate, max_yields=self.slo_config.max_yields,
         )  # fmt: skip
         self.slo_states: dict[str, SLORequestState] = {}
-        sinks = []
-        if self.slo_config.step_log:
-            sinks.append(StepLog(self.slo_config.step_log).write)
-        if self.slo_config.calibrate:
-            sinks.append(self._observe_step)
-        self.step_recorder = StepRecorder(sinks) if sinks else None
-        # The step log also lays out the engine's token timeline (calibration needs none of it).
-        self.timeline = bool(self.slo_config.step_log)
         self._logged_fit: tuple[tuple[float, float], int] | None = None  # the calibration last logged
         self.notices = NoticePublisher(self.slo_config.notices) if self.slo_config.notices else None
 
+    def _step_sinks(self) -> list[Callable[[dict[str, Any]], None]]:
+        return super()._step_sinks() + ([self._observe_step] if self.slo_config.calibrate else [])
+
     def add_request(self, request: Request) -> None:
-        if self.timeline:
-            self.step_recorder.arrived(request.request_id, request.arrival_time, time.time())
         state = self._state(request)
         state.cached_tokens = self._cached_prefix(request)
         live = [self._live(other) for other in (*self.running, *self.waiting)]
@@ -210,8 +251,7 @@ class SLOScheduler(Scheduler):
             request.request_id, slo, float(arrival), request.num_prompt_tokens, self.step_time
         )
 
-    def schedule(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's SchedulerOutput
-        started = time.perf_counter()
+    def _schedule_step(self, *args: Any, **kwargs: Any):  # noqa: ANN202 - vLLM's SchedulerOutput
         now = time.time()
         self._forget_finished()
         self._promote(now)
@@ -224,12 +264,9 @@ class SLOScheduler(Scheduler):
         start_prefix = self._state(next(iter(self.waiting))).cached_tokens if can_start else 0
         self.max_num_scheduled_tokens = self.slo_policy.token_budget(live, can_start, now, start_prefix)
         try:
-            output = super().schedule(*args, **kwargs)
+            return super()._schedule_step(*args, **kwargs)
         finally:
             self.max_num_scheduled_tokens = engine_budget
-        if self.step_recorder is not None:
-            self.step_recorder.scheduled(started, output, self.requests)
-        return output
 
     def _promote(self, now: float) -> None:
         """Best-effort requests that still wait for their first token join the admitted ones if the
@@ -250,17 +287,7 @@ class SLOScheduler(Scheduler):
         admitted = [self._live(request) for request in queued if not self._state(request).best_effort]
         self.slo_policy.promote(now, candidates, admitted)
 
-    def update_from_output(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's outputs
-        executed_at = time.perf_counter()
-        outputs = super().update_from_output(*args, **kwargs)
-        now = time.time()
-        self._record_outputs(now)
-        if self.step_recorder is not None:
-            emitted = _emitted(outputs) if self.timeline else None
-            self.step_recorder.executed(executed_at, self.has_unfinished_requests(), now, emitted)
-        return outputs
-
-    def _record_outputs(self, now: float) -> None:
+    def _after_output(self, now: float) -> None:
         """Note when each running request's new output tokens came: the planner's window slack."""
         for request in self.running:
             state = self.slo_states.get(request.request_id)

@@ -37,6 +37,8 @@ SCHEDULERS = {
     "sloserve-edf": "sloserve_runtime.scheduler.SLOScheduler",  # deadline order only (an ablation)
     "vllm": None,  # vLLM's stock v1 scheduler, for comparisons that differ only in the scheduler
 }
+# vLLM's stock scheduler, deciding as vLLM does, with a step log (``--scheduler vllm --step-log``).
+STOCK_WITH_STEP_LOG = "sloserve_runtime.scheduler.RecordingScheduler"
 
 
 class ServerError(RuntimeError):
@@ -138,6 +140,9 @@ def command(options: ServerOptions) -> list[str]:
             notices=options.notices, calibrate=options.calibrate, max_yields=options.max_yields,
         )  # fmt: skip
         args += ["--scheduler-cls", scheduler_cls, "--additional-config", json.dumps(config.to_additional_config())]
+    elif options.step_log:
+        config = SLOConfig(step_log=options.step_log, calibrate=False)
+        args += ["--scheduler-cls", STOCK_WITH_STEP_LOG, "--additional-config", json.dumps(config.to_additional_config())]
     if options.model is None:
         # tool_choice="required" needs a tool parser; SmolLM2's chat format is Hermes-like (ChatML).
         args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
