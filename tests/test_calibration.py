@@ -209,7 +209,7 @@ def test_a_scheduler_given_a_too_fast_profile_keeps_its_promises_once_calibrated
         return sum(not outcome.tpot_met for outcome in outcomes)
 
     stale, calibrated = tpot_misses(False), tpot_misses(True)
-    assert stale >= 20
+    assert stale >= 15  # one request in ten
     assert calibrated <= stale // 3
 
 

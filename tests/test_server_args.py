@@ -98,3 +98,20 @@ def test_max_yields_reaches_the_planner_inside_the_engine():
         make_policy("vllm-fcfs", model, 512, max_yields=1)
     with pytest.raises(ValueError, match="0 or more"):
         make_policy("sloserve", model, 512, max_yields=-1)
+
+
+def test_stock_scheduler_runs_unchanged_and_with_a_step_log_only_times_its_steps(tmp_path):
+    """``--scheduler vllm`` gives vLLM no scheduler class of ours; with ``--step-log`` it gets the
+    recording one (vLLM's scheduler, timed), with the log and nothing of the planner's."""
+    from sloserve_runtime.scheduler import SLOConfig
+
+    stock = command(ServerOptions(model="/models/any", scheduler="vllm"))
+    assert "--scheduler-cls" not in stock and "--additional-config" not in stock
+    log = str(tmp_path / "steps.jsonl")
+    logged = command(ServerOptions(model="/models/any", scheduler="vllm", step_log=log))
+    assert logged[logged.index("--scheduler-cls") + 1] == "sloserve_runtime.scheduler.RecordingScheduler"
+    config = SLOConfig.from_additional_config(json.loads(logged[logged.index("--additional-config") + 1]))
+    assert config.step_log == log
+    assert config.calibrate is False
+    ours = command(ServerOptions(model="/models/any", step_log=log))
+    assert ours[ours.index("--scheduler-cls") + 1] == "sloserve_runtime.scheduler.SLOScheduler"

@@ -110,6 +110,24 @@ def test_a_lost_window_does_not_hold_every_prompt_back():
     assert budget(planner, [LiveRequest(stalled, 1, 200)], last_token(stalled)) == 80
 
 
+def test_a_window_the_margin_has_spent_is_kept_by_decodes_alone():
+    """After a long step, later steps each took a little more than the reserve: planned with the
+    calibration's margin, the window is spent, but at its very TPOT decode-only steps still keep
+    it. Every decode shares the window's steps, so the prompts wait rather than break it."""
+    planner = Planner(MODEL, max_budget=512, headroom=1.0, window_reserve=0.75, window_margin=0.1)
+    behind = decode_state([0.04] * 20 + [0.3] + [0.075] * 7)  # that window: 825 ms in 8 gaps
+    decodes = [LiveRequest(behind, 1, 200)]
+    # Planned short (TPOT 100 / 1.1 ms), the window leaves 909 - 825 - 68 = 16 ms, less than the
+    # 21 ms step of the decode alone; at 100 ms it leaves 1000 - 825 - 21 = 154 ms.
+    assert budget(planner, decodes, last_token(behind)) == 1
+    # One TPOT a step would have let a prompt take 79 of the 80 tokens, and that window would break.
+    assert budget(planner, decodes, None) == 80
+    # A window that decode-only steps cannot keep either is lost: its TPOT planned short (90.9 ms),
+    # not a hold on every prompt.
+    lost = decode_state([0.04] * 20 + [0.3] + [0.1] * 7)
+    assert budget(planner, [LiveRequest(lost, 1, 200)], last_token(lost)) == 70
+
+
 def long_prompts_beside_decodes() -> list[ProgramSpec]:
     """Decodes of a 100 ms TPOT tier, with 250-token prompts arriving among them."""
     trace = []

@@ -245,9 +245,14 @@ class Planner:
             if math.isinf(tpot):
                 continue
             window = r.state.window_bound(now, tpot, max(self.window_reserve * tpot, decode_only))
-            # A window that even a step of decodes alone would break is lost: plan its TPOT instead
-            # of holding every prompt back for it.
-            bound = min(bound, window if window >= decode_only else tpot)
+            if window < decode_only:
+                # The steps since a slack-spending step have used up what the plan kept back. If
+                # steps of decodes alone still keep the window at its very TPOT, hold the prompts
+                # back for them: every decode shares the window's steps, so losing it loses them
+                # all. A window that even those would break is lost: plan its TPOT instead.
+                kept = r.state.window_bound(now, r.state.tpot_seconds, decode_only) >= decode_only
+                window = decode_only if kept else tpot
+            bound = min(bound, window)
         return bound
 
     def _seconds_per_step(self, tpot_seconds: float) -> float:
