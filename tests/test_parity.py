@@ -233,6 +233,14 @@ def sim_request(index: int, spec: Spec) -> SimRequest:
 Scheduled = list[tuple[str, int]]  # (request id, tokens) in scheduling order
 
 
+def forward_pass(requests: dict[str, Request], ids: list[str]) -> ModelRunnerOutput:
+    """What the model runner would return: one token for each request whose tokens are all computed."""
+    # schedule() has advanced num_computed_tokens already; a partial prefill chunk samples nothing.
+    sampled = [[SAMPLED] if requests[name].num_computed_tokens >= requests[name].num_tokens else [] for name in ids]
+    index = {name: i for i, name in enumerate(ids)}
+    return ModelRunnerOutput(req_ids=ids, req_id_to_index=index, sampled_token_ids=sampled)
+
+
 class Lockstep:
     """The adapter and the simulator on one clock, fed the same arrivals, stepped together."""
 
@@ -297,14 +305,7 @@ class Lockstep:
         return vllm, sim, len(output.preempted_req_ids or ()), self.engine.preemptions - preemptions
 
     def forward_pass(self, scheduled: Scheduled) -> ModelRunnerOutput:
-        """What the model runner would return: one token for each request whose tokens are all computed."""
-        ids = [name for name, _ in scheduled]
-        requests = self.scheduler.requests
-        # schedule() has advanced num_computed_tokens already; a partial prefill chunk samples nothing.
-        sampled = [[SAMPLED] if requests[name].num_computed_tokens >= requests[name].num_tokens else [] for name in ids]
-        return ModelRunnerOutput(
-            req_ids=ids, req_id_to_index={name: i for i, name in enumerate(ids)}, sampled_token_ids=sampled
-        )
+        return forward_pass(self.scheduler.requests, [name for name, _ in scheduled])
 
     def queues(self) -> tuple[tuple[list[str], set[str]], tuple[list[str], set[str]]]:
         """(running in order, the other unfinished requests) on either side."""
@@ -423,15 +424,7 @@ def test_the_stock_scheduler_with_a_step_log_decides_as_vllm_does(stock_config, 
         assert list(ours.num_scheduled_tokens.items()) == list(theirs.num_scheduled_tokens.items()), f"step {steps}"
         assert ours.preempted_req_ids == theirs.preempted_req_ids, f"step {steps}"
         for scheduler, output in ((recording, ours), (plain, theirs)):
-            ids = list(output.num_scheduled_tokens)
-            sampled = [
-                [SAMPLED] if scheduler.requests[name].num_computed_tokens >= scheduler.requests[name].num_tokens else []
-                for name in ids
-            ]
-            scheduler.update_from_output(
-                output,
-                ModelRunnerOutput(req_ids=ids, req_id_to_index={n: i for i, n in enumerate(ids)}, sampled_token_ids=sampled),
-            )
+            scheduler.update_from_output(output, forward_pass(scheduler.requests, list(output.num_scheduled_tokens)))
         steps += 1
         assert steps < 2000
     assert not recording.has_unfinished_requests()

@@ -84,7 +84,8 @@ def serve(
         ),
     ] = "sloserve",
     step_log: Annotated[
-        Path | None, typer.Option(
+        Path | None,
+        typer.Option(
             help="Append one JSON line per engine step (features, durations, tokens emitted) to this file; "
             "with --scheduler vllm, vLLM's stock scheduler decides and a thin subclass only times its steps."
         ),

@@ -141,8 +141,8 @@ def command(options: ServerOptions) -> list[str]:
         )  # fmt: skip
         args += ["--scheduler-cls", scheduler_cls, "--additional-config", json.dumps(config.to_additional_config())]
     elif options.step_log:
-        config = SLOConfig(step_log=options.step_log, calibrate=False)
-        args += ["--scheduler-cls", STOCK_WITH_STEP_LOG, "--additional-config", json.dumps(config.to_additional_config())]
+        config = SLOConfig(step_log=options.step_log, calibrate=False).to_additional_config()
+        args += ["--scheduler-cls", STOCK_WITH_STEP_LOG, "--additional-config", json.dumps(config)]
     if options.model is None:
         # tool_choice="required" needs a tool parser; SmolLM2's chat format is Hermes-like (ChatML).
         args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
