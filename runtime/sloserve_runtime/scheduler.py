@@ -21,7 +21,9 @@ per token where drafts are cheap beside a request's cost (so on a CPU loose tier
 compute to tight ones, and on a GPU every tier drafts).
 
 Server-wide defaults, the step-time profile and an optional step log (for ``sloserve profile``)
-arrive as ``--additional-config '{"sloserve": {...}}'`` (see ``SLOConfig``).
+arrive as ``--additional-config '{"sloserve": {...}}'`` (see ``SLOConfig``). The step log is
+written by ``RecordingScheduler``, the base of ``SLOScheduler``; on its own it is vLLM's stock
+scheduler, deciding unchanged, with its steps timed (``sloserve serve --scheduler vllm --step-log``).
 """
 
 from __future__ import annotations
