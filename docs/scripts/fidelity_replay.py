@@ -17,9 +17,9 @@ written with ``--save-detailed``, whose calls say when each probe ran) a last co
 simulated engine at each probe's own step times: the line that online calibration would fit
 through that probe's steps (``observed = scale * profile + offset``), with the noise and front
 end given. The scheduler still plans with the profile and calibrates, and TTFT slowdowns still
-resolve with it, as on the server. That column tells the simulator's error from the profile's
-age: a machine that runs a few percent off its profile moves attainment near capacity by tens of
-points.
+resolve with it, as on the server. That column tells the simulator's own error from the
+profile's error on the run's steps (the machine's drift, steps the profile's grid did not
+cover): steps a few percent off the profile move attainment near capacity by tens of points.
 """
 
 from __future__ import annotations
