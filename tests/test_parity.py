@@ -106,6 +106,11 @@ KV_TIGHT = [
 ]
 
 
+# Long outputs whose growing contexts outgrow a 25 ms TPOT (a token of context costs 1 us a
+# step): the planner gives up the decodes with the most context to best effort, one by one.
+GROWTH = [Spec(f"g{k}", 200 + 20 * k, 1000, "20s", "25ms", 0.01 * k) for k in range(8)]
+
+
 @dataclass(frozen=True)
 class Scenario:
     specs: list[Spec]
@@ -116,6 +121,7 @@ SCENARIOS = {
     "burst": Scenario(BURST, num_blocks=1024),
     "stream": Scenario(STREAM, num_blocks=1024),
     "kv-tight": Scenario(KV_TIGHT, num_blocks=14),
+    "growth": Scenario(GROWTH, num_blocks=1024),
 }
 
 
@@ -339,6 +345,7 @@ def run_to_completion(lockstep: Lockstep, max_steps: int = 2000) -> dict[str, in
     seen["steps"] = lockstep.steps
     seen["promotions"] = sum("promoted" in reason for _, reason in sim_decisions.values())
     seen["best_effort"] = sum(best_effort for best_effort, _ in sim_decisions.values())
+    seen["demotions"] = sum(reason.startswith("demoted") for _, reason in sim_decisions.values())
     return seen
 
 
@@ -370,6 +377,8 @@ def test_every_step_matches(vllm_config, clock, name):
         assert seen["promotions"] >= 3 and seen["best_effort"] >= 3
     if name == "kv-tight":
         assert seen["preemptions"] > 0
+    if name == "growth":
+        assert seen["demotions"] > 0
 
 
 def test_preempted_requests_recompute_from_the_prefix_cache_alike(vllm_config, vllm_config_cached, clock):

@@ -136,6 +136,59 @@ def test_decode_capacity_refuses_the_request_that_would_break_the_tightest_tpot(
     assert decision.reason.startswith("decode capacity")
 
 
+# 10 ms a step, 1 ms a token, 0.5 ms a request, 10 us a context token: a decode's cost grows as
+# its output does (at 1,000 tokens of context it costs 11.5 ms a step instead of 1.5).
+GROW = StepTimeModel(
+    "planner-test-growth",
+    (LinearPiece(per_token=0.001, per_request=0.0005, per_context_token=1e-5, constant=0.010),),
+    max_num_batched_tokens=512,
+)
+
+
+def test_decodes_that_outgrow_their_tpot_give_up_the_most_context_first():
+    planner = Planner(GROW, max_budget=512, headroom=1.0)
+    young = [decoding(f"y{i}", TIGHT, context=100) for i in range(3)]
+    # Four decodes at 100 tokens of context: 10 + 4 x 1.5 + 4 ms = 20 ms, within 50 ms.
+    given_up, overrun = planner.overrun([*young, decoding("old", TIGHT, context=100)])
+    assert given_up == [] and overrun.admitted
+    # The oldest has grown to 2,500 tokens: 10 + 6 + (300 + 2,500 + 4) x 0.01 = 44 ms; with a loose
+    # decode of 1,000 more, 10 + 7.5 + 38.1 = 55.6 ms, over the tight tier's 50 ms.
+    old, loose = decoding("old", TIGHT, context=2500), decoding("loose", LOOSE, context=1000)
+    given_up, overrun = planner.overrun([*young, old, loose])
+    assert given_up == [old]  # the most context: without it 10 + 6 + 13.04 = 29 ms
+    assert overrun.reason.startswith("decode capacity: 5 decodes")
+    # Best effort is not counted, nor given up: it runs only on leftover time.
+    old.state.best_effort = True
+    assert planner.overrun([*young, old, loose])[0] == []
+
+
+def test_demotion_marks_the_decodes_best_effort_with_the_reason():
+    running = [decoding(f"d{i}", TIGHT, context=1200) for i in range(4)]  # 10 + 6 + 48 = 64 ms
+    assert make_policy("sloserve-keep", GROW, 512).demote(running) == []
+    assert not any(r.state.best_effort for r in running)
+    policy = make_policy("sloserve", GROW, 512)
+    given_up = policy.demote(running)
+    assert len(given_up) == 2  # three take 50.5 ms, two 37 ms
+    for r in running:
+        demoted = any(r is g for g in given_up)
+        assert r.state.best_effort == demoted
+        assert r.state.admission.startswith("demoted to best effort: decode capacity") == demoted
+
+
+def test_demotion_keeps_the_other_decodes_promises():
+    """Eight long decodes admitted together outgrow a 50 ms TPOT as their contexts grow: given up
+    one at a time, the ones with the most context go to best effort and every other keeps its
+    SLO; never giving up any (and vLLM's scheduler) breaks them all."""
+    slo = SLO.parse("5s", "50ms")
+    trace = [ProgramSpec(k, 0.01 * k, "reasoning", (StageSpec("think", 100, 600, slo),)) for k in range(8)]
+    results = simulate(trace, "sloserve", GROW)
+    assert all(not r.best_effort or r.admission.startswith("demoted to best effort") for r in results)
+    kept = [r for r in results if not r.best_effort]
+    assert 0 < len(kept) < len(results) and all(map(met, kept))
+    for policy in ("sloserve-keep", "vllm-fcfs"):
+        assert not any(map(met, simulate(trace, policy, GROW)))
+
+
 def test_an_admitted_request_is_never_made_late_by_a_later_one():
     planner = Planner(MODEL, max_budget=512, headroom=1.0)
     # Alone, 1,000 prompt tokens take a step of 512 (0.522 s) and one of 488 (0.498 s) from the

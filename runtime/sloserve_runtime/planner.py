@@ -317,6 +317,33 @@ class Planner:
         # skipped one would break its TPOT for sure.
         return max(fixed, min(budget, self.max_budget), 1)
 
+    def overrun(self, running: Sequence[LiveRequest]) -> tuple[list[LiveRequest], Decision]:
+        """The admitted decodes to give up so that the others' decodes fit a step within their TPOT,
+        and the decode check that failed (``ADMITTED``, and none to give up, when they all fit).
+
+        Admission keeps the decodes within the bound when it lets a request in, but the bound can
+        move under them: each decode's context grows by a token a step (on the CPU engine a
+        reasoning call's thinking costs three times as much a step once it has 1,000 tokens), and
+        online calibration can find the engine slower than the profile. Once the decodes alone
+        overrun the tightest TPOT, every window of every admitted decode breaks together; giving
+        up some of them keeps the others' promises. Those with the most context go first: each
+        costs the most step time, so the fewest are lost.
+        """
+        decodes = _admitted_decodes(running)
+        if not decodes:
+            return [], ADMITTED
+        decoders = _Decoders.of(decodes)
+        overrun = self._decoders_fit(decoders)
+        if overrun.admitted:
+            return [], overrun
+        given_up: list[LiveRequest] = []
+        kept = sorted(decodes, key=_CONTEXT)
+        while kept:
+            given_up.append(kept.pop())
+            if self._decoders_fit(_Decoders.of(kept)).admitted:
+                break
+        return given_up, overrun
+
     def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None) -> list[bool]:
         """Best effort runs on leftover time only: which running requests sit this step out.
 

@@ -26,8 +26,8 @@ class SchedulingPolicy(ABC):
     Rules for callers: call ``waiting_key``/``running_key`` on every request of the queue and sort
     ascending (stable); the first request is served first, and the last running request is the
     first to be preempted when KV memory runs out. Each step, ask ``promote`` first (its answer
-    changes the keys), then sort, then ask ``held_back``, then ``token_budget``, then
-    ``spec_length`` for the decodes that run.
+    changes the keys), then sort, then ask ``demote``, then ``held_back``, then ``token_budget``,
+    then ``spec_length`` for the decodes that run.
     """
 
     name: str
@@ -61,6 +61,11 @@ class SchedulingPolicy(ABC):
     def admit(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
         """Decide on a request as it arrives (``live``: the other admitted requests in the engine)."""
         return ADMITTED
+
+    def demote(self, running: Sequence[LiveRequest]) -> list[LiveRequest]:
+        """Admitted running requests (in ``running``) given up to best effort before the step is
+        planned, so that the others keep their SLO; stock vLLM has no classes to move between."""
+        return []
 
     def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None) -> list[bool]:
         """Which running requests (in running order) sit the step starting at ``now`` out; vLLM would
@@ -118,6 +123,7 @@ class PlannerPolicy(DeadlinePolicy):
 
     name = "sloserve"
     promotion = "edf"  # how best-effort requests are promoted (``Planner.promotion``)
+    demotion = True  # admitted decodes that no longer fit are given up to best effort (``demote``)
     window_reserve: float | None = 0.75  # window slack (``Planner.window_reserve``); None: one TPOT a step
 
     def __init__(
@@ -154,6 +160,16 @@ class PlannerPolicy(DeadlinePolicy):
         new.state.admission = decision.reason
         return decision
 
+    def demote(self, running: Sequence[LiveRequest]) -> list[LiveRequest]:
+        """The decodes ``Planner.overrun`` gives up, marked best effort with the reason."""
+        if not self.demotion:
+            return []
+        given_up, overrun = self.planner.overrun(running)
+        for request in given_up:
+            request.state.best_effort = True
+            request.state.admission = f"demoted to best effort: {overrun.reason}"
+        return given_up
+
     def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None) -> list[bool]:
         return self.planner.held_back(running, admitted_waiting, now)
 
@@ -184,6 +200,13 @@ class StepBoundPolicy(PlannerPolicy):
 
     name = "sloserve-tpot"
     window_reserve = None
+
+
+class KeepAdmittedPolicy(PlannerPolicy):
+    """sloserve-keep: the planner without demotion: an admitted decode is never given up (an ablation)."""
+
+    name = "sloserve-keep"
+    demotion = False
 
 
 class DPPromotionPolicy(PlannerPolicy):
@@ -235,6 +258,7 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {
         PlannerPolicy,
         ArrivalAdmissionPolicy,
         StepBoundPolicy,
+        KeepAdmittedPolicy,
         DPPromotionPolicy,
         DeadlinePolicy,
         FCFSPolicy,

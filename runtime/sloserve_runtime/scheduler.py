@@ -10,6 +10,9 @@ no vLLM) and calls the policy the simulator runs too (``sloserve``: ``PlannerPol
   first-token deadline first; running: admitted first, tightest next-token deadline first, so the
   last is preempted first when KV memory runs out) and the step's token budget is narrowed to the
   planner's (``max_num_scheduled_tokens`` for that one step);
+* before every step, too, admitted decodes that together no longer fit their TPOT (their
+  contexts grew, or calibration found the engine slower) are demoted to best effort, those with
+  the most context first, until the others fit (``Planner.overrun``); each demotion is logged;
 
 vLLM's ``schedule()`` then does the batching.
 
@@ -259,6 +262,8 @@ class SLOScheduler(RecordingScheduler):
         self._promote(now)
         self._order_queues()
         live = [self._live(request) for request in self.running]  # in running order, as the simulator gives it
+        for given_up in self.slo_policy.demote(live):
+            logger.info("Request %s demoted: %s", given_up.state.request_id, given_up.state.admission)
         self._defer_running(live, now)  # before the budget: the policy plans the step with what it holds back
         engine_budget = self.max_num_scheduled_tokens
         can_start = bool(self.waiting) and len(self.running) < self.max_num_running_reqs

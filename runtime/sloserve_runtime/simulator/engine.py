@@ -11,6 +11,7 @@ import math
 import random
 from typing import NamedTuple
 
+from sloserve_runtime.planner import LiveRequest
 from sloserve_runtime.policies import SchedulingPolicy
 from sloserve_runtime.simulator.config import SimConfig
 from sloserve_runtime.simulator.kv_cache import KVCache
@@ -79,6 +80,8 @@ class Engine:
             running.sort(key=lambda request: policy.running_key(request.state, request.output_count))
         # The policy's view of the running requests, in running order, as the vLLM adapter gives it.
         live = [request.live() for request in running]
+        if self.admitted:
+            self._demote(live)
         held = policy.held_back(live, self._admitted_can_start(), now)
         can_start = len(self.waiting) > 0 and len(running) < self.config.max_num_seqs
         # The request that would start: the head of the queue, and what the cache holds for it.
@@ -156,6 +159,15 @@ class Engine:
             self.admitted[id(request)] = request
         if promoted:
             self.waiting.rekey()  # promoted requests now sort among the admitted
+
+    def _demote(self, live: list[LiveRequest]) -> None:
+        """Running requests the policy gives up to best effort leave the admitted ones (``live``: the
+        running requests' views, in running order)."""
+        demoted = {id(view.state) for view in self.policy.demote(live)}
+        for request in self.running:
+            if id(request.state) in demoted:
+                request.result.admission, request.result.best_effort = request.state.admission, True
+                self.admitted.pop(id(request), None)
 
     def _accepted(self, drafted: int) -> int:
         """How many of ``drafted`` drafts verification keeps: the longest prefix that passes."""
