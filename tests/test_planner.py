@@ -157,6 +157,9 @@ def test_decodes_that_outgrow_their_tpot_give_up_the_most_context_first():
     given_up, overrun = planner.overrun([*young, old, loose])
     assert given_up == [old]  # the most context: without it 10 + 6 + 13.04 = 29 ms
     assert overrun.reason.startswith("decode capacity: 5 decodes")
+    # A crowded engine gives up as many as it takes: 60 decodes of 10 ms + 1 ms each, 40 fit 50 ms.
+    crowd = [decoding(f"t{i}", TIGHT) for i in range(60)]
+    assert len(Planner(MODEL, max_budget=512, headroom=1.0).overrun(crowd)[0]) == 20
     # Best effort is not counted, nor given up: it runs only on leftover time.
     old.state.best_effort = True
     assert planner.overrun([*young, old, loose])[0] == []

@@ -563,7 +563,7 @@ def overhead_command(
     live: Annotated[str, typer.Option(help="Comma-separated numbers of live requests.")] = "64,512,2048",
     repeats: Annotated[int, typer.Option(min=1, help="Planning calls timed per size.")] = 200,
 ) -> None:
-    """Time one planning call (admission plus one step's promotion, budget and hold-back) at N live requests."""
+    """Time one planning call (admission, and one step's promotion, demotion, budget, hold-back) at N requests."""
     from sloserve_runtime.overhead import measure_overhead
 
     try:
@@ -578,7 +578,7 @@ def overhead_command(
         "live requests",
         "admission",
         "full admission check",
-        "step (promotion, budget, hold-back)",
+        "step (promotion, demotion, budget, hold-back)",
         "total",
         "p99 total",
         "forward simulation, every prefill",

@@ -1,4 +1,4 @@
-"""Planning overhead: the time of one planning call (admission; promotion, budget, hold-back) at N live requests.
+"""Planning overhead: one planning call (admission; promotion, demotion, budget, hold-back) at N live requests.
 
 Imports no vLLM: it times the planner exactly as the adapter and the simulator call it, on
 synthetic live states of a chosen size.
@@ -99,6 +99,7 @@ def measure_overhead(step_time: StepTimeModel, live: int, repeats: int = 200, se
         checked = time.perf_counter()
         for promoted in policy.promote(1.0, candidates, states):
             promoted.state.best_effort = True  # keep the engine's state the same for the next repeat
+        planner.overrun(running)  # what ``demote`` weighs (timed without giving anything up)
         policy.held_back(running, admitted_waiting=False, now=1.0)
         policy.token_budget(running, now=1.0)
         stepped = time.perf_counter()

@@ -170,8 +170,9 @@ class Planner:
     # Window slack (``_window_bound``): the share of the TPOT each later token is planned to take
     # after a step that spends its window's slack. None: every step is bounded by one TPOT.
     window_reserve: float | None = None
-    # The share of each attainment window the window slack keeps back: how much slower than the
-    # model ten steps in a row have lately run (online calibration's ``window_margin``; 0 without).
+    # The share of each attainment window the window slack and the decode check (admission's and
+    # ``overrun``'s) keep back: how much slower than the model ten steps in a row have lately run
+    # (online calibration's ``window_margin``; 0 without).
     window_margin: float = 0.0
     # Steps in a row a decode without a TPOT target may give up to waiting prefills (``_yields``).
     max_yields: int = 4
@@ -336,11 +337,19 @@ class Planner:
         overrun = self._decoders_fit(decoders)
         if overrun.admitted:
             return [], overrun
+        # Given up one by one on running totals: a crowded engine may give up many.
         given_up: list[LiveRequest] = []
         kept = sorted(decodes, key=_CONTEXT)
+        tiers = Counter(r.state.tpot_seconds for r in decodes)
+        count, context = decoders.count, decoders.context
         while kept:
-            given_up.append(kept.pop())
-            if self._decoders_fit(_Decoders.of(kept)).admitted:
+            r = kept.pop()
+            given_up.append(r)
+            tiers[r.state.tpot_seconds] -= 1
+            if not tiers[r.state.tpot_seconds]:
+                del tiers[r.state.tpot_seconds]
+            count, context = count - 1, context - r.context - r.to_compute
+            if not count or self._decoders_fit(_Decoders(frozenset(tiers), count, context)).admitted:
                 break
         return given_up, overrun
 
@@ -481,11 +490,13 @@ class Planner:
         tiers, count, context = decoders
         if all(math.isinf(tpot) for tpot in tiers):
             return ADMITTED
+        # A decode that runs long meets its TPOT only if every window of ten steps does: they are
+        # held to the margin by which ten steps in a row have lately run slower than the model.
         # With speculation, any length that keeps every tier will do: the per-step choice then
         # picks the shortest that still does.
-        spec = self.speculation
+        spec, share = self.speculation, self.headroom / (1.0 + self.window_margin)
         for length in range(1, 1 + (spec.max_length if spec is not None else 1)):
-            bound = self.headroom * min(
+            bound = share * min(
                 tpot if spec is None or math.isinf(tpot) else tpot * spec.window_tokens_per_step(tpot, length)
                 for tpot in tiers
             )

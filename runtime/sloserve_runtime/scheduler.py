@@ -263,7 +263,7 @@ class SLOScheduler(RecordingScheduler):
         self._order_queues()
         live = [self._live(request) for request in self.running]  # in running order, as the simulator gives it
         for given_up in self.slo_policy.demote(live):
-            logger.info("Request %s demoted: %s", given_up.state.request_id, given_up.state.admission)
+            logger.info("Request %s %s", given_up.state.request_id, given_up.state.admission)
         self._defer_running(live, now)  # before the budget: the policy plans the step with what it holds back
         engine_budget = self.max_num_scheduled_tokens
         can_start = bool(self.waiting) and len(self.running) < self.max_num_running_reqs
