@@ -33,6 +33,10 @@ def test_short_bench_run_against_the_real_engine(engine, tmp_path):
     # log's timeline of the engine too.
     calls = probe["calls"]
     assert len(calls) == 20 and all(call["request_id"].startswith("cmpl-") for call in calls)
+    # Our scheduler decided on every call: the decision and its reason came with the last chunk.
+    assert all(call["admission"] for call in calls)
+    assert probe["admitted_attainment"] is not None
+    assert sum(call["best_effort"] for call in calls) == probe["best_effort"]
     for call in calls:
         assert len(call["token_times"]) == call["output_tokens"]
         assert call["arrival"] <= call["token_times"][0]

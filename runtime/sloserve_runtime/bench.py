@@ -107,6 +107,7 @@ async def _stage_call(
                 now = time.time()
                 chunk = json.loads(line[5:])
                 result.request_id = result.request_id or chunk.get("id")
+                _note_admission(result, chunk.get("slo"))
                 for choice in chunk.get("choices") or []:
                     token_ids = choice.get("token_ids") or []
                     output_ids.extend(token_ids)
@@ -115,6 +116,15 @@ async def _stage_call(
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     return result, output_ids
+
+
+def _note_admission(result: StageResult, outcome: dict | None) -> None:
+    """The scheduler's admission decision, from the ``slo`` outcome sloserve's last chunk carries
+    (none from a server without our scheduler, or with no decision for the call)."""
+    if not outcome or outcome.get("admission") is None:
+        return
+    result.admission = outcome.get("admission_reason") or outcome["admission"]
+    result.best_effort = outcome["admission"] != "admitted"
 
 
 async def _sse_lines(response: httpx.Response) -> AsyncIterator[str]:
