@@ -24,6 +24,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -337,21 +338,23 @@ class Planner:
         overrun = self._decoders_fit(decoders)
         if overrun.admitted:
             return [], overrun
-        # Given up one by one on running totals: a crowded engine may give up many.
-        given_up: list[LiveRequest] = []
-        kept = sorted(decodes, key=_CONTEXT)
-        tiers = Counter(r.state.tpot_seconds for r in decodes)
-        count, context = decoders.count, decoders.context
-        while kept:
-            r = kept.pop()
-            given_up.append(r)
-            tiers[r.state.tpot_seconds] -= 1
-            if not tiers[r.state.tpot_seconds]:
-                del tiers[r.state.tpot_seconds]
-            count, context = count - 1, context - r.context - r.to_compute
-            if not count or self._decoders_fit(_Decoders(frozenset(tiers), count, context)).admitted:
-                break
-        return given_up, overrun
+        # The most decodes that still fit, by bisection on running totals (fewer decodes, less
+        # context and no tighter tier always fit better): a crowded engine may give up many.
+        kept = sorted(decodes, key=_CONTEXT)  # the most context last: the first to go
+        totals = list(accumulate((r.context + r.to_compute for r in kept), initial=0))
+        first: dict[float, int] = {}  # each tier's first place in ``kept``: present while kept beyond it
+        for index, r in enumerate(kept):
+            first.setdefault(r.state.tpot_seconds, index)
+
+        def fits(count: int) -> bool:
+            tiers = frozenset(tpot for tpot, index in first.items() if index < count)
+            return self._decoders_fit(_Decoders(tiers, count, totals[count])).admitted
+
+        fit, over = 0, len(kept)  # none fit trivially; all overrun
+        while over - fit > 1:
+            middle = (fit + over) // 2
+            fit, over = (middle, over) if fits(middle) else (fit, middle)
+        return kept[fit:][::-1], overrun
 
     def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None) -> list[bool]:
         """Best effort runs on leftover time only: which running requests sit this step out.
