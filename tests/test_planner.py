@@ -108,6 +108,25 @@ def test_best_effort_joins_only_within_the_bound():
     assert 2 < joined < len(running) and held[-1]
 
 
+def test_the_window_margin_holds_every_step_short_not_only_the_decode_check():
+    # Best-effort decodes and a prompt's chunk fill what the admitted decodes leave; with a window
+    # margin the step they fill stays that much short of the TPOT (100 ms / 1.05), so ten steps in
+    # a row that run 5 % slower than planned still keep the admitted windows.
+    planner = Planner(PER_REQUEST, max_budget=512, headroom=1.0, window_margin=0.05)
+    admitted = [decoding(f"l{i}", LOOSE) for i in range(2)]
+    running = [*admitted, *(best_effort(decoding(f"b{i}", LOOSE)) for i in range(20))]
+    held = planner.held_back(running, admitted_waiting=False)
+    joined = len(running) - sum(held)
+    budget = planner.token_budget(running)
+    assert PER_REQUEST.step_seconds(budget, joined + 1) <= 0.100 / 1.05 + 1e-9
+    # Without the margin one more best-effort decode fits.
+    unmargined = Planner(PER_REQUEST, max_budget=512, headroom=1.0)
+    assert len(running) - sum(unmargined.held_back(running, admitted_waiting=False)) == joined + 1
+    # A chunk gets the same shorter step: (95.2 - 10 - 3 x 5) ms = 70 tokens, not 75.
+    assert planner.token_budget(admitted) == 70
+    assert unmargined.token_budget(admitted) == 75
+
+
 def test_best_effort_yields_the_budget_to_an_admitted_request_that_waits():
     planner = Planner(PER_REQUEST, max_budget=512, headroom=1.0)
     running = [

@@ -120,8 +120,9 @@ def test_a_window_the_margin_has_spent_is_kept_by_decodes_alone():
     # Planned short (TPOT 100 / 1.1 ms), the window leaves 909 - 825 - 68 = 16 ms, less than the
     # 21 ms step of the decode alone; at 100 ms it leaves 1000 - 825 - 21 = 154 ms.
     assert budget(planner, decodes, last_token(behind)) == 1
-    # One TPOT a step would have let a prompt take 79 of the 80 tokens, and that window would break.
-    assert budget(planner, decodes, None) == 80
+    # One TPOT a step (less the margin: 90.9 ms) would have let a prompt take 69 of the 70 tokens,
+    # and that window would break.
+    assert budget(planner, decodes, None) == 70
     # A window that decode-only steps cannot keep either is lost: its TPOT planned short (90.9 ms),
     # not a hold on every prompt.
     lost = decode_state([0.04] * 20 + [0.3] + [0.1] * 7)

@@ -197,6 +197,17 @@ class Planner:
 
     # ---- per-step budget ----
 
+    @property
+    def _share(self) -> float:
+        """The share of a TPOT a step is planned to take: the headroom, less the window margin.
+
+        Every step is held to it, not only the admitted decodes' check: a step that best-effort
+        decodes or a prompt's chunk fill to the TPOT itself leaves the admitted windows no margin,
+        and then the first ten steps in a row that run a little slower than planned break every
+        one of them together.
+        """
+        return self.headroom / (1.0 + self.window_margin)
+
     def step_bound(self, live: Sequence[LiveRequest], now: float | None = None) -> float:
         """Seconds a step that starts at ``now`` may take: the tightest TPOT among admitted decoding
         requests, or, with ``now`` and window slack on, what their attainment windows leave
@@ -211,7 +222,7 @@ class Planner:
         (``tiers``: their TPOTs, if known)."""
         if tiers is None:
             tiers = {r.state.tpot_seconds for r in decodes}  # a few tiers among many decodes
-        bound = min((self._seconds_per_step(tpot) for tpot in tiers), default=math.inf) * self.headroom
+        bound = min((self._seconds_per_step(tpot) for tpot in tiers), default=math.inf) * self._share
         if now is None or math.isinf(bound) or self.window_reserve is None:
             return bound, bound
         if self.speculation is not None:
@@ -243,7 +254,7 @@ class Planner:
             return tpot_bound
         bound = math.inf
         for r in decodes:
-            tpot = r.state.tpot_seconds * self.headroom / (1.0 + self.window_margin)
+            tpot = r.state.tpot_seconds * self._share
             if math.isinf(tpot):
                 continue
             window = r.state.window_bound(now, tpot, max(self.window_reserve * tpot, decode_only))
@@ -497,7 +508,7 @@ class Planner:
         # held to the margin by which ten steps in a row have lately run slower than the model.
         # With speculation, any length that keeps every tier will do: the per-step choice then
         # picks the shortest that still does.
-        spec, share = self.speculation, self.headroom / (1.0 + self.window_margin)
+        spec, share = self.speculation, self._share
         for length in range(1, 1 + (spec.max_length if spec is not None else 1)):
             bound = share * min(
                 tpot if spec is None or math.isinf(tpot) else tpot * spec.window_tokens_per_step(tpot, length)
@@ -575,7 +586,7 @@ class Planner:
         """
         if self.window_reserve is None or not load.requests:
             return None
-        per_step = load.bound * self.headroom
+        per_step = load.bound * self._share
         # The decodes alone overrun (a crowded engine): no slack, and no pass over them to find it.
         if self.step_time.step_seconds(load.requests, load.requests) > per_step:
             return None
@@ -698,7 +709,7 @@ class Planner:
         """The prefill tokens of a full step of ``_prefill_rate``."""
         if math.isinf(load.bound):
             return max(self.max_budget - load.tokens, 0)
-        requests, bound = load.requests + 1, load.bound * self.headroom if bound is None else bound
+        requests, bound = load.requests + 1, load.bound * self._share if bound is None else bound
         chunk = self.step_time.chunk_budget(bound, load.tokens, requests, load.context, load.context, prefix)
         return max(min(load.tokens + chunk, self.max_budget) - load.tokens, 0)
 
