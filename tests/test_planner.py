@@ -44,15 +44,16 @@ def test_budget_shrinks_when_a_tighter_tpot_arrives():
     assert planner.token_budget([decoding("x", SLO())]) == 512
 
 
-def test_without_a_tpot_a_step_keeps_to_half_the_tightest_ttft():
+def test_without_a_tpot_a_step_keeps_to_a_share_of_the_tightest_ttft():
     """A prompt that arrives during a step waits it out: with no TPOT to bound it, the step is held
-    to half the tightest TTFT among the admitted running requests instead of the whole token budget."""
+    to ``arrival_share`` (0.7) of the tightest TTFT among the admitted running requests instead of
+    the whole token budget."""
     planner = Planner(MODEL, max_budget=512, headroom=1.0)
     ttft_only = [decoding("x", SLO.parse("1s", None)), decoding("y", SLO.parse("300ms", None))]
-    # 150 ms: 10 ms fixed, 1 ms a token, so 140 tokens (two of them the decodes'), give or take
+    # 210 ms: 10 ms fixed, 1 ms a token, so 200 tokens (two of them the decodes'), give or take
     # the rounding of the float arithmetic.
-    assert planner.token_budget(ttft_only) == pytest.approx(140, abs=1)
-    # The same decodes are not held back for best effort when it fits: two of 140 tokens.
+    assert planner.token_budget(ttft_only) == pytest.approx(200, abs=1)
+    # The same decodes are not held back for best effort when it fits: two of 200 tokens.
     assert planner.held_back(ttft_only, admitted_waiting=False) == [False, False]
     # A TPOT target among the decodes bounds the step as before (100 ms: 90 tokens).
     assert planner.token_budget([*ttft_only, decoding("z", LOOSE)]) == 90
@@ -62,15 +63,15 @@ def test_without_a_tpot_a_step_keeps_to_half_the_tightest_ttft():
 
 def test_decodes_that_sit_out_leave_the_arrival_budget_to_the_prompt():
     # 10 ms a step, 1 ms a token, 5 ms a request. While an admitted prompt waits, the two decodes
-    # without a TPOT sit the step out: the prompt alone gets 150 - 10 - 5 = 135 tokens, not what
-    # is left after two decodes that do not run (123).
+    # without a TPOT sit the step out: the prompt alone gets 210 - 10 - 5 = 195 tokens, not what
+    # is left after two decodes that do not run (183).
     planner = Planner(PER_REQUEST, max_budget=512, headroom=1.0)
     ttft_only = [decoding("x", SLO.parse("1s", None)), decoding("y", SLO.parse("300ms", None))]
     assert planner.held_back(ttft_only, admitted_waiting=True) == [True, True]
-    assert planner.token_budget(ttft_only) == pytest.approx(135, abs=1)
+    assert planner.token_budget(ttft_only) == pytest.approx(195, abs=1)
     # With nobody waiting they run, and each is charged its token and request.
     assert planner.held_back(ttft_only, admitted_waiting=False) == [False, False]
-    assert planner.token_budget(ttft_only, waiting=False) == pytest.approx(2 + 150 - 10 - 10 - 2, abs=1)
+    assert planner.token_budget(ttft_only, waiting=False) == pytest.approx(2 + 210 - 10 - 10 - 2, abs=1)
 
 
 # 10 ms a step, 1 ms a token, 5 ms a request in the batch: the per-request term matters.

@@ -179,8 +179,11 @@ class Planner:
     max_yields: int = 4
     # With no TPOT target among the admitted decodes, a step may take this share of the tightest
     # TTFT target among the admitted running requests (``_arrival_bound``): a prompt that arrives
-    # during a step waits for it. None: such steps fill the whole token budget.
-    arrival_share: float | None = 0.5
+    # during a step waits for it. None: such steps fill the whole token budget. Every step also
+    # pays the engine's fixed time (40-60 ms on the CPU engine), so a shorter bound costs output
+    # throughput: at 0.5 the simulated CPU engine served 3-8 % fewer tokens than stock vLLM on
+    # chat-ttft near saturation, at 0.7 about 2 %, with P90 TTFT still within the target.
+    arrival_share: float | None = 0.7
     # How best-effort requests that still wait for their first token are promised their SLO once
     # room returns (``promote``): "none", "edf" (the arrival check, in deadline order) or "dp"
     # (SLOs-Serve's dynamic programme: the most requests that fit together).
