@@ -255,9 +255,9 @@ class Planner:
         decode_only = self.step_time.step_seconds(count, count, context, context)
         if decode_only > tpot_bound:
             return tpot_bound
-        bound = math.inf
+        bound, share = math.inf, self._share
         for r in decodes:
-            tpot = r.state.tpot_seconds * self._share
+            tpot = r.state.tpot_seconds * share
             if math.isinf(tpot):
                 continue
             window = r.state.window_bound(now, tpot, max(self.window_reserve * tpot, decode_only))
