@@ -171,9 +171,10 @@ class Planner:
     # Window slack (``_window_bound``): the share of the TPOT each later token is planned to take
     # after a step that spends its window's slack. None: every step is bounded by one TPOT.
     window_reserve: float | None = None
-    # The share of each attainment window the window slack and the decode check (admission's and
-    # ``overrun``'s) keep back: how much slower than the model ten steps in a row have lately run
-    # (online calibration's ``window_margin``; 0 without).
+    # The share of each attainment window every step keeps back (``_share``: the per-step bound,
+    # window slack, the decode check of admission and ``overrun``, the forward simulation): how
+    # much slower than the model ten steps in a row have lately run (online calibration's
+    # ``window_margin``; 0 without).
     window_margin: float = 0.0
     # Steps in a row a decode without a TPOT target may give up to waiting prefills (``_yields``).
     max_yields: int = 4
@@ -181,8 +182,8 @@ class Planner:
     # TTFT target among the admitted running requests (``_arrival_bound``): a prompt that arrives
     # during a step waits for it. None: such steps fill the whole token budget. Every step also
     # pays the engine's fixed time (40-60 ms on the CPU engine), so a shorter bound costs output
-    # throughput: at 0.5 the simulated CPU engine served 3-8 % fewer tokens than stock vLLM on
-    # chat-ttft near saturation, at 0.7 about 2 %, with P90 TTFT still within the target.
+    # throughput: at 0.5 the simulated CPU engine served 1-8 % fewer tokens than stock vLLM on
+    # chat-ttft near saturation, at 0.7 1-2.5 %, with P90 TTFT still within the target.
     arrival_share: float | None = 0.7
     # How best-effort requests that still wait for their first token are promised their SLO once
     # room returns (``promote``): "none", "edf" (the arrival check, in deadline order) or "dp"
