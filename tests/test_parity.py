@@ -111,6 +111,20 @@ KV_TIGHT = [
 GROWTH = [Spec(f"g{k}", 200 + 20 * k, 1000, "20s", "25ms", 0.01 * k) for k in range(8)]
 
 
+# Three places for running requests: two best-effort requests (their TTFT is unattainable) take two
+# of them, and admitted arrivals take them back one by one (preempting the best effort); the
+# admitted request that would make four is refused for want of a place, and promoted later.
+CAPPED_SEQS = 3
+SEQ_CAP = [
+    Spec("be1", 300, 120, "1ms", None, 0.0),
+    Spec("be2", 320, 120, "1ms", None, 0.0),
+    Spec("a1", 100, 150, "5s", None, 0.0),
+    Spec("a2", 50, 20, "3s", None, 0.2),
+    Spec("a3", 60, 20, "3s", None, 0.25),
+    Spec("a4", 70, 20, "3s", None, 0.3),
+]
+
+
 @dataclass(frozen=True)
 class Scenario:
     specs: list[Spec]
@@ -132,12 +146,13 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def engine_config(profile: Path, prefix_caching: bool, step_log: Path | None = None):
+def engine_config(profile: Path, prefix_caching: bool, step_log: Path | None = None, max_num_seqs: int | None = None):
     """The engine config ``sloserve serve`` gives vLLM, for the default model (loads its HF config: slow)."""
     args = EngineArgs(
         model=str(ensure_default_model()),
         max_model_len=MAX_MODEL_LEN,
         max_num_batched_tokens=MAX_BATCHED_TOKENS,
+        max_num_seqs=max_num_seqs,
         enable_prefix_caching=prefix_caching,
         enforce_eager=True,
         scheduler_cls="sloserve_runtime.scheduler.SLOScheduler",
@@ -161,6 +176,12 @@ def vllm_config_cached(profile: Path):
 
 
 @pytest.fixture(scope="module")
+def capped_config(profile: Path):
+    """Room for only ``CAPPED_SEQS`` running requests (``--max-num-seqs``): the cap binds before memory."""
+    return engine_config(profile, prefix_caching=True, max_num_seqs=CAPPED_SEQS)
+
+
+@pytest.fixture(scope="module")
 def stock_config(profile: Path, tmp_path_factory: pytest.TempPathFactory):
     """For vLLM's stock scheduler with a step log, as ``sloserve serve --scheduler vllm --step-log``."""
     return engine_config(profile, prefix_caching=False, step_log=tmp_path_factory.mktemp("stock") / "steps.jsonl")
@@ -172,6 +193,7 @@ class Clock:
     def __init__(self, now: float) -> None:
         self.now = now
         self.perf_counter = time.perf_counter  # the step recorder's timer (unused here)
+        self.monotonic = time.monotonic  # vLLM's event timestamps (a preemption's)
 
     def time(self) -> float:
         return self.now
@@ -212,7 +234,8 @@ def make_engine(vllm_config, num_blocks: int, policy: str = "sloserve") -> Engin
         block_size=block_size,
         enable_prefix_caching=vllm_config.cache_config.enable_prefix_caching,
     )
-    return Engine(make_policy(policy, MODEL, MAX_BATCHED_TOKENS), config)
+    # The adapter tells its policy vLLM's cap on running requests; so does the simulator's cluster.
+    return Engine(make_policy(policy, MODEL, MAX_BATCHED_TOKENS, max_running=config.max_num_seqs), config)
 
 
 def vllm_request(index: int, spec: Spec, block_hasher=None) -> Request:
@@ -391,6 +414,18 @@ def test_preempted_requests_recompute_from_the_prefix_cache_alike(vllm_config, v
     # The same trace without the cache takes more steps: the hits spared real work.
     uncached = run_to_completion(Lockstep(vllm_config, clock, SCENARIOS["kv-tight"]))
     assert seen["steps"] < uncached["steps"]
+
+
+def test_best_effort_gives_its_place_to_admitted_requests_alike(capped_config, clock):
+    """At vLLM's cap on running requests both sides preempt the same best-effort requests for the
+    same admitted arrivals, and refuse the same one for want of a place, step for step."""
+    lockstep = Lockstep(capped_config, clock, Scenario(SEQ_CAP, num_blocks=1024))
+    seen = run_to_completion(lockstep)
+    assert seen["preemptions"] == 2  # be2 for a2, then be1 for a3
+    _, decisions = lockstep.decisions()
+    assert decisions["a4"][1].startswith("admitted: promoted from best effort (running requests: 4 admitted")
+    assert decisions["be1"][0] and decisions["be2"][0]
+    assert lockstep.engine.kv.hit_tokens_total > 0  # the preempted resumed from their cached blocks
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -262,6 +262,51 @@ def test_best_effort_work_is_preempted_first():
     assert best_effort.computed_tokens == 0
 
 
+def test_admission_keeps_the_admitted_requests_within_the_engine_cap():
+    """vLLM runs at most ``max_num_seqs`` requests at once: an admitted request past the cap would
+    wait for one to finish, however short its prefill."""
+    ttft_only = SLO.parse("2000ms", None)
+    two = [decoding("a", ttft_only), decoding("b", ttft_only)]
+    newcomer = arriving("c", ttft_only, 50)
+    decision = Planner(MODEL, max_budget=512, max_running=2).admit(0.0, newcomer, two)
+    assert not decision.admitted
+    assert decision.reason == "running requests: 3 admitted requests, over the engine's 2 at once (max_num_seqs)"
+    # Best effort holds no promise and gives its place up (``make_room``): it does not count.
+    with_best_effort = [two[0], best_effort(decoding("b2", ttft_only))]
+    capped = Planner(MODEL, max_budget=512, max_running=2)
+    assert capped.admit(0.0, arriving("d", ttft_only, 50), with_best_effort).admitted
+    assert Planner(MODEL, max_budget=512).admit(0.0, arriving("e", ttft_only, 50), two).admitted  # no cap
+
+
+def test_best_effort_gives_its_place_up_to_an_admitted_request_at_the_cap():
+    planner = Planner(MODEL, max_budget=512, max_running=3)
+    admitted = decoding("a", LOOSE)
+    late, later = best_effort(decoding("be0", LOOSE)), best_effort(decoding("be1", LOOSE))
+    running = [admitted, late, later]  # running order: best effort last
+    assert planner.make_room(running, admitted_waiting=1) == [later]  # the last in running order first
+    assert planner.make_room(running, admitted_waiting=2) == [later, late]
+    assert planner.make_room(running, admitted_waiting=3) == [later, late]  # admitted requests keep theirs
+    assert planner.make_room(running, admitted_waiting=0) == []
+    assert planner.make_room(running[:2], admitted_waiting=1) == []  # a place is free
+    assert Planner(MODEL, max_budget=512).make_room(running, admitted_waiting=1) == []  # no cap
+
+
+def test_admitted_requests_keep_their_ttft_at_the_cap_on_running_requests():
+    """Long best-effort decodes fill every place; each admitted arrival takes one back at once, and
+    the best effort resumes and finishes once places return."""
+    hopeless, ttft_only = SLO.parse("1ms", None), SLO.parse("800ms", None)
+    trace = [ProgramSpec(i, 0.0, "chatbot", (StageSpec("chat", 200, 300, hopeless),)) for i in range(4)]
+    trace += [ProgramSpec(4 + i, 0.5 + 0.2 * i, "chat-ttft", (StageSpec("chat", 50, 10, ttft_only),)) for i in range(6)]
+    config = SimConfig(MODEL, max_num_seqs=4)
+    results = simulate(trace, "sloserve", MODEL, config)
+    admitted = [result for result in results if result.kind == "chat-ttft"]
+    assert not any(result.best_effort for result in admitted) and all(met(result) for result in admitted)
+    assert all(len(result.token_times) == result.output_tokens for result in results)  # nothing lost
+    # Stock vLLM keeps the places in arrival order: the same arrivals wait for a long decode to end.
+    stock = [result for result in simulate(trace, "vllm-fcfs", MODEL, config) if result.kind == "chat-ttft"]
+    assert not any(map(met, stock))
+
+
 def met(result: StageResult) -> bool:
     return judge(result.arrival, result.token_times, result.ttft_target_ms, result.tpot_target_ms).met
 

@@ -191,6 +191,11 @@ class Planner:
     promotion: str = "edf"
     # The earliest-deadline best-effort requests weighed for promotion each step.
     promotion_candidates: int = 8
+    # The engine's cap on running requests (vLLM's ``max_num_seqs``; 128 on the CPU API server).
+    # An admitted request that finds every place taken waits for one to finish, whatever the
+    # budget, so admission keeps the admitted requests within it, and best-effort requests give
+    # their places up to admitted ones (``make_room``). None: no cap.
+    max_running: int | None = None
     # Whether an admitted request waits to start, as the engine said this step (``held_back``,
     # called before ``token_budget``) or as an admission since implies.
     _admitted_waiting: bool = field(default=False, repr=False)
@@ -371,6 +376,21 @@ class Planner:
             fit, over = (middle, over) if fits(middle) else (fit, middle)
         return kept[fit:][::-1], overrun
 
+    def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int) -> list[LiveRequest]:
+        """The best-effort running requests (in ``running``, running order) to preempt so that the
+        ``admitted_waiting`` admitted requests that wait can start: with the engine at its cap on
+        running requests (``max_running``) they would wait for a request to finish, however much
+        budget a step had. Best effort is preempted first: the last in running order go, at most
+        one for each admitted request that wants a place. vLLM keeps a preempted request's blocks
+        cached, so it resumes from what was computed unless they are evicted first.
+        """
+        if self.max_running is None or admitted_waiting <= 0:
+            return []
+        wanted = admitted_waiting - max(0, self.max_running - len(running))
+        if wanted <= 0:
+            return []
+        return _best_effort(running)[::-1][:wanted]
+
     def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None) -> list[bool]:
         """Best effort runs on leftover time only: which running requests sit this step out.
 
@@ -492,7 +512,7 @@ class Planner:
         with_new = (_Decoders.of(admitted) if decoders is None else decoders).plus(new)
         if self.speculation is not None:  # lengths for the decodes there will be once it runs
             self.speculation.plan(with_new.count, with_new.context)
-        decision = self._decoders_fit(with_new)
+        decision = self._fits_engine(with_new)
         if decision.admitted:
             decision = self._prefills_fit(now, new, admitted)
         return decision
@@ -500,6 +520,16 @@ class Planner:
     def _decode_fits(self, new: LiveRequest, admitted: list[LiveRequest]) -> Decision:
         """The decodes of every admitted request (and the new one) fit a step within the tightest TPOT."""
         return self._decoders_fit(_Decoders.of(admitted).plus(new))
+
+    def _fits_engine(self, decoders: _Decoders) -> Decision:
+        """These admitted requests all have a place in the engine at once, and their decodes fit."""
+        if self.max_running is not None and decoders.count > self.max_running:
+            return Decision(
+                False,
+                f"running requests: {decoders.count} admitted requests, over the engine's "
+                f"{self.max_running} at once (max_num_seqs)",
+            )
+        return self._decoders_fit(decoders)
 
     def _decoders_fit(self, decoders: _Decoders) -> Decision:
         """These decoders' decodes fit one step within the tightest TPOT among them."""
@@ -746,7 +776,7 @@ class Planner:
             for request in pending:
                 # The decode check first, on running totals: a crowded engine refuses there cheaply.
                 if (
-                    self._decoders_fit(decoders.plus(request)).admitted
+                    self._fits_engine(decoders.plus(request)).admitted
                     and self._check(now, request, [*admitted, *chosen], decoders).admitted
                 ):
                     chosen.append(request)
@@ -771,7 +801,7 @@ class Planner:
         state wins (the earliest end on ties); with one pending request it asks what admission asks.
         """
         # Those whose decode does not fit even alone beside the admitted ones are out at once.
-        pending = [r for r in pending if self._decoders_fit(decoders.plus(r)).admitted]
+        pending = [r for r in pending if self._fits_engine(decoders.plus(r)).admitted]
         if not pending:
             return []
         waiting = _prefills(admitted)
@@ -795,7 +825,7 @@ class Planner:
                     continue
                 _keep(following, key, path)  # left best effort
                 with_it = path.decoders.plus(request)
-                if end <= deadline and self._decoders_fit(with_it).admitted:
+                if end <= deadline and self._fits_engine(with_it).admitted:
                     counts = list(key)
                     counts[tiers.index(request.state.tpot_seconds)] += 1
                     _keep(following, tuple(counts), _Path(end, after, (*path.taken, request), with_it))

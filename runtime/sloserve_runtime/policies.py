@@ -26,8 +26,9 @@ class SchedulingPolicy(ABC):
     Rules for callers: call ``waiting_key``/``running_key`` on every request of the queue and sort
     ascending (stable); the first request is served first, and the last running request is the
     first to be preempted when KV memory runs out. Each step, ask ``promote`` first (its answer
-    changes the keys), then sort, then ask ``demote``, then ``held_back``, then ``token_budget``,
-    then ``spec_length`` for the decodes that run.
+    changes the keys), then sort, then ask ``make_room`` (preempt what it names, and sort the
+    waiting queue again), then ``demote``, then ``held_back``, then ``token_budget``, then
+    ``spec_length`` for the decodes that run.
     """
 
     name: str
@@ -71,6 +72,12 @@ class SchedulingPolicy(ABC):
         """Which running requests (in running order) sit the step starting at ``now`` out; vLLM would
         serve them all first."""
         return [False] * len(running)
+
+    def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int) -> list[LiveRequest]:
+        """Running requests (in running order) to preempt before the step so that the
+        ``admitted_waiting`` admitted requests that wait find a place under the engine's cap on
+        running requests; vLLM preempts only when KV memory runs out."""
+        return []
 
     def promote(self, now: float, candidates: Sequence[LiveRequest], live: Sequence[LiveRequest]) -> list[LiveRequest]:
         """Best-effort requests (no output yet, in first-token-deadline order) admitted now, before the
@@ -172,6 +179,9 @@ class PlannerPolicy(DeadlinePolicy):
 
     def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None) -> list[bool]:
         return self.planner.held_back(running, admitted_waiting, now)
+
+    def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int) -> list[LiveRequest]:
+        return self.planner.make_room(running, admitted_waiting)
 
     def promote(self, now: float, candidates: Sequence[LiveRequest], live: Sequence[LiveRequest]) -> list[LiveRequest]:
         promoted = self.planner.promote(now, candidates, live)
@@ -279,14 +289,21 @@ def make_policy(
     max_spec_length: int = 1,
     calibrate: bool = False,
     max_yields: int | None = None,
+    max_running: int | None = None,
 ) -> SchedulingPolicy:
     """The policy registered as ``name``, for an engine with this step-time model, token limit and
     speculation; with ``calibrate``, the model is refitted to the steps the engine reports.
     ``max_yields``: the planner's ``Planner.max_yields`` instead of its default (planner policies only).
+    ``max_running``: the engine's cap on running requests (vLLM's ``max_num_seqs``; None: none),
+    which a planner keeps its admitted requests within (``Planner.max_running``).
     """
     if name not in POLICIES:
         raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(POLICIES)}")
+    if max_running is not None and max_running < 1:
+        raise ValueError(f"max_running {max_running}: the engine must run at least one request")
     policy = POLICIES[name](step_time, max_budget, max_spec_length, calibrate)
+    if max_running is not None and isinstance(policy, PlannerPolicy):
+        policy.planner.max_running = max_running
     if max_yields is not None:
         if name not in PLANNER_POLICIES:
             planners = ", ".join(PLANNER_POLICIES)

@@ -172,6 +172,7 @@ class SLOScheduler(RecordingScheduler):
         self.slo_policy = make_policy(
             self.slo_config.policy, self.step_time, self.max_num_scheduled_tokens, max_spec_length,
             calibrate=self.slo_config.calibrate, max_yields=self.slo_config.max_yields,
+            max_running=self.max_num_running_reqs,
         )  # fmt: skip
         self.slo_states: dict[str, SLORequestState] = {}
         self._logged_fit: tuple[tuple[float, float], int] | None = None  # the calibration last logged
@@ -261,6 +262,7 @@ class SLOScheduler(RecordingScheduler):
         self._forget_finished()
         self._promote(now)
         self._order_queues()
+        self._make_room()
         live = [self._live(request) for request in self.running]  # in running order, as the simulator gives it
         for given_up in self.slo_policy.demote(live):
             logger.info("Request %s %s", given_up.state.request_id, given_up.state.admission)
@@ -293,6 +295,28 @@ class SLOScheduler(RecordingScheduler):
         candidates.sort(key=lambda live: live.state.first_token_deadline)
         admitted = [self._live(request) for request in queued if not self._state(request).best_effort]
         self.slo_policy.promote(now, candidates, admitted)
+
+    def _make_room(self) -> None:
+        """Best-effort running requests the policy names give their places up to admitted requests
+        that wait at the cap on running requests (``max_num_seqs``): preempted as vLLM preempts for
+        memory, their blocks kept cached for when they resume."""
+        if not self.waiting or len(self.running) < self.max_num_running_reqs:
+            return
+        waiting = sum(1 for request in self.waiting if not self._state(request).best_effort)
+        if not waiting:
+            return
+        live = [self._live(request) for request in self.running]
+        victims = {id(view.state) for view in self.slo_policy.make_room(live, waiting)}
+        if not victims:
+            return
+        timestamp = time.monotonic()
+        for request in [request for request in self.running if id(self._state(request)) in victims]:
+            self.running.remove(request)
+            self._preempt_request(request, timestamp)
+            # As vLLM's reset_prefix_cache does: should it resume this step, the model runner gets
+            # its tokens afresh.
+            self.prev_step_scheduled_req_ids.discard(request.request_id)
+        self._order_queues()  # vLLM put them at the front of the waiting queue: admitted requests go first
 
     def _after_output(self, now: float) -> None:
         """Note when each running request's new output tokens came: the planner's window slack."""

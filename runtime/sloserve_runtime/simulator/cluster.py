@@ -57,8 +57,9 @@ class Cluster:
     @staticmethod
     def _replica(index: int, policy_name: str, config: SimConfig) -> Replica:
         policy = make_policy(
-            policy_name, config.scheduler_step_time, config.batched_tokens, config.max_spec_length, config.calibrate
-        )
+            policy_name, config.scheduler_step_time, config.batched_tokens, config.max_spec_length, config.calibrate,
+            max_running=config.max_num_seqs,
+        )  # fmt: skip
         # Policies without a planner still get one for routing: its feasibility is the router's estimate.
         if isinstance(policy, PlannerPolicy):
             planner = policy.planner
