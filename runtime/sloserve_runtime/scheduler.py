@@ -262,8 +262,8 @@ class SLOScheduler(RecordingScheduler):
         self._forget_finished()
         self._promote(now)
         self._order_queues()
-        self._make_room()
         live = [self._live(request) for request in self.running]  # in running order, as the simulator gives it
+        live = self._make_room(live)
         for given_up in self.slo_policy.demote(live):
             logger.info("Request %s %s", given_up.state.request_id, given_up.state.admission)
         self._defer_running(live, now)  # before the budget: the policy plans the step with what it holds back
@@ -296,19 +296,19 @@ class SLOScheduler(RecordingScheduler):
         admitted = [self._live(request) for request in queued if not self._state(request).best_effort]
         self.slo_policy.promote(now, candidates, admitted)
 
-    def _make_room(self) -> None:
+    def _make_room(self, live: list[LiveRequest]) -> list[LiveRequest]:
         """Best-effort running requests the policy names give their places up to admitted requests
         that wait at the cap on running requests (``max_num_seqs``): preempted as vLLM preempts for
-        memory, their blocks kept cached for when they resume."""
+        memory, their blocks kept cached for when they resume. ``live``: the running requests'
+        views, in running order; returns those of the requests that still run."""
         if not self.waiting or len(self.running) < self.max_num_running_reqs:
-            return
+            return live
         waiting = sum(1 for request in self.waiting if not self._state(request).best_effort)
         if not waiting:
-            return
-        live = [self._live(request) for request in self.running]
+            return live
         victims = {id(view.state) for view in self.slo_policy.make_room(live, waiting)}
         if not victims:
-            return
+            return live
         timestamp = time.monotonic()
         for request in [request for request in self.running if id(self._state(request)) in victims]:
             self.running.remove(request)
@@ -317,6 +317,7 @@ class SLOScheduler(RecordingScheduler):
             # its tokens afresh.
             self.prev_step_scheduled_req_ids.discard(request.request_id)
         self._order_queues()  # vLLM put them at the front of the waiting queue: admitted requests go first
+        return [view for view in live if id(view.state) not in victims]
 
     def _after_output(self, now: float) -> None:
         """Note when each running request's new output tokens came: the planner's window slack."""

@@ -78,10 +78,10 @@ class Engine:
             self._promote(now)
         if len(running) > 1:
             running.sort(key=lambda request: policy.running_key(request.state, request.output_count))
-        if self.admitted and len(self.waiting) > 0 and len(running) >= self.config.max_num_seqs:
-            self._make_room()
         # The policy's view of the running requests, in running order, as the vLLM adapter gives it.
         live = [request.live() for request in running]
+        if self.admitted and len(self.waiting) > 0 and len(running) >= self.config.max_num_seqs:
+            live = self._make_room(live)
         if self.admitted:
             self._demote(live)
         held = policy.held_back(live, self._admitted_can_start(), now)
@@ -162,17 +162,21 @@ class Engine:
         if promoted:
             self.waiting.rekey()  # promoted requests now sort among the admitted
 
-    def _make_room(self) -> None:
+    def _make_room(self, live: list[LiveRequest]) -> list[LiveRequest]:
         """Running requests the policy names (best effort) give their places up to admitted ones that
-        wait at the cap on running requests: preempted, as vLLM preempts for memory."""
+        wait at the cap on running requests: preempted, as vLLM preempts for memory. ``live``: the
+        running requests' views, in running order; returns those of the requests that still run."""
         running = self.running
         waiting = len(self.admitted) - sum(1 for request in running if not request.state.best_effort)
         if waiting <= 0:
-            return
-        victims = {id(view.state) for view in self.policy.make_room([request.live() for request in running], waiting)}
+            return live
+        victims = {id(view.state) for view in self.policy.make_room(live, waiting)}
+        if not victims:
+            return live
         for request in [request for request in running if id(request.state) in victims]:
             running.remove(request)
             self._preempt(request)  # to the front, among the best effort: admitted requests sort first
+        return [view for view in live if id(view.state) not in victims]
 
     def _demote(self, live: list[LiveRequest]) -> None:
         """Running requests the policy gives up to best effort leave the admitted ones (``live``: the
