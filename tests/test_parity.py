@@ -125,6 +125,16 @@ SEQ_CAP = [
 ]
 
 
+# Decodes without a TPOT target (a server's --slo-ttft-ms alone) and two prompts that arrive while
+# they run: the short one's first token is on time beside them, and they keep decoding; the long
+# one's, with a 500 ms TTFT, is not, and they sit its prefill step out.
+YIELD = [
+    *(Spec(f"d{k}", 100, 200, "2s", None, 0.0) for k in range(6)),
+    Spec("short", 100, 5, "1s", None, 0.5),
+    Spec("long", 400, 5, "500ms", None, 1.0),
+]
+
+
 @dataclass(frozen=True)
 class Scenario:
     specs: list[Spec]
@@ -345,8 +355,11 @@ class Lockstep:
         return (vllm_running, vllm_waiting), (sim_running, sim_waiting)
 
 
-def run_to_completion(lockstep: Lockstep, max_steps: int = 2000) -> dict[str, int]:
-    """Step both sides until all is served, asserting they agree at every step; returns what happened."""
+def run_to_completion(
+    lockstep: Lockstep, max_steps: int = 2000, batches: list[dict[str, int]] | None = None
+) -> dict[str, int]:
+    """Step both sides until all is served, asserting they agree at every step; returns what
+    happened (``batches``: gets each step's tokens per request)."""
     seen = {"steps": 0, "preemptions": 0, "promotions": 0, "best_effort": 0}
     while lockstep.busy:
         lockstep.arrive()
@@ -357,6 +370,8 @@ def run_to_completion(lockstep: Lockstep, max_steps: int = 2000) -> dict[str, in
         assert dict(vllm) == dict(sim), f"step {step}: vLLM scheduled {vllm}, the simulator {sim}"
         assert vllm == sim, f"step {step}: same batch in another order: vLLM {vllm}, the simulator {sim}"
         assert vllm_preempted == sim_preempted, f"step {step}: preemptions differ"
+        if batches is not None:
+            batches.append(dict(sim))
         (vllm_running, vllm_waiting), (sim_running, sim_waiting) = lockstep.queues()
         assert sorted(vllm_running) == sorted(sim_running), f"after step {step}: running requests differ"
         assert vllm_waiting == sim_waiting, f"after step {step}: waiting requests differ"
@@ -426,6 +441,21 @@ def test_best_effort_gives_its_place_to_admitted_requests_alike(capped_config, c
     assert decisions["a4"][1].startswith("admitted: promoted from best effort (running requests: 4 admitted")
     assert decisions["be1"][0] and decisions["be2"][0]
     assert lockstep.engine.kv.hit_tokens_total > 0  # the preempted resumed from their cached blocks
+
+
+def test_decodes_without_tpot_yield_only_to_a_prompt_that_needs_it_alike(vllm_config, clock):
+    """Both sides hold the decodes without a TPOT target back for the same prompt's prefill, and
+    only for the one whose first token would be late beside them, step for step."""
+    batches: list[dict[str, int]] = []
+    lockstep = Lockstep(vllm_config, clock, Scenario(YIELD, num_blocks=1024))
+    run_to_completion(lockstep, batches=batches)
+    _, decisions = lockstep.decisions()
+    assert not any(best_effort for best_effort, _ in decisions.values())  # every request was admitted
+    decodes = {f"d{k}" for k in range(6)}
+    (short,) = [batch for batch in batches if batch.get("short") == 100]
+    (long,) = [batch for batch in batches if batch.get("long") == 400]
+    assert decodes <= set(short)  # the decodes ran beside the short prompt's prefill
+    assert not decodes & set(long)  # and sat the long one's out
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -360,6 +360,35 @@ def test_decode_without_tpot_yields_to_a_waiting_prefill_but_is_not_starved():
     assert free.state.yielded_steps == 0
 
 
+def test_decodes_without_tpot_yield_only_when_a_prompt_would_be_late():
+    """They sit a step out for a waiting prompt only if its first token, predicted with them in
+    every step and ``yield_margin`` (1.0) slower, would miss its deadline."""
+    planner = Planner(MODEL, max_budget=512)
+    free = [decoding(f"free{i}", SLO.parse("2s", None)) for i in range(10)]
+    # A 100-token prompt beside the ten decodes: one step of 10 + 110 ms; twice that is well within 1 s.
+    short = arriving("short", SLO.parse("1s", None), 100)
+    assert planner.held_back(free, True, 0.0, [short]) == [False] * 10
+    assert all(r.state.yielded_steps == 0 for r in free)
+    # A 300-token prompt with a 500 ms TTFT: 320 ms beside them, 640 ms with the margin. They sit out,
+    # and its step is 310 ms.
+    long = arriving("long", SLO.parse("500ms", None), 300)
+    assert planner.held_back(free, True, 0.0, [long]) == [True] * 10
+    # Several wait: one that would be late is enough (this one has waited 100 ms already, and the
+    # short prompt's deadline comes after its own).
+    waited = arriving("waited", SLO.parse("500ms", None), 300, arrival=-0.1)
+    assert planner.held_back(free, True, 0.0, [short, waited]) == [True] * 10
+    # Without the waiting requests, or with the margin off, they sit out whenever one waits, as
+    # admission assumes they may (still within ``max_yields`` in a row).
+    assert planner.held_back(free, True, 0.0) == [True] * 10
+    planner.yield_margin = None
+    assert planner.held_back(free, True, 0.0, [short]) == [True] * 10
+    assert all(r.state.yielded_steps == 4 for r in free)
+    # A paced decode never yields, and with no decode to yield nothing is predicted.
+    planner.yield_margin = 1.0
+    paced = [decoding("paced", LOOSE)]
+    assert planner.held_back(paced, True, 0.0, [long]) == [False]
+
+
 def test_prefill_chunks_go_before_decodes_without_tpot():
     policy = make_policy("sloserve", MODEL, 512)
     paced, free, chunk = state("paced", LOOSE), state("free", SLO.parse("1s", None)), state("chunk", TIGHT)

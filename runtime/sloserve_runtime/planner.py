@@ -178,6 +178,13 @@ class Planner:
     window_margin: float = 0.0
     # Steps in a row a decode without a TPOT target may give up to waiting prefills (``_yields``).
     max_yields: int = 4
+    # Such decodes give a step up only when the admitted prompts would otherwise be late
+    # (``_yield_needed``): when their first tokens, predicted with those decodes in every step
+    # and this much slower than the model, would miss a deadline. None: whenever an admitted
+    # prompt waits. On the real engine a step after one they sat out runs about 7 % slower (vLLM's
+    # model runner drops them from its persistent batch and adds them back), and every step they
+    # sit out is output they do not produce.
+    yield_margin: float | None = 1.0
     # With no TPOT target among the admitted decodes, a step may take this share of the tightest
     # TTFT target among the admitted running requests (``_arrival_bound``): a prompt that arrives
     # during a step waits for it. None: such steps fill the whole token budget. Every step also
@@ -391,16 +398,28 @@ class Planner:
             return []
         return _best_effort(running)[::-1][:wanted]
 
-    def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None) -> list[bool]:
+    def held_back(
+        self,
+        running: Sequence[LiveRequest],
+        admitted_waiting: bool,
+        now: float | None = None,
+        waiting: Sequence[LiveRequest] | None = None,
+    ) -> list[bool]:
         """Best effort runs on leftover time only: which running requests sit this step out.
 
         While an admitted request waits to start, every best-effort request waits too (vLLM would
-        serve running requests first). Otherwise the best-effort requests that ``token_budget``
-        planned for join (see ``_best_effort_joining``) and the rest wait.
+        serve running requests first), and so do the decodes without a TPOT target if the
+        admitted prompts need the step (``_yield_needed``; ``waiting``: the admitted requests
+        that wait, None: they always do). Otherwise the best-effort requests that
+        ``token_budget`` planned for join (see ``_best_effort_joining``) and the rest wait.
         """
         self._admitted_waiting = admitted_waiting
         self._step = step = _Running.of_step(running)
-        if admitted_waiting:
+        if admitted_waiting and not self._yield_needed(running, waiting, now):
+            for r in running:
+                r.state.yielded_steps = 0
+            held = [r.state.best_effort for r in running]
+        elif admitted_waiting:
             held = [r.state.best_effort or self._yields(r) for r in running]
         else:
             for r in running:
@@ -451,6 +470,26 @@ class Planner:
         targets = (r.state.first_token_deadline - r.state.arrival for r in running if not r.state.best_effort)
         ttft = min(targets, default=math.inf)
         return ttft * self.arrival_share
+
+    def _yield_needed(
+        self, running: Sequence[LiveRequest], waiting: Sequence[LiveRequest] | None, now: float | None
+    ) -> bool:
+        """Whether the decodes without a TPOT target should sit this step out for the admitted
+        prompts: the running chunks and the ``waiting`` admitted requests, whose first tokens,
+        predicted with those decodes in every step, would come late once the prediction's time
+        from ``now`` is ``yield_margin`` longer. Without the waiting requests or a time to
+        predict from, they always sit out, as admission assumed they would (``_first_tokens``):
+        so the yield is there whenever a prompt would otherwise be late.
+        """
+        if self.yield_margin is None or waiting is None or now is None:
+            return True
+        if not any(r.to_compute <= 1 and r.context > 0 and math.isinf(r.state.tpot_seconds) for r in running):
+            return False  # nobody to yield
+        admitted = [r for r in running if not r.state.best_effort]
+        pending = [*_prefills(admitted), *waiting]
+        times = self._first_tokens(now, pending, admitted, yielding=False)
+        stretch = 1.0 + self.yield_margin
+        return any(now + (times[r.state.request_id] - now) * stretch > r.state.first_token_deadline for r in pending)
 
     def _yields(self, r: LiveRequest) -> bool:
         """Whether an admitted running request gives this step to the admitted prefill that waits.
@@ -583,7 +622,12 @@ class Planner:
         return ADMITTED  # those already late are late with or without it
 
     def _first_tokens(
-        self, now: float, pending: list[LiveRequest], admitted: list[LiveRequest], step_under_way: bool = False
+        self,
+        now: float,
+        pending: list[LiveRequest],
+        admitted: list[LiveRequest],
+        step_under_way: bool = False,
+        yielding: bool = True,
     ) -> dict[str, float]:
         """Predicted first-token times (by request id) of ``pending`` prefills, one after another.
 
@@ -597,6 +641,7 @@ class Planner:
         ``step_under_way``: the engine is mid-step, and the step is counted whole (a router
         placing a request). Admission and promotion run between steps, where vLLM's engine core
         adds requests and schedules: the next step is the first the prefill can join.
+        ``yielding``: False, the decodes without a TPOT target run in every step too.
         """
         clock, load = self._forward_start(now, admitted, len(pending), step_under_way)
         first_bound = self._slack_bound(now, admitted, load)
@@ -605,6 +650,11 @@ class Planner:
             if math.isinf(clock):  # no budget left for prefill: every later first token is as late
                 times[request.state.request_id] = clock
                 continue
+            if not yielding and load.free:  # they take their tokens in every step, as paced decodes do
+                load = _DecodeLoad(
+                    load.bound, load.requests + load.free, load.tokens + load.free,
+                    load.context + load.free_context,
+                )  # fmt: skip
             clock, load = self._prefill(clock, load, request, first_bound)
             first_bound = None
             times[request.state.request_id] = clock

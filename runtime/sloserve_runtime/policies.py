@@ -68,9 +68,16 @@ class SchedulingPolicy(ABC):
         planned, so that the others keep their SLO; stock vLLM has no classes to move between."""
         return []
 
-    def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None) -> list[bool]:
-        """Which running requests (in running order) sit the step starting at ``now`` out; vLLM would
-        serve them all first."""
+    def held_back(
+        self,
+        running: Sequence[LiveRequest],
+        admitted_waiting: bool,
+        now: float | None = None,
+        waiting: Sequence[LiveRequest] | None = None,
+    ) -> list[bool]:
+        """Which running requests (in running order) sit the step starting at ``now`` out, while an
+        admitted request waits to start or not (``waiting``: the admitted requests that wait, in
+        queue order, when one can start); vLLM would serve them all first."""
         return [False] * len(running)
 
     def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int) -> list[LiveRequest]:
@@ -177,8 +184,14 @@ class PlannerPolicy(DeadlinePolicy):
             request.state.admission = f"demoted to best effort: {overrun.reason}"
         return given_up
 
-    def held_back(self, running: Sequence[LiveRequest], admitted_waiting: bool, now: float | None = None) -> list[bool]:
-        return self.planner.held_back(running, admitted_waiting, now)
+    def held_back(
+        self,
+        running: Sequence[LiveRequest],
+        admitted_waiting: bool,
+        now: float | None = None,
+        waiting: Sequence[LiveRequest] | None = None,
+    ) -> list[bool]:
+        return self.planner.held_back(running, admitted_waiting, now, waiting)
 
     def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int) -> list[LiveRequest]:
         return self.planner.make_room(running, admitted_waiting)

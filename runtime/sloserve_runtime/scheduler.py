@@ -363,7 +363,10 @@ class SLOScheduler(RecordingScheduler):
 
     def _defer_running(self, live: list[LiveRequest], now: float) -> None:
         """Running requests the policy holds back this step are skipped by vLLM's own rule."""
-        held = self.slo_policy.held_back(live, self._admitted_can_start(), now)
+        can_start = self._admitted_can_start()
+        # The admitted requests that wait, for the policy to see whether their first tokens need the step.
+        waiting = [self._live(r) for r in self.waiting if not self._state(r).best_effort] if can_start else None
+        held = self.slo_policy.held_back(live, can_start, now, waiting)
         for request, hold in zip(self.running, held, strict=True):
             if hold:
                 # schedule() advances current_step by one, then skips requests not yet eligible.

@@ -84,7 +84,8 @@ class Engine:
             live = self._make_room(live)
         if self.admitted:
             self._demote(live)
-        held = policy.held_back(live, self._admitted_can_start(), now)
+        can_start, waiting = self._admitted_waiting()
+        held = policy.held_back(live, can_start, now, waiting)
         can_start = len(self.waiting) > 0 and len(running) < self.config.max_num_seqs
         # The request that would start: the head of the queue, and what the cache holds for it.
         start_prefix = self.waiting.peek().state.cached_tokens if can_start else 0
@@ -221,12 +222,16 @@ class Engine:
             index += 1
         return budget, preempted
 
-    def _admitted_can_start(self) -> bool:
-        """An admitted request heads the waiting queue and would get in if budget were left for it."""
+    def _admitted_waiting(self) -> tuple[bool, list[LiveRequest] | None]:
+        """Whether an admitted request heads the waiting queue and would get in if budget were left
+        for it, and then the views of every admitted request that waits (as the adapter gives them)."""
         if not len(self.waiting) or len(self.running) >= self.config.max_num_seqs:
-            return False
+            return False, None
         head = self.waiting.peek()  # admitted requests sort first
-        return not head.state.best_effort and self.kv.fits(head.num_tokens)
+        if head.state.best_effort or not self.kv.fits(head.num_tokens):
+            return False, None
+        running = {id(request) for request in self.running}
+        return True, [request.live() for key, request in self.admitted.items() if key not in running]
 
     def _schedule_waiting(self, budget: int, requests: list[SimRequest], tokens: list[int]) -> None:
         while budget > 0 and len(self.waiting) > 0 and len(self.running) < self.config.max_num_seqs:
