@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 from conftest import run_cli
 from sloserve.slo import SLO, SLOError
 from sloserve_runtime import server, slo_metrics
-from sloserve_runtime.admission import Notice, NoticeBoard, NoticePublisher
+from sloserve_runtime.admission import DEMOTED, PROMOTED, Notice, NoticeBoard, NoticePublisher
 from sloserve_runtime.middleware import ENV_ADMISSION, ENV_NOTICES, request_admission, server_admission
 from sloserve_runtime.scheduler import SLOConfig
 
@@ -43,6 +43,36 @@ async def test_notices_reach_the_request_that_waits_for_them():
     late = board.expect("c")
     board.forget("c")
     assert late.cancelled()
+
+
+async def test_changes_after_the_decision_reach_the_request_in_order():
+    """Promotions, demotions and preemptions come after the decision, on the same channel: the board
+    keeps them in the request's list and never takes one for the decision itself."""
+    address = f"ipc://@sloserve-test-{uuid.uuid4().hex}"
+    board = NoticeBoard.at(address)
+    decision = board.expect("r")
+    changes = board.changes("r")
+    publisher = NoticePublisher(address)
+    promoted = Notice("r", True, "admitted: promoted from best effort (TTFT: late)", change=PROMOTED)
+    demoted = Notice("r", False, "demoted to best effort: decode capacity: over", change=DEMOTED)
+    try:
+        publisher.publish(Notice("r", False, "TTFT: first token predicted at 900 ms, target 500 ms"))
+        publisher.publish(promoted)
+        publisher.publish(demoted)
+        publisher.publish(Notice("gone", True, "admitted", change=PROMOTED))  # nobody waits: dropped
+        got = await asyncio.wait_for(decision, timeout=5)
+        for _ in range(50):
+            if len(changes) == 2:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        publisher.close()
+    assert not got.admitted and got.change == ""
+    assert changes == [promoted, demoted]
+    assert Notice.from_bytes(demoted.to_bytes()) == demoted
+    assert board.changes("gone") == []
+    board.forget("r")
+    assert board.changes("r") == []  # forgotten with the request
 
 
 @pytest.mark.parametrize(
@@ -101,6 +131,11 @@ def test_metrics_count_per_tier_and_admission():
     assert value("sloserve_requests_total", admission="rejected") >= 1
     assert value("sloserve_requests_finished_total", admission="admitted", slo_met="false") >= 1
     assert 0.0 < value("sloserve_slo_attainment") < 1.0
+    # What changed after arrival is counted per tier and change, once the completion ends.
+    promoted = value("sloserve_admission_changes_total", change="promoted")
+    slo_metrics.record(slo, slo_metrics.BEST_EFFORT, True, 0.3, ["promoted", "demoted"])
+    assert value("sloserve_admission_changes_total", change="promoted") == promoted + 1
+    assert value("sloserve_admission_changes_total", change="demoted") >= 1
 
 
 @pytest.mark.parametrize(

@@ -14,11 +14,13 @@ import pytest
 
 from conftest import SERVER_DEFAULT_TPOT_MS
 from sloserve.slo import SLO
+from sloserve_runtime.admission import CHANGES
 from sloserve_runtime.step_time import StepTimeModel, attended_pairs, engine_profile
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 OUTCOME_KEYS = {"ttft_target_ms", "ttft_slowdown", "tpot_target_ms", "ttft_ms", "tpot_ms",
-                "worst_window_tpot_ms", "ttft_met", "tpot_met", "met", "admission", "admission_reason"}  # fmt: skip
+                "worst_window_tpot_ms", "ttft_met", "tpot_met", "met", "admission", "admission_reason",
+                "admission_changes"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,7 @@ def assert_consistent(outcome: dict) -> None:
     assert outcome["met"] == (outcome["ttft_met"] and outcome["tpot_met"])
     assert outcome["admission"] in ("admitted", "best-effort")
     assert (outcome["admission_reason"] == "admitted") == (outcome["admission"] == "admitted")
+    assert all(change["change"] in CHANGES and change["reason"] for change in outcome["admission_changes"])
 
 
 def test_non_streamed_chat_reports_slo_from_headers(client, engine):

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+import zmq
 from vllm.engine.arg_utils import EngineArgs
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import get_hash_fn_by_name
@@ -29,6 +31,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 from sloserve.slo import SLO
 from sloserve_runtime import scheduler as scheduler_module
+from sloserve_runtime.admission import PREEMPTED, PROMOTED, XARG_TAG, Notice, NoticePublisher
 from sloserve_runtime.model import ensure_default_model
 from sloserve_runtime.policies import make_policy
 from sloserve_runtime.scheduler import RecordingScheduler, SLOConfig, SLOScheduler
@@ -248,8 +251,10 @@ def make_engine(vllm_config, num_blocks: int, policy: str = "sloserve") -> Engin
     return Engine(make_policy(policy, MODEL, MAX_BATCHED_TOKENS, max_running=config.max_num_seqs), config)
 
 
-def vllm_request(index: int, spec: Spec, block_hasher=None) -> Request:
-    params = SamplingParams(max_tokens=spec.output, ignore_eos=True, extra_args=slo_to_xargs(spec.slo, spec.arrival))
+def vllm_request(index: int, spec: Spec, block_hasher=None, tagged: bool = False) -> Request:
+    """``tagged``: as the middleware sends it, with a tag for its admission notices (its name)."""
+    xargs = slo_to_xargs(spec.slo, spec.arrival) | ({XARG_TAG: spec.name} if tagged else {})
+    params = SamplingParams(max_tokens=spec.output, ignore_eos=True, extra_args=xargs)
     prompt = [100 + 1000 * index + k % 1000 for k in range(spec.prompt)]  # no prefix shared with another
     return Request(spec.name, prompt, params, None, arrival_time=spec.arrival, block_hasher=block_hasher)
 
@@ -283,14 +288,20 @@ def forward_pass(requests: dict[str, Request], ids: list[str]) -> ModelRunnerOut
 class Lockstep:
     """The adapter and the simulator on one clock, fed the same arrivals, stepped together."""
 
-    def __init__(self, vllm_config, clock: Clock, scenario: Scenario, stock: bool = False) -> None:
+    def __init__(
+        self, vllm_config, clock: Clock, scenario: Scenario, stock: bool = False, notices: str | None = None
+    ) -> None:
         """``stock``: vLLM's own scheduler (``RecordingScheduler`` decides as vLLM does) against the
-        simulator's ``vllm-fcfs``; otherwise ours against the simulator's ``sloserve``."""
+        simulator's ``vllm-fcfs``; otherwise ours against the simulator's ``sloserve``. ``notices``:
+        where our scheduler pushes its admission notices, the requests tagged with their names."""
         self.clock = clock
         self.stock = stock
+        self.tagged = notices is not None
         scheduler_cls = RecordingScheduler if stock else SLOScheduler
         self.scheduler = make_scheduler(vllm_config, scenario.num_blocks, scheduler_cls)
         self.engine = make_engine(vllm_config, scenario.num_blocks, "vllm-fcfs" if stock else "sloserve")
+        if notices is not None:
+            self.scheduler.notices = NoticePublisher(notices)
         self.block_hasher = block_hasher(vllm_config)
         self.pending = sorted(enumerate(scenario.specs), key=lambda item: item[1].at)
         self.now = NOW
@@ -311,7 +322,7 @@ class Lockstep:
         self.clock.now = self.now
         while self.pending and self.pending[0][1].arrival <= self.now:
             index, spec = self.pending.pop(0)
-            self.scheduler.add_request(vllm_request(index, spec, self.block_hasher))
+            self.scheduler.add_request(vllm_request(index, spec, self.block_hasher, self.tagged))
             sim = sim_request(index, spec)
             self.engine.add(sim, self.now)
             if not self.stock:  # vLLM's scheduler admits everything and keeps no SLO state
@@ -434,13 +445,30 @@ def test_preempted_requests_recompute_from_the_prefix_cache_alike(vllm_config, v
 def test_best_effort_gives_its_place_to_admitted_requests_alike(capped_config, clock):
     """At vLLM's cap on running requests both sides preempt the same best-effort requests for the
     same admitted arrivals, and refuse the same one for want of a place, step for step."""
-    lockstep = Lockstep(capped_config, clock, Scenario(SEQ_CAP, num_blocks=1024))
-    seen = run_to_completion(lockstep)
+    address = f"ipc://@sloserve-test-{uuid.uuid4().hex}"
+    front_end = zmq.Context.instance().socket(zmq.PULL)  # where the middleware would read the notices
+    front_end.bind(address)
+    lockstep = Lockstep(capped_config, clock, Scenario(SEQ_CAP, num_blocks=1024), notices=address)
+    try:
+        seen = run_to_completion(lockstep)
+        notices = []
+        while front_end.poll(500):
+            notices.append(Notice.from_bytes(front_end.recv()))
+    finally:
+        lockstep.scheduler.notices.close()
+        front_end.close(linger=0)
     assert seen["preemptions"] == 2  # be2 for a2, then be1 for a3
     _, decisions = lockstep.decisions()
     assert decisions["a4"][1].startswith("admitted: promoted from best effort (running requests: 4 admitted")
     assert decisions["be1"][0] and decisions["be2"][0]
     assert lockstep.engine.kv.hit_tokens_total > 0  # the preempted resumed from their cached blocks
+    # The front end hears of each decision at arrival, then of what changed: the two preemptions
+    # and the promotion, in the order they happened, with their reasons.
+    assert [notice.tag for notice in notices if not notice.change] == [spec.name for spec in SEQ_CAP]
+    changes = [(notice.tag, notice.change, notice.admitted) for notice in notices if notice.change]
+    assert changes == [("be2", PREEMPTED, False), ("be1", PREEMPTED, False), ("a4", PROMOTED, True)]
+    assert all("max_num_seqs" in notice.reason for notice in notices if notice.change == PREEMPTED)
+    assert [notice.reason for notice in notices if notice.change == PROMOTED] == [decisions["a4"][1]]
 
 
 def test_decodes_without_tpot_yield_only_to_a_prompt_that_needs_it_alike(vllm_config, clock):

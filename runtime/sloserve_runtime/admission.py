@@ -5,7 +5,9 @@ talks to the API-server process. The scheduler pushes one small JSON notice per 
 ZeroMQ socket (vLLM's own transport between those processes); the middleware pulls them and
 matches each to its request by a tag it put into the request's ``vllm_xargs``. It reports the
 decision in the response, counts it in the Prometheus metrics and, in ``reject`` mode, answers
-a request that was not admitted with HTTP 429 and a ``Retry-After``.
+a request that was not admitted with HTTP 429 and a ``Retry-After``. Later notices of the same
+request carry what changed after arrival (promoted, demoted, preempted: ``CHANGES``), reported
+and counted the same way.
 
 Imports no vLLM.
 """
@@ -42,14 +44,21 @@ def parse_mode(value: object, where: str) -> str:
     raise AdmissionModeError(f"{where}: {value!r} is not an admission mode; use one of {', '.join(ADMISSION_MODES)}")
 
 
+# What can happen to a request after its admission (``Notice.change``): promoted to the admitted
+# requests once its SLO fits, demoted to best effort when its decode outgrows its TPOT, preempted
+# so that an admitted request gets its place at the engine's cap on running requests.
+PROMOTED, DEMOTED, PREEMPTED = CHANGES = ("promoted", "demoted", "preempted")
+
+
 @dataclass(frozen=True)
 class Notice:
-    """The scheduler's decision on one request."""
+    """The scheduler's decision on one request: at arrival, or a change to it later (``change``)."""
 
     tag: str
-    admitted: bool
+    admitted: bool  # after a change: whether the request is admitted now
     reason: str
     retry_after_s: float = 0.0  # when the engine expects room again (meaningful when not admitted)
+    change: str = ""  # one of CHANGES; "": the decision at arrival
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -57,7 +66,10 @@ class Notice:
     @classmethod
     def from_bytes(cls, raw: bytes) -> Notice:
         data = json.loads(raw)
-        return cls(str(data["tag"]), bool(data["admitted"]), str(data["reason"]), float(data["retry_after_s"]))
+        return cls(
+            str(data["tag"]), bool(data["admitted"]), str(data["reason"]), float(data["retry_after_s"]),
+            str(data.get("change", "")),
+        )  # fmt: skip
 
     @property
     def retry_after_header(self) -> str:
@@ -86,7 +98,8 @@ class NoticePublisher:
 
 
 class NoticeBoard:
-    """The front end's end: receives notices and hands each to the request that waits for it.
+    """The front end's end: receives notices and hands each to the request that waits for it;
+    the changes that follow the decision go to the request's list of them (``changes``).
 
     One board per address and process (``NoticeBoard.at``); its reader runs in the event loop of
     the first request that asks.
@@ -100,6 +113,7 @@ class NoticeBoard:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(address)
         self._waiting: dict[str, asyncio.Future[Notice]] = {}
+        self._changes: dict[str, list[Notice]] = {}  # per request in flight, in the order they came
         self._reader: asyncio.Task[None] | None = None
 
     @classmethod
@@ -114,10 +128,16 @@ class NoticeBoard:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read(), name="sloserve-notices")
         future = self._waiting[tag] = asyncio.get_running_loop().create_future()
+        self._changes[tag] = []
         return future
+
+    def changes(self, tag: str) -> list[Notice]:
+        """The changes to ``tag``'s admission so far: the board appends to this list as they come."""
+        return self._changes.get(tag, [])
 
     def forget(self, tag: str) -> None:
         future = self._waiting.pop(tag, None)
+        self._changes.pop(tag, None)
         if future is not None and not future.done():
             future.cancel()
 
@@ -128,6 +148,11 @@ class NoticeBoard:
                 notice = Notice.from_bytes(raw)
             except (ValueError, KeyError, TypeError):
                 logger.warning("ignoring a malformed admission notice: %r", raw[:200])
+                continue
+            if notice.change:  # after the decision (the engine pushes that first, on the same socket)
+                changes = self._changes.get(notice.tag)
+                if changes is not None:
+                    changes.append(notice)
                 continue
             future = self._waiting.pop(notice.tag, None)
             if future is not None and not future.done():

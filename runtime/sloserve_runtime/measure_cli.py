@@ -582,13 +582,15 @@ def overhead_command(
         "total",
         "p99 total",
         "forward simulation, every prefill",
+        "hold-back for a waiting prompt, TTFT only",
     )
     for column in columns:
         table.add_column(column, justify="right")
     for size in sizes:
         result = measure_overhead(step_time, size, repeats)
         figures = (
-            result.admit_ms, result.full_check_ms, result.step_ms, result.total_ms, result.p99_ms, result.walk_ms
+            result.admit_ms, result.full_check_ms, result.step_ms, result.total_ms, result.p99_ms, result.walk_ms,
+            result.yield_ms,
         )  # fmt: skip
         table.add_row(str(size), *(f"{value:.3f}" for value in figures))
     console.print(table)

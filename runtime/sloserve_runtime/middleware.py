@@ -134,7 +134,8 @@ class SLOMiddleware:
             return
         tag = uuid.uuid4().hex
         notice = self.board.expect(tag) if self.board is not None else None
-        exchange = _Exchange(slo, arrival, body, self.step_time, tag if notice is not None else None, notice)
+        changes = self.board.changes(tag) if self.board is not None else []
+        exchange = _Exchange(slo, arrival, body, self.step_time, tag if notice is not None else None, notice, changes)
         new_raw = json.dumps(exchange.engine_body()).encode()
         new_headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         new_headers.append((b"content-length", str(len(new_raw)).encode()))
@@ -200,10 +201,13 @@ class _Exchange:
         step_time: StepTimeModel,
         tag: str | None = None,
         notice: asyncio.Future[Notice] | None = None,
+        changes: list[Notice] | None = None,
     ) -> None:
         self.slo = slo
         self.tag = tag  # matches the scheduler's admission notice to this request
         self.notice = notice
+        # What changed after the decision, as the notice board appends it (``NoticeBoard.changes``).
+        self.changes = [] if changes is None else changes
         self.rejected = False
         self.arrival = arrival
         self.body = body
@@ -245,11 +249,12 @@ class _Exchange:
 
     def count(self) -> None:
         """Count this completion in the Prometheus metrics, once it has ended."""
+        changes = [notice.change for notice in self.changes]
         if self.rejected or not self.token_times:
-            slo_metrics.record(self.slo, self.admission(), None, None)
+            slo_metrics.record(self.slo, self.admission(), None, None, changes)
             return
         met = bool(self.outcome()["met"])
-        slo_metrics.record(self.slo, self.admission(), met, self.token_times[0] - self.arrival)
+        slo_metrics.record(self.slo, self.admission(), met, self.token_times[0] - self.arrival, changes)
 
     def wrap(self, send: Send) -> Send:
         async def wrapped(message: Message) -> None:
@@ -339,6 +344,8 @@ class _Exchange:
             **result.to_json(),
             "admission": None if decision is None else _ADMISSION_WORDS[decision.admitted],
             "admission_reason": None if decision is None else decision.reason,
+            # After arrival, in the order they happened: promoted, demoted, preempted, and why.
+            "admission_changes": [{"change": notice.change, "reason": notice.reason} for notice in self.changes],
         }
 
     async def _send_reassembled(self, send: Send) -> None:

@@ -34,6 +34,9 @@ class Overhead:
     step_ms: float  # median of one step's promotion of best-effort requests, budget and hold-back
     p99_ms: float  # 99th percentile of full check plus step
     walk_ms: float = 0.0  # median of the forward simulation walking every prefill (``TTFT_ONLY``)
+    # Median of one step's hold-back while an admitted prompt waits beside ``TTFT_ONLY`` decodes:
+    # whether they sit out is a forward simulation of the prefills with them in every step.
+    yield_ms: float = 0.0
 
     @property
     def total_ms(self) -> float:
@@ -82,7 +85,8 @@ def measure_overhead(step_time: StepTimeModel, live: int, repeats: int = 200, se
     planner = policy.planner
     walk_states = _live_states(live, step_time, random.Random(seed), (TTFT_ONLY,))
     walk_queue = [r for r in walk_states if not r.decoding]
-    admits, full_checks, steps, walks = [], [], [], []
+    walk_running = [r for r in walk_states if r.decoding]
+    admits, full_checks, steps, walks, yields = [], [], [], [], []
     for repeat in range(repeats):
         prompt = rng.randint(64, 2048)
         new = LiveRequest(SLORequestState.create(f"new{repeat}", rng.choice(TIERS), 1.0, prompt, step_time), prompt, 0)
@@ -105,7 +109,10 @@ def measure_overhead(step_time: StepTimeModel, live: int, repeats: int = 200, se
         stepped = time.perf_counter()
         steps.append(stepped - checked)
         planner._first_tokens(1.0, [*walk_queue, walk_new], walk_states)
-        walks.append(time.perf_counter() - stepped)
+        walked = time.perf_counter()
+        walks.append(walked - stepped)
+        policy.held_back(walk_running, admitted_waiting=True, now=1.0, waiting=[*walk_queue, walk_new])
+        yields.append(time.perf_counter() - walked)
         full_checks.append(checked - admitted)
         admits.append(admitted - started)
     totals = sorted(f + s for f, s in zip(full_checks, steps, strict=True))
@@ -116,4 +123,5 @@ def measure_overhead(step_time: StepTimeModel, live: int, repeats: int = 200, se
         step_ms=statistics.median(steps) * 1000,
         p99_ms=totals[min(len(totals) - 1, int(len(totals) * 0.99))] * 1000,
         walk_ms=statistics.median(walks) * 1000,
+        yield_ms=statistics.median(yields) * 1000,
     )

@@ -47,7 +47,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from sloserve.slo import SLO
-from sloserve_runtime.admission import XARG_TAG, Notice, NoticePublisher
+from sloserve_runtime.admission import DEMOTED, PREEMPTED, PROMOTED, XARG_TAG, Notice, NoticePublisher
 from sloserve_runtime.planner import Decision, LiveRequest
 from sloserve_runtime.policies import make_policy
 from sloserve_runtime.server import parent_death_signal
@@ -191,16 +191,28 @@ class SLOScheduler(RecordingScheduler):
 
     def _notify(self, request: Request, decision: Decision, live: list[LiveRequest]) -> None:
         """Tell the front end what was decided (requests sent through our middleware carry a tag)."""
-        xargs = request.sampling_params.extra_args if request.sampling_params else None
-        tag = (xargs or {}).get(XARG_TAG)
-        if self.notices is None or not tag:
+        tag = self._tag(request)
+        if tag is None:
             return
         retry_after = 0.0
         if not decision.admitted:
             # Room returns once the admitted prefills ahead are done: the planner's own estimate.
             backlog = sum(r.to_compute for r in live if not r.state.best_effort and not r.decoding)
             retry_after = self.slo_policy.step_time.prefill_seconds(backlog)
-        self.notices.publish(Notice(str(tag), decision.admitted, decision.reason, retry_after))
+        self.notices.publish(Notice(tag, decision.admitted, decision.reason, retry_after))
+
+    def _notify_change(self, state: SLORequestState, change: str, reason: str) -> None:
+        """Tell the front end what changed for a request after its admission (``admission.CHANGES``)."""
+        request = self.requests.get(state.request_id)
+        tag = None if request is None else self._tag(request)
+        if tag is not None:
+            self.notices.publish(Notice(tag, not state.best_effort, reason, change=change))
+
+    def _tag(self, request: Request) -> str | None:
+        """The middleware's tag of the request, if notices go to a front end that waits for them."""
+        xargs = request.sampling_params.extra_args if request.sampling_params else None
+        tag = (xargs or {}).get(XARG_TAG)
+        return str(tag) if self.notices is not None and tag else None
 
     def _observe_step(self, record: dict[str, Any]) -> None:
         """A step's features and times, from the recorder: its whole cycle calibrates the policy's model."""
@@ -266,6 +278,7 @@ class SLOScheduler(RecordingScheduler):
         live = self._make_room(live)
         for given_up in self.slo_policy.demote(live):
             logger.info("Request %s %s", given_up.state.request_id, given_up.state.admission)
+            self._notify_change(given_up.state, DEMOTED, given_up.state.admission)
         self._defer_running(live, now)  # before the budget: the policy plans the step with what it holds back
         engine_budget = self.max_num_scheduled_tokens
         can_start = bool(self.waiting) and len(self.running) < self.max_num_running_reqs
@@ -294,7 +307,8 @@ class SLOScheduler(RecordingScheduler):
             return
         candidates.sort(key=lambda live: live.state.first_token_deadline)
         admitted = [self._live(request) for request in queued if not self._state(request).best_effort]
-        self.slo_policy.promote(now, candidates, admitted)
+        for promoted in self.slo_policy.promote(now, candidates, admitted):
+            self._notify_change(promoted.state, PROMOTED, promoted.state.admission)
 
     def _make_room(self, live: list[LiveRequest]) -> list[LiveRequest]:
         """Best-effort running requests the policy names give their places up to admitted requests
@@ -310,12 +324,14 @@ class SLOScheduler(RecordingScheduler):
         if not victims:
             return live
         timestamp = time.monotonic()
+        reason = f"preempted: its place went to an admitted request ({self.max_num_running_reqs} at once, max_num_seqs)"
         for request in [request for request in self.running if id(self._state(request)) in victims]:
             self.running.remove(request)
             self._preempt_request(request, timestamp)
             # As vLLM's reset_prefix_cache does: should it resume this step, the model runner gets
             # its tokens afresh.
             self.prev_step_scheduled_req_ids.discard(request.request_id)
+            self._notify_change(self._state(request), PREEMPTED, reason)
         self._order_queues()  # vLLM put them at the front of the waiting queue: admitted requests go first
         return [view for view in live if id(view.state) not in victims]
 

@@ -7,9 +7,12 @@ default ``prometheus_client`` registry at ``/metrics``, so these appear beside v
     sloserve_requests_total{tier="ttft=3x,tpot=50ms",admission="admitted"} 12
     sloserve_requests_finished_total{tier="ttft=3x,tpot=50ms",admission="admitted",slo_met="true"} 11
     sloserve_slo_attainment{tier="ttft=3x,tpot=50ms"} 0.917
+    sloserve_admission_changes_total{tier="ttft=3x,tpot=50ms",change="promoted"} 2
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -32,6 +35,12 @@ ATTAINMENT = Gauge(
     "Share of finished completions of the tier that met their SLO, since the server started.",
     ["tier"],
 )
+CHANGES = Counter(
+    "sloserve_admission_changes",
+    "Changes to a completion's admission after arrival, by SLO tier: promoted to admitted, demoted "
+    "to best effort, preempted to give its place to an admitted request (counted when it ends).",
+    ["tier", "change"],
+)
 TTFT = Histogram(
     "sloserve_time_to_first_token_seconds",
     "Time to first token as the client sees it, from the request's arrival, by SLO tier.",
@@ -51,10 +60,13 @@ def tier(slo: SLO) -> str:
     return f"ttft={ttft_text},tpot={tpot_text}"
 
 
-def record(slo: SLO, admission: str, met: bool | None, ttft_s: float | None) -> None:
-    """Count one completion: ``met`` None when it produced no output (rejected, failed)."""
+def record(slo: SLO, admission: str, met: bool | None, ttft_s: float | None, changes: Sequence[str] = ()) -> None:
+    """Count one completion: ``met`` None when it produced no output (rejected, failed);
+    ``changes``: what happened to its admission after arrival (``admission.CHANGES``)."""
     label = tier(slo)
     REQUESTS.labels(label, admission).inc()
+    for change in changes:
+        CHANGES.labels(label, change).inc()
     if met is None:
         return
     FINISHED.labels(label, admission, str(met).lower()).inc()
