@@ -377,12 +377,21 @@ def test_decodes_without_tpot_yield_only_when_a_prompt_would_be_late():
     # short prompt's deadline comes after its own).
     waited = arriving("waited", SLO.parse("500ms", None), 300, arrival=-0.1)
     assert planner.held_back(free, True, 0.0, [short, waited]) == [True] * 10
+    # Only the first ``yield_lookahead`` prompts in prefill order are weighed: a 500-token prompt
+    # with a 1,200 ms TTFT, behind the short one, comes late at twice its predicted time (after
+    # the short prompt's 120 ms step, 10 + 11 + 500 ms: 2 x 641 ms), but with a lookahead of one
+    # the check stops at the short prompt (and runs again next step).
+    behind = arriving("behind", SLO.parse("1200ms", None), 500)
+    assert planner.held_back(free, True, 0.0, [short, behind]) == [True] * 10
+    planner.yield_lookahead = 1
+    assert planner.held_back(free, True, 0.0, [short, behind]) == [False] * 10
+    planner.yield_lookahead = 8
     # Without the waiting requests, or with the margin off, they sit out whenever one waits, as
     # admission assumes they may (still within ``max_yields`` in a row).
     assert planner.held_back(free, True, 0.0) == [True] * 10
     planner.yield_margin = None
     assert planner.held_back(free, True, 0.0, [short]) == [True] * 10
-    assert all(r.state.yielded_steps == 4 for r in free)
+    assert all(r.state.yielded_steps == 2 for r in free)  # two in a row since they last ran
     # A paced decode never yields, and with no decode to yield nothing is predicted.
     planner.yield_margin = 1.0
     paced = [decoding("paced", LOOSE)]

@@ -185,6 +185,9 @@ class Planner:
     # model runner drops them from its persistent batch and adds them back), and every step they
     # sit out is output they do not produce.
     yield_margin: float | None = 1.0
+    # The prompts that check weighs: the first this many in prefill order (the rest start later,
+    # and the check runs again every step, so a yield they come to need is still there for them).
+    yield_lookahead: int = 8
     # With no TPOT target among the admitted decodes, a step may take this share of the tightest
     # TTFT target among the admitted running requests (``_arrival_bound``): a prompt that arrives
     # during a step waits for it. None: such steps fill the whole token budget. Every step also
@@ -477,16 +480,18 @@ class Planner:
         """Whether the decodes without a TPOT target should sit this step out for the admitted
         prompts: the running chunks and the ``waiting`` admitted requests, whose first tokens,
         predicted with those decodes in every step, would come late once the prediction's time
-        from ``now`` is ``yield_margin`` longer. Without the waiting requests or a time to
-        predict from, they always sit out, as admission assumed they would (``_first_tokens``):
-        so the yield is there whenever a prompt would otherwise be late.
+        from ``now`` is ``yield_margin`` longer (the first ``yield_lookahead`` of them in prefill
+        order: a long queue would make the check cost a walk of every prefill each step).
+        Without the waiting requests or a time to predict from, they always sit out, as
+        admission assumed they would (``_first_tokens``): so the yield is there whenever a prompt
+        would otherwise be late.
         """
         if self.yield_margin is None or waiting is None or now is None:
             return True
         if not any(r.to_compute <= 1 and r.context > 0 and math.isinf(r.state.tpot_seconds) for r in running):
             return False  # nobody to yield
         admitted = [r for r in running if not r.state.best_effort]
-        pending = [*_prefills(admitted), *waiting]
+        pending = sorted([*_prefills(admitted), *waiting], key=_prefill_order)[: self.yield_lookahead]
         times = self._first_tokens(now, pending, admitted, yielding=False)
         stretch = 1.0 + self.yield_margin
         return any(now + (times[r.state.request_id] - now) * stretch > r.state.first_token_deadline for r in pending)
