@@ -488,9 +488,9 @@ class Planner:
         """
         if self.yield_margin is None or waiting is None or now is None:
             return True
-        if not any(r.to_compute <= 1 and r.context > 0 and math.isinf(r.state.tpot_seconds) for r in running):
-            return False  # nobody to yield
         admitted = [r for r in running if not r.state.best_effort]
+        if not any(math.isinf(r.state.tpot_seconds) for r in _decodes(admitted)):
+            return False  # nobody to yield: best effort sits out anyway, paced decodes never do
         pending = sorted([*_prefills(admitted), *waiting], key=_prefill_order)[: self.yield_lookahead]
         times = self._first_tokens(now, pending, admitted, yielding=False)
         stretch = 1.0 + self.yield_margin
