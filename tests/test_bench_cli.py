@@ -13,7 +13,7 @@ def test_short_bench_run_against_the_real_engine(engine, tmp_path):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     result = run_cli(
         "bench", "--scenario", "chatbot", "--rate", "2", "--num-requests", "20", "--length-scale", "0.1",
-        "--endpoint", engine.base_url, "--compare", engine.base_url, "--simulate-as", "sloserve,vllm-fcfs",
+        "--endpoint", engine.base_url, "--compare", engine.base_url, "--simulate-as", "sloserve,vllm",
         "--json", str(out), "--plot", str(plot), "--save-detailed", "--frontend-in-ms", "60", "--frontend-out-ms", "8",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -56,13 +56,13 @@ def test_simulate_writes_the_documented_json(tmp_path):
     out = tmp_path / "sim.json"
     result = run_cli(
         "simulate", "--scenario", "coding", "--profile", "a100-opt13b-slos-serve", "--scheduler",
-        "sloserve,vllm-fcfs", "--rate", "1", "--num-requests", "200", "--json", str(out),
+        "sloserve,vllm", "--rate", "1", "--num-requests", "200", "--json", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     entries = json.loads(out.read_text())["results"]
     assert [(e["scenario"], e["scheduler"], e["rate"]) for e in entries] == [
         ("coding", "sloserve", 1.0),
-        ("coding", "vllm-fcfs", 1.0),
+        ("coding", "vllm", 1.0),
     ]
     for entry in entries:
         assert {"attainment", "capacity_rps", "ttft_p90_ms", "tpot_p90_ms"} <= set(entry)

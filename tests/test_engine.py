@@ -154,6 +154,19 @@ def test_invalid_slo_gets_400_naming_the_field(client, engine, headers, body, fi
     assert field in caught.value.message
 
 
+def test_body_nested_too_deep_gets_400_in_the_openai_format(engine):
+    nested = "[" * 5000 + "]" * 5000
+    body = f'{{"model": "{engine.model}", "messages": [], "x": {nested}}}'
+    reply = httpx.post(
+        f"{engine.base_url}/chat/completions", content=body,
+        headers={"content-type": "application/json"}, timeout=30,
+    )  # fmt: skip
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["type"] == "BadRequestError" and error["code"] == 400
+    assert "nested too deeply" in error["message"]
+
+
 def test_other_routes_pass_through(engine):
     models = httpx.get(f"{engine.base_url}/models", timeout=10).json()
     assert models["data"][0]["id"] == engine.model

@@ -292,14 +292,14 @@ class Lockstep:
         self, vllm_config, clock: Clock, scenario: Scenario, stock: bool = False, notices: str | None = None
     ) -> None:
         """``stock``: vLLM's own scheduler (``RecordingScheduler`` decides as vLLM does) against the
-        simulator's ``vllm-fcfs``; otherwise ours against the simulator's ``sloserve``. ``notices``:
+        simulator's ``vllm``; otherwise ours against the simulator's ``sloserve``. ``notices``:
         where our scheduler pushes its admission notices, the requests tagged with their names."""
         self.clock = clock
         self.stock = stock
         self.tagged = notices is not None
         scheduler_cls = RecordingScheduler if stock else SLOScheduler
         self.scheduler = make_scheduler(vllm_config, scenario.num_blocks, scheduler_cls)
-        self.engine = make_engine(vllm_config, scenario.num_blocks, "vllm-fcfs" if stock else "sloserve")
+        self.engine = make_engine(vllm_config, scenario.num_blocks, "vllm" if stock else "sloserve")
         if notices is not None:
             self.scheduler.notices = NoticePublisher(notices)
         self.block_hasher = block_hasher(vllm_config)
@@ -488,7 +488,7 @@ def test_decodes_without_tpot_yield_only_to_a_prompt_that_needs_it_alike(vllm_co
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_the_simulated_stock_scheduler_batches_as_vllms_own(stock_config, clock, name):
-    """The simulator's ``vllm-fcfs`` baseline against vLLM's own v1 scheduler, deciding unchanged
+    """The simulator's ``vllm`` baseline against vLLM's own v1 scheduler, deciding unchanged
     inside ``RecordingScheduler`` (what ``--scheduler vllm --step-log`` runs): the same batches in
     the same order, the same preemptions, step after step; and the step log has every step."""
     step_log = Path(stock_config.additional_config["sloserve"]["step_log"])

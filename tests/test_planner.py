@@ -208,7 +208,7 @@ def test_demotion_keeps_the_other_decodes_promises():
     assert all(not r.best_effort or r.admission.startswith("demoted to best effort") for r in results)
     kept = [r for r in results if not r.best_effort]
     assert 0 < len(kept) < len(results) and all(map(met, kept))
-    for policy in ("sloserve-keep", "vllm-fcfs"):
+    for policy in ("sloserve-keep", "vllm"):
         assert not any(map(met, simulate(trace, policy, GROW)))
 
 
@@ -303,7 +303,7 @@ def test_admitted_requests_keep_their_ttft_at_the_cap_on_running_requests():
     assert not any(result.best_effort for result in admitted) and all(met(result) for result in admitted)
     assert all(len(result.token_times) == result.output_tokens for result in results)  # nothing lost
     # Stock vLLM keeps the places in arrival order: the same arrivals wait for a long decode to end.
-    stock = [result for result in simulate(trace, "vllm-fcfs", MODEL, config) if result.kind == "chat-ttft"]
+    stock = [result for result in simulate(trace, "vllm", MODEL, config) if result.kind == "chat-ttft"]
     assert not any(map(met, stock))
 
 
@@ -329,11 +329,11 @@ def test_a_tight_tier_is_not_starved_by_a_flood_of_loose_requests():
     assert admitted and all(met(result) for result in admitted)  # every promise kept
     tight = [result for result in results if result.kind == "coding"]
     assert sum(not result.best_effort for result in tight) >= len(tight) / 2
-    fcfs_tight = [result for result in simulate(trace, "vllm-fcfs", MODEL) if result.kind == "coding"]
+    fcfs_tight = [result for result in simulate(trace, "vllm", MODEL) if result.kind == "coding"]
     assert sum(map(met, tight)) > 2 * sum(map(met, fcfs_tight))
 
 
-@pytest.mark.parametrize("policy", ["sloserve", "sloserve-edf", "vllm-fcfs"])
+@pytest.mark.parametrize("policy", ["sloserve", "sloserve-edf", "vllm"])
 def test_every_request_finishes_under_every_policy(policy):
     trace = [
         ProgramSpec(i, i * 0.05, "chatbot", (StageSpec("chat", 300, 20, TIGHT if i % 2 else LOOSE),))

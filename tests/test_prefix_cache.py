@@ -64,7 +64,7 @@ def two_calls(shared: int) -> list[ProgramSpec]:
     return [ProgramSpec(0, 0.0, "reasoning", (first, second))]
 
 
-@pytest.mark.parametrize("policy", ["sloserve", "vllm-fcfs"])
+@pytest.mark.parametrize("policy", ["sloserve", "vllm"])
 def test_a_later_call_computes_only_what_its_program_has_not_cached(policy):
     config = SimConfig(MODEL, block_size=16)
     cached = simulate(two_calls(shared=640), policy, MODEL, config)[1]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sloserve_runtime.hardware import cpu_dtype
+from sloserve_runtime.policies import POLICIES, scheduler_name
 from sloserve_runtime.server import ServerOptions, command, is_cpu_build
 from sloserve_runtime.step_time import (
     DEFAULT_PROFILE,
@@ -94,8 +95,8 @@ def test_max_yields_reaches_the_planner_inside_the_engine():
     default = SLOConfig.from_additional_config(SLOConfig().to_additional_config())
     assert default.max_yields is None
     assert make_policy("sloserve-dp", model, 512, max_yields=default.max_yields).planner.max_yields == 4
-    with pytest.raises(ValueError, match="'vllm-fcfs' has none"):
-        make_policy("vllm-fcfs", model, 512, max_yields=1)
+    with pytest.raises(ValueError, match="'vllm' has none"):
+        make_policy("vllm", model, 512, max_yields=1)
     with pytest.raises(ValueError, match="0 or more"):
         make_policy("sloserve", model, 512, max_yields=-1)
 
@@ -115,3 +116,25 @@ def test_stock_scheduler_runs_unchanged_and_with_a_step_log_only_times_its_steps
     assert config.calibrate is False
     ours = command(ServerOptions(model="/models/any", step_log=log))
     assert ours[ours.index("--scheduler-cls") + 1] == "sloserve_runtime.scheduler.SLOScheduler"
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_simulated_scheduler_can_be_served(name):
+    """``serve --scheduler`` and ``simulate --scheduler`` take one list: each name runs our scheduler
+    class with that policy, except stock vLLM, which runs vLLM's own."""
+    args = command(ServerOptions(model="/models/any", scheduler=name))
+    if POLICIES[name].stock:
+        assert "--scheduler-cls" not in args
+        return
+    assert args[args.index("--scheduler-cls") + 1] == "sloserve_runtime.scheduler.SLOScheduler"
+    config = json.loads(args[args.index("--additional-config") + 1])
+    assert config["sloserve"]["policy"] == name
+
+
+def test_old_scheduler_name_still_means_stock_vllm():
+    assert scheduler_name("vllm-fcfs") == "vllm"
+    assert command(ServerOptions(model="/models/any", scheduler="vllm-fcfs")) == command(
+        ServerOptions(model="/models/any", scheduler="vllm")
+    )
+    with pytest.raises(ValueError, match="choose from sloserve"):
+        scheduler_name("fifo")

@@ -50,7 +50,7 @@ def first_tokens(results: list[StageResult]) -> dict[int, float]:
     return {result.program_id: result.token_times[0] for result in results}
 
 
-@pytest.mark.parametrize("policy", ["sloserve", "vllm-fcfs", "vllm-priority", "sarathi"])
+@pytest.mark.parametrize("policy", ["sloserve", "vllm", "vllm-priority", "sarathi"])
 def test_every_token_comes_after_arrival_in_increasing_time(policy):
     results = simulate(random_trace(300, rate=8.0), policy, MODEL)
     assert len(results) == 300
@@ -78,7 +78,7 @@ def test_ttft_target_resolves_the_slowdown_with_the_step_time_model():
 
 def test_kv_use_stays_within_capacity_while_preempting():
     config = SimConfig(step_time=MODEL, kv_capacity_tokens=2048)
-    sim = Simulation(random_trace(200, rate=20.0, seed=3), "vllm-fcfs", config)
+    sim = Simulation(random_trace(200, rate=20.0, seed=3), "vllm", config)
     results = sim.run()
     assert sim.engine.preemptions > 0
     assert 0 < sim.engine.kv.peak_blocks <= config.kv_capacity_blocks
@@ -89,7 +89,7 @@ def test_kv_use_stays_within_capacity_while_preempting():
 def test_last_running_request_is_preempted_and_recomputes():
     # Two 16-token prompts each grow to 45 tokens (3 blocks); 4 blocks hold only one of them.
     config = SimConfig(step_time=MODEL, kv_capacity_tokens=64)
-    sim = Simulation([program(0, 0.0, chat(16, 30)), program(1, 0.001, chat(16, 30))], "vllm-fcfs", config)
+    sim = Simulation([program(0, 0.0, chat(16, 30)), program(1, 0.001, chat(16, 30))], "vllm", config)
     first, second = sim.run()
     assert sim.engine.preemptions == 1
     decode = [later - earlier for earlier, later in pairwise(first.token_times[1:])]
@@ -100,14 +100,14 @@ def test_last_running_request_is_preempted_and_recomputes():
 
 def test_fcfs_serves_equal_requests_in_arrival_order():
     trace = [program(index, 0.01 * index, chat(300, 20)) for index in range(40)]
-    sim = Simulation(trace, "vllm-fcfs", SimConfig(step_time=MODEL))
+    sim = Simulation(trace, "vllm", SimConfig(step_time=MODEL))
     order = first_tokens(sim.run())
     assert sim.engine.preemptions == 0
     assert [order[index] for index in range(40)] == sorted(order.values())
     assert order[0] < order[39]
 
 
-@pytest.mark.parametrize(("policy", "loose_served_first"), [("sloserve", 1), ("vllm-fcfs", 6)])
+@pytest.mark.parametrize(("policy", "loose_served_first"), [("sloserve", 1), ("vllm", 6)])
 def test_tight_request_jumps_a_queue_of_loose_long_prefills(policy, loose_served_first):
     loose = SLO.parse("120s", "100ms")
     trace = [program(index, 0.001 * index, chat(1400, 1, loose)) for index in range(6)]
@@ -234,14 +234,14 @@ def steps_per_token(results: list[StageResult]) -> float:
 
 def test_speculation_yields_the_expected_tokens_per_step_and_replays_the_same():
     trace = [program(index, index * 0.5, chat(100, 400, SLO.parse("5x", None))) for index in range(4)]
-    runs = [simulate(trace, "vllm-fcfs", MODEL, spec_config(3, 0.5)) for _ in range(2)]
+    runs = [simulate(trace, "vllm", MODEL, spec_config(3, 0.5)) for _ in range(2)]
     assert [r.token_times for r in runs[0]] == [r.token_times for r in runs[1]]
     for result in runs[0]:
         assert len(result.token_times) == result.output_tokens
     # vLLM verifies all 3 drafts: (1 - 0.5^4) / (1 - 0.5) = 1.875 tokens a step on average.
     assert 1 / steps_per_token(runs[0]) == pytest.approx(1.875, rel=0.08)
     # Drafts that are never accepted give one token a step, as without speculation.
-    assert steps_per_token(simulate(trace, "vllm-fcfs", MODEL, spec_config(3, 0.0))) == 1.0
+    assert steps_per_token(simulate(trace, "vllm", MODEL, spec_config(3, 0.0))) == 1.0
 
 
 def test_loose_tier_drafts_nothing_and_tight_tier_speculates():
@@ -297,15 +297,15 @@ def noisy(spread: float, correlation: float) -> SimConfig:
 def test_step_noise_has_the_spread_and_correlation_asked_for():
     """A lone decode's gaps are the profile's step times times exp(x), x an AR(1) process."""
     trace = [program(0, 0.0, chat(10, 20_000, SLO.parse("5x", None)))]
-    result = simulate(trace, "vllm-fcfs", MODEL, noisy(0.15, 0.8))[0]
+    result = simulate(trace, "vllm", MODEL, noisy(0.15, 0.8))[0]
     gaps = [later - earlier for earlier, later in pairwise(result.token_times)]
     errors = [math.log(gap / MODEL.step_seconds(1, 1)) for gap in gaps]  # MODEL has no context term
     assert statistics.pstdev(errors) == pytest.approx(0.15, rel=0.1)
     assert statistics.correlation(errors[:-1], errors[1:]) == pytest.approx(0.8, abs=0.03)
     assert abs(statistics.fmean(errors)) < 0.03
     # The same run again draws the same steps; without noise every gap is the profile's.
-    assert simulate(trace, "vllm-fcfs", MODEL, noisy(0.15, 0.8)) == [result]
-    exact = simulate(trace, "vllm-fcfs", MODEL, noisy(0.0, 0.0))[0]
+    assert simulate(trace, "vllm", MODEL, noisy(0.15, 0.8)) == [result]
+    exact = simulate(trace, "vllm", MODEL, noisy(0.0, 0.0))[0]
     assert [later - earlier for earlier, later in pairwise(exact.token_times[:50])] == pytest.approx(
         [MODEL.step_seconds(1, 1)] * 49
     )
@@ -326,7 +326,7 @@ def test_step_noise_out_of_range_is_refused(spread, correlation):
 def test_simulate_command_writes_the_step_noise_it_ran_with(tmp_path):
     out = tmp_path / "noisy.json"
     result = run_cli(
-        "simulate", "--scenario", "chatbot", "--scheduler", "sloserve,vllm-fcfs", "--rate", "0.3",
+        "simulate", "--scenario", "chatbot", "--scheduler", "sloserve,vllm", "--rate", "0.3",
         "--num-requests", "20", "--step-noise", "0.1", "--step-noise-correlation", "0.7", "--calibrate",
         "--json", str(out),
     )  # fmt: skip
@@ -365,8 +365,8 @@ def test_the_front_end_counts_against_the_slo_from_the_send():
     """The SLO's clock starts at the send, as the server's middleware stamps it: a front end slower
     than a TTFT's slack turns a met first token into a missed one."""
     trace = [program(0, 0.0, chat(100, 3, SLO.parse("200ms", None)))]  # prefill: 71 ms on MODEL
-    on_time = simulate(trace, "vllm-fcfs", MODEL)[0]
-    late = simulate(trace, "vllm-fcfs", MODEL, fronted(0.15, 0.0))[0]
+    on_time = simulate(trace, "vllm", MODEL)[0]
+    late = simulate(trace, "vllm", MODEL, fronted(0.15, 0.0))[0]
     assert judge(on_time.arrival, on_time.token_times, 200.0, None).ttft_met
     assert not judge(late.arrival, late.token_times, 200.0, None).ttft_met
 
@@ -379,7 +379,7 @@ def test_a_negative_front_end_is_refused():
 def test_simulate_command_runs_and_records_a_front_end(tmp_path):
     out = tmp_path / "fronted.json"
     result = run_cli(
-        "simulate", "--scenario", "chatbot", "--scheduler", "vllm-fcfs", "--rate", "0.3", "--num-requests", "20",
+        "simulate", "--scenario", "chatbot", "--scheduler", "vllm", "--rate", "0.3", "--num-requests", "20",
         "--frontend-in-ms", "45", "--frontend-out-ms", "8", "--json", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

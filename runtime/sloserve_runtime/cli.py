@@ -21,7 +21,7 @@ from sloserve_runtime import measure_cli, server
 from sloserve_runtime.admission import ADMISSION_MODES, REJECT
 from sloserve_runtime.app_loader import AppFileError, load_app, pick_program
 from sloserve_runtime.model import ModelConversionError
-from sloserve_runtime.policies import PLANNER_POLICIES
+from sloserve_runtime.policies import PLANNER_POLICIES, POLICIES, scheduler_name
 from sloserve_runtime.report import program_attainment, stage_table
 from sloserve_runtime.runner import program_inputs, run_program
 from sloserve_runtime.step_time import resolve_profile
@@ -79,8 +79,8 @@ def serve(
     scheduler: Annotated[
         str,
         typer.Option(
-            help="sloserve (the SLO planner), an ablation of it (sloserve-dp, sloserve-arrival, sloserve-tpot, "
-            "sloserve-edf: deadline order only) or vllm (stock)."
+            help=f"One of {', '.join(POLICIES)}: sloserve is the SLO planner, vllm runs vLLM's stock scheduler; "
+            "the others are the ablations and baselines `sloserve simulate --scheduler` takes too."
         ),
     ] = "sloserve",
     step_log: Annotated[
@@ -124,14 +124,17 @@ def serve(
     ray_address: RayAddressOption = None,
 ) -> None:
     """Run vLLM's OpenAI-compatible server with SLO scheduling. Args after -- go to vLLM."""
-    if scheduler not in server.SCHEDULERS:
-        raise _fail(f"--scheduler {scheduler!r} is not one of {', '.join(server.SCHEDULERS)}")
+    try:
+        scheduler = scheduler_name(scheduler)
+    except ValueError as exc:
+        raise _fail(f"--scheduler: {exc}") from None
     if admission not in ADMISSION_MODES:
         raise _fail(f"--admission {admission!r} is not one of {', '.join(ADMISSION_MODES)}")
-    if admission == REJECT and server.SCHEDULERS[scheduler] is None:
+    stock = server.scheduler_cls(scheduler) is None
+    if admission == REJECT and stock:
         raise _fail("--admission reject needs our scheduler (sloserve): vLLM's stock one admits everything")
     if max_yields is not None and scheduler not in PLANNER_POLICIES:
-        if server.SCHEDULERS[scheduler] is None:
+        if stock:
             raise _fail("--max-yields is a setting of our planner (sloserve): vLLM's stock scheduler has none")
         raise _fail(f"--max-yields is a setting of the planner; {scheduler} orders by deadline only")
     if step_log is not None and not step_log.resolve().parent.is_dir():
@@ -224,6 +227,8 @@ def run(
         with console.status("Starting the embedded engine (about half a minute)..."):
             running = server.start(options)
         try:
+            with console.status("Warming the engine up (untimed requests)..."):
+                running.warm_up()
             console.print(f"Engine ready in {time.monotonic() - started:.0f}s at {running.url}")
             _run_and_report(app, chosen, inputs, running.url, concurrency, None, running.served_model)
         finally:
@@ -274,6 +279,8 @@ def _run_replicated(app, chosen, inputs, options, concurrency, replicas, router,
         with contextlib.ExitStack() as stack:
             with console.status(f"Starting {replicas} engine replicas on Ray (a minute or two)..."):
                 running = stack.enter_context(replicated(options, replicas, router, ray_address))
+            with console.status("Warming the replicas up (untimed requests)..."):
+                server.warm_up(running.url, running.served_model)
             console.print(f"{replicas} replicas ready in {time.monotonic() - started:.0f}s behind {running.url}")
             _run_and_report(app, chosen, inputs, running.url, concurrency, None, running.served_model)
     except ReplicaError as exc:

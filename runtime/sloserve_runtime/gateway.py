@@ -41,7 +41,14 @@ from starlette.routing import Route
 from sloserve._reassemble import Reassembler
 from sloserve.session import PROGRAM_HEADER
 from sloserve.slo import SLO, SLOError
-from sloserve_runtime.middleware import HEADER_ADMISSION, request_admission, request_slo, sse_data
+from sloserve_runtime.middleware import (
+    HEADER_ADMISSION,
+    BodyError,
+    parse_body,
+    request_admission,
+    request_slo,
+    sse_data,
+)
 from sloserve_runtime.planner import LiveRequest, Planner
 from sloserve_runtime.router import NoHealthyReplicaError, ReplicaView, make_router
 from sloserve_runtime.slo_state import SLORequestState
@@ -181,8 +188,10 @@ class Gateway:
     async def completion(self, request: Request) -> Response:
         arrival = time.time()
         try:
-            body = json.loads(await request.body())
-        except ValueError:
+            body = parse_body(await request.body())
+        except BodyError as exc:
+            return _error(400, str(exc))
+        if body is None:
             return _error(400, "the request body is not valid JSON")
         if not isinstance(body, dict):
             return _error(400, "the request body must be a JSON object")

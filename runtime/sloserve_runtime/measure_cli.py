@@ -18,7 +18,7 @@ from sloserve_runtime.bench import Endpoint
 from sloserve_runtime.measure import Measurement, TraceOptions, endpoint_runner, measure, simulator_runner
 from sloserve_runtime.metrics import Summary, compare, summarize
 from sloserve_runtime.plots import attainment_and_ttft
-from sloserve_runtime.policies import POLICIES
+from sloserve_runtime.policies import ALIASES, POLICIES, scheduler_name
 from sloserve_runtime.router import ROUTERS
 from sloserve_runtime.scenarios import ALL_SCENARIOS, SCENARIO_NAMES, load_scenario
 from sloserve_runtime.scenarios import Scenario as ScenarioSpec
@@ -94,6 +94,12 @@ def _names(option: str, value: str, known: dict) -> list[str]:
         shown = ",".join(unknown) if unknown else repr(value)
         raise MeasureError(f"{option} {shown}: unknown; choose from {', '.join(known)}")
     return names
+
+
+def _scheduler_names(value: str) -> list[str]:
+    """The registered schedulers ``--scheduler`` names (aliases such as vllm-fcfs resolved)."""
+    known = {**POLICIES, **ALIASES}
+    return list(dict.fromkeys(scheduler_name(name) for name in _names("--scheduler", value, known)))
 
 
 def _counts(option: str, values: str, minimum: int) -> list[int]:
@@ -212,7 +218,7 @@ def simulate_command(
     profile: Annotated[
         str, typer.Option(help="A profile JSON, or a bundled profile's name (default: this CPU's engine).")
     ] = ENGINE_PROFILE,
-    scheduler: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(POLICIES)}.")] = "sloserve,vllm-fcfs",
+    scheduler: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(POLICIES)}.")] = "sloserve,vllm",
     replicas: Annotated[
         str, typer.Option(help="Engine replicas behind a router; comma-separated counts run each, e.g. 1,2,4,8.")
     ] = "1",
@@ -283,7 +289,7 @@ def simulate_command(
     drafts = _counts("--speculative-tokens", speculative_tokens, minimum=0)
     schedulers = [
         (f"{policy}+spec{count}" if count else policy, policy, count)
-        for policy in _names("--scheduler", scheduler, POLICIES)
+        for policy in _scheduler_names(scheduler)
         for count in drafts
     ]
     # One replica needs no router: it runs once, whatever --router says.
@@ -312,8 +318,8 @@ def simulate_command(
                     rows.append((name, label, result))
                     progress.advance(task)
     console.print(results_table(f"Simulated on {config.step_time.name}", rows))
-    if capacity and any(label == "vllm-fcfs" for label, _, _ in schedulers):
-        _print_capacity_ratios(rows, "vllm-fcfs")
+    if capacity and any(label == "vllm" for label, _, _ in schedulers):
+        _print_capacity_ratios(rows, "vllm")
     if capacity and any(count > 1 for count, _ in clusters):
         _print_routing(rows)
     if json_out is not None:
@@ -448,7 +454,7 @@ def bench_command(
     urls = [endpoint] + ([compare_to] if compare_to else [])
     targets = [Endpoint(url, api_key, send_slo=not server_slo) for url in urls]
     policies = [name.strip() for name in simulate_as.split(",")] if simulate_as else []
-    if policies and (len(policies) != len(targets) or any(name not in POLICIES for name in policies)):
+    if policies and (len(policies) != len(targets) or any(name not in {**POLICIES, **ALIASES} for name in policies)):
         raise MeasureError(f"--simulate-as needs one of {', '.join(POLICIES)} per endpoint ({len(targets)})")
     max_model_len = targets[0].model_card().get("max_model_len")
     options = TraceOptions(num_requests, seed, slo_scale, length_scale, max_model_len)

@@ -32,6 +32,7 @@ class SchedulingPolicy(ABC):
     """
 
     name: str
+    stock = False  # vLLM's own scheduler decides as this policy does: a server runs that one
 
     def __init__(
         self, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1, calibrate: bool = False
@@ -240,9 +241,11 @@ class DPPromotionPolicy(PlannerPolicy):
 
 
 class FCFSPolicy(SchedulingPolicy):
-    """vLLM v1's stock policy: first come, first served."""
+    """vLLM v1's stock policy: first come, first served. ``sloserve serve`` runs vLLM's own scheduler
+    for it, so comparisons differ from ours in the scheduler only."""
 
-    name = "vllm-fcfs"
+    name = "vllm"
+    stock = True
 
     def waiting_key(self, state: SLORequestState) -> SortKey:
         return (state.arrival,)
@@ -291,6 +294,18 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {
 }
 
 
+# Older names that still work: ``vllm-fcfs`` was the simulator's name for stock vLLM.
+ALIASES = {"vllm-fcfs": "vllm"}
+
+
+def scheduler_name(name: str) -> str:
+    """The registered name ``name`` stands for (itself, or what its alias names); ValueError if none."""
+    name = ALIASES.get(name, name)
+    if name not in POLICIES:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(POLICIES)}")
+    return name
+
+
 # The policies that plan with a ``Planner`` (and so take its settings, such as ``max_yields``).
 PLANNER_POLICIES = tuple(name for name, policy in POLICIES.items() if issubclass(policy, PlannerPolicy))
 
@@ -310,8 +325,7 @@ def make_policy(
     ``max_running``: the engine's cap on running requests (vLLM's ``max_num_seqs``; None: none),
     which a planner keeps its admitted requests within (``Planner.max_running``).
     """
-    if name not in POLICIES:
-        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(POLICIES)}")
+    name = scheduler_name(name)
     if max_running is not None and max_running < 1:
         raise ValueError(f"max_running {max_running}: the engine must run at least one request")
     policy = POLICIES[name](step_time, max_budget, max_spec_length, calibrate)

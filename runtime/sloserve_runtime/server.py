@@ -25,18 +25,20 @@ from sloserve_runtime.admission import ADMISSION_MODES, BEST_EFFORT
 from sloserve_runtime.hardware import cpu_dtype
 from sloserve_runtime.middleware import ENV_ADMISSION, ENV_DEFAULT_TPOT, ENV_DEFAULT_TTFT, ENV_NOTICES, ENV_PROFILE
 from sloserve_runtime.model import DEFAULT_MODEL_NAME, ensure_default_model
+from sloserve_runtime.policies import POLICIES, scheduler_name
 from sloserve_runtime.step_time import DEFAULT_PROFILE, engine_profile, resolve_profile
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
-SCHEDULERS = {
-    "sloserve": "sloserve_runtime.scheduler.SLOScheduler",  # the planner: budget, admission, best effort
-    "sloserve-dp": "sloserve_runtime.scheduler.SLOScheduler",  # the planner, promoting by SLOs-Serve's DP
-    "sloserve-arrival": "sloserve_runtime.scheduler.SLOScheduler",  # the planner, admission at arrival only
-    "sloserve-tpot": "sloserve_runtime.scheduler.SLOScheduler",  # the planner, one TPOT a step (no window slack)
-    "sloserve-edf": "sloserve_runtime.scheduler.SLOScheduler",  # deadline order only (an ablation)
-    "vllm": None,  # vLLM's stock v1 scheduler, for comparisons that differ only in the scheduler
-}
+# Our vLLM scheduler, running any policy of ``policies.POLICIES`` but stock vLLM's own.
+SLO_SCHEDULER = "sloserve_runtime.scheduler.SLOScheduler"
+
+
+def scheduler_cls(scheduler: str) -> str | None:
+    """The ``--scheduler-cls`` that runs the registered scheduler ``scheduler``; None: vLLM's own."""
+    return None if POLICIES[scheduler_name(scheduler)].stock else SLO_SCHEDULER
+
+
 # vLLM's stock scheduler, deciding as vLLM does, with a step log (``--scheduler vllm --step-log``).
 STOCK_WITH_STEP_LOG = "sloserve_runtime.scheduler.RecordingScheduler"
 
@@ -54,7 +56,7 @@ class ServerOptions:
     port: int = 8011
     default_slo: SLO = SLO()  # server-wide SLO defaults
     api_key: str | None = None
-    scheduler: str = "sloserve"  # a key of SCHEDULERS
+    scheduler: str = "sloserve"  # a name of ``policies.POLICIES``
     profile: str | None = None  # step-time profile (path or bundled name); None: the engine's own (``profile_path``)
     max_model_len: int = 2048
     max_num_batched_tokens: int = 512  # the chunked-prefill chunk size
@@ -89,7 +91,7 @@ class ServerOptions:
     @property
     def reports_admission(self) -> bool:
         """Our scheduler runs, so admission decisions reach the middleware."""
-        return SCHEDULERS[self.scheduler] is not None
+        return scheduler_cls(self.scheduler) is not None
 
     @property
     def url(self) -> str:
@@ -133,13 +135,13 @@ def command(options: ServerOptions) -> list[str]:
         "--max-num-batched-tokens", str(options.max_num_batched_tokens),
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
-    scheduler_cls = SCHEDULERS[options.scheduler]
-    if scheduler_cls is not None:
+    ours = scheduler_cls(options.scheduler)
+    if ours is not None:
         config = SLOConfig(
-            options.default_slo, options.profile_path, options.step_log, policy=options.scheduler,
+            options.default_slo, options.profile_path, options.step_log, policy=scheduler_name(options.scheduler),
             notices=options.notices, calibrate=options.calibrate, max_yields=options.max_yields,
         )  # fmt: skip
-        args += ["--scheduler-cls", scheduler_cls, "--additional-config", json.dumps(config.to_additional_config())]
+        args += ["--scheduler-cls", ours, "--additional-config", json.dumps(config.to_additional_config())]
     elif options.step_log:
         config = SLOConfig(step_log=options.step_log, calibrate=False).to_additional_config()
         args += ["--scheduler-cls", STOCK_WITH_STEP_LOG, "--additional-config", json.dumps(config)]
@@ -224,6 +226,11 @@ class RunningServer:
     def url(self) -> str:
         return self.options.url
 
+    def warm_up(self) -> None:
+        """Run a few untimed requests first, so that what is timed next does not pay the engine's
+        one-off costs (the first chat template, detokenizer and forward pass of each shape)."""
+        warm_up(self.url, self.served_model)
+
     def stop(self, timeout: float = 20.0) -> None:
         if self.process.poll() is not None:
             return
@@ -233,6 +240,21 @@ class RunningServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+# Prompts of a short and a long shape, streamed and not: the paths a first stage call takes.
+_WARM_UP_PROMPTS = ("Hi", "Warm up: " + "the quick brown fox jumps over the lazy dog. " * 24)
+
+
+def warm_up(url: str, model: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+    """Send untimed chat requests to an engine at ``url`` (an OpenAI base URL), each alone."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
+        for prompt in _WARM_UP_PROMPTS:
+            for stream in (False, True):
+                body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8}
+                response = client.post("/chat/completions", json={**body, "stream": stream})
+                response.raise_for_status()
 
 
 def start(
