@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sloserve_runtime.server import free_port
+from sloserve_runtime.serving.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOSERVE = [sys.executable, "-m", "sloserve_runtime"]

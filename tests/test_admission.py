@@ -11,10 +11,11 @@ from prometheus_client import REGISTRY
 
 from conftest import run_cli
 from sloserve.slo import SLO, SLOError
-from sloserve_runtime import server, slo_metrics
-from sloserve_runtime.admission import DEMOTED, PROMOTED, Notice, NoticeBoard, NoticePublisher
-from sloserve_runtime.middleware import ENV_ADMISSION, ENV_NOTICES, request_admission, server_admission
-from sloserve_runtime.scheduler import SLOConfig
+from sloserve_runtime.engine.config import SLOConfig
+from sloserve_runtime.engine.notices import DEMOTED, PROMOTED, Notice, NoticeBoard, NoticePublisher
+from sloserve_runtime.serving import metrics as slo_metrics
+from sloserve_runtime.serving import server
+from sloserve_runtime.serving.middleware import ENV_ADMISSION, ENV_NOTICES, request_admission, server_admission
 
 
 def test_notice_round_trips_and_rounds_retry_after_up():

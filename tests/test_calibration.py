@@ -8,13 +8,13 @@ import random
 import pytest
 
 from sloserve.slo import SLO, judge
-from sloserve_runtime.calibration import StepTimeCalibration
-from sloserve_runtime.planner import LiveRequest, Planner
-from sloserve_runtime.policies import make_policy
-from sloserve_runtime.simulator import SimConfig, simulate
-from sloserve_runtime.slo_state import SLORequestState
-from sloserve_runtime.step_time import DEFAULT_PROFILE, LinearPiece, StepTimeModel, attended_pairs
-from sloserve_runtime.workload import ProgramSpec, StageSpec
+from sloserve_runtime.core.calibration import StepTimeCalibration
+from sloserve_runtime.core.planner import LiveRequest, Planner
+from sloserve_runtime.core.policies import make_policy
+from sloserve_runtime.core.slo_state import SLORequestState
+from sloserve_runtime.core.step_time import DEFAULT_PROFILE, LinearPiece, StepTimeModel, attended_pairs
+from sloserve_runtime.sim import SimConfig, simulate
+from sloserve_runtime.workload.programs import ProgramSpec, StageSpec
 
 # Two pieces, with context and attention terms, as a measured CPU profile has.
 TWO_PIECES = StepTimeModel(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sloserve_runtime.capacity import find_capacity
+from sloserve_runtime.measure.capacity import find_capacity
 
 
 def curve(knee: float):

@@ -14,8 +14,8 @@ import pytest
 
 from conftest import SERVER_DEFAULT_TPOT_MS
 from sloserve.slo import SLO
-from sloserve_runtime.admission import CHANGES
-from sloserve_runtime.step_time import StepTimeModel, attended_pairs, engine_profile
+from sloserve_runtime.core.step_time import StepTimeModel, attended_pairs, engine_profile
+from sloserve_runtime.engine.notices import CHANGES
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 OUTCOME_KEYS = {"ttft_target_ms", "ttft_slowdown", "tpot_target_ms", "ttft_ms", "tpot_ms",
@@ -201,7 +201,7 @@ async def test_tight_request_jumps_a_queue_of_loose_ones(aclient, engine):
 
 async def test_sdk_session_runs_the_agent_tool_loop(engine):
     from sloserve.session import Session
-    from sloserve_runtime.app_loader import load_app
+    from sloserve_runtime.cli.app_loader import load_app
 
     app = load_app("examples/agents/app.py")
     async with Session(engine.base_url, tools=app.tools) as session:

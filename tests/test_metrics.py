@@ -7,9 +7,9 @@ import json
 import httpx
 import pytest
 
-from sloserve_runtime.bench import _sse_lines
-from sloserve_runtime.metrics import Latency, compare, summarize
-from sloserve_runtime.workload import StageResult
+from sloserve_runtime.measure.bench import _sse_lines
+from sloserve_runtime.measure.summary import Latency, compare, summarize
+from sloserve_runtime.workload.programs import StageResult
 
 
 def call(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sloserve_runtime import model
+from sloserve_runtime.serving import model
 
 
 def test_missing_package_says_what_to_install(monkeypatch):

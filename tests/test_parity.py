@@ -30,17 +30,18 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 from sloserve.slo import SLO
-from sloserve_runtime import scheduler as scheduler_module
-from sloserve_runtime.admission import PREEMPTED, PROMOTED, XARG_TAG, Notice, NoticePublisher
-from sloserve_runtime.model import ensure_default_model
-from sloserve_runtime.policies import make_policy
-from sloserve_runtime.scheduler import RecordingScheduler, SLOConfig, SLOScheduler
-from sloserve_runtime.simulator.config import SimConfig
-from sloserve_runtime.simulator.engine import Engine
-from sloserve_runtime.simulator.request import SimRequest
-from sloserve_runtime.slo_state import SLORequestState, slo_to_xargs
-from sloserve_runtime.step_time import LinearPiece, StepTimeModel
-from sloserve_runtime.workload import StageResult
+from sloserve_runtime.core.policies import make_policy
+from sloserve_runtime.core.slo_state import SLORequestState, slo_to_xargs
+from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel
+from sloserve_runtime.engine import scheduler as scheduler_module
+from sloserve_runtime.engine.config import SLOConfig
+from sloserve_runtime.engine.notices import PREEMPTED, PROMOTED, XARG_TAG, Notice, NoticePublisher
+from sloserve_runtime.engine.scheduler import RecordingScheduler, SLOScheduler
+from sloserve_runtime.serving.model import ensure_default_model
+from sloserve_runtime.sim.config import SimConfig
+from sloserve_runtime.sim.engine import Engine
+from sloserve_runtime.sim.request import SimRequest
+from sloserve_runtime.workload.programs import StageResult
 
 # 10 ms a step, 1 ms a token, 0.5 ms a request, 1 us a context token: a full 512-token step takes
 # about 0.52 s, and ten short decodes already break a 25 ms TPOT.
@@ -168,7 +169,7 @@ def engine_config(profile: Path, prefix_caching: bool, step_log: Path | None = N
         max_num_seqs=max_num_seqs,
         enable_prefix_caching=prefix_caching,
         enforce_eager=True,
-        scheduler_cls="sloserve_runtime.scheduler.SLOScheduler",
+        scheduler_cls="sloserve_runtime.engine.scheduler.SLOScheduler",
         additional_config=SLOConfig(
             profile=str(profile), step_log=None if step_log is None else str(step_log), calibrate=False
         ).to_additional_config(),
@@ -201,7 +202,7 @@ def stock_config(profile: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 class Clock:
-    """Stands in for the ``time`` module inside ``sloserve_runtime.scheduler``: ``time()`` reads ``now``."""
+    """Stands in for the ``time`` module inside ``sloserve_runtime.engine.scheduler``: ``time()`` reads ``now``."""
 
     def __init__(self, now: float) -> None:
         self.now = now

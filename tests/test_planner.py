@@ -7,14 +7,14 @@ import math
 import pytest
 
 from sloserve.slo import SLO, judge
-from sloserve_runtime.planner import LiveRequest, Planner
-from sloserve_runtime.policies import make_policy
-from sloserve_runtime.simulator import SimConfig, simulate
-from sloserve_runtime.simulator.engine import Engine
-from sloserve_runtime.simulator.request import SimRequest
-from sloserve_runtime.slo_state import SLORequestState
-from sloserve_runtime.step_time import LinearPiece, StepTimeModel
-from sloserve_runtime.workload import ProgramSpec, StageResult, StageSpec
+from sloserve_runtime.core.planner import LiveRequest, Planner
+from sloserve_runtime.core.policies import make_policy
+from sloserve_runtime.core.slo_state import SLORequestState
+from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel
+from sloserve_runtime.sim import SimConfig, simulate
+from sloserve_runtime.sim.engine import Engine
+from sloserve_runtime.sim.request import SimRequest
+from sloserve_runtime.workload.programs import ProgramSpec, StageResult, StageSpec
 
 # 10 ms a step plus 1 ms a token: easy arithmetic.
 MODEL = StepTimeModel("planner-test", (LinearPiece(per_token=0.001, constant=0.010),), max_num_batched_tokens=512)
@@ -54,7 +54,7 @@ def test_without_a_tpot_a_step_keeps_to_a_share_of_the_tightest_ttft():
     # the rounding of the float arithmetic.
     assert planner.token_budget(ttft_only) == pytest.approx(200, abs=1)
     # The same decodes are not held back for best effort when it fits: two of 200 tokens.
-    assert planner.held_back(ttft_only, admitted_waiting=False) == [False, False]
+    assert planner.held_back(ttft_only, admitted_waiting=False).held == [False, False]
     # A TPOT target among the decodes bounds the step as before (100 ms: 90 tokens).
     assert planner.token_budget([*ttft_only, decoding("z", LOOSE)]) == 90
     # Turned off, such a step fills the engine's budget.
@@ -67,11 +67,13 @@ def test_decodes_that_sit_out_leave_the_arrival_budget_to_the_prompt():
     # is left after two decodes that do not run (183).
     planner = Planner(PER_REQUEST, max_budget=512, headroom=1.0)
     ttft_only = [decoding("x", SLO.parse("1s", None)), decoding("y", SLO.parse("300ms", None))]
-    assert planner.held_back(ttft_only, admitted_waiting=True) == [True, True]
-    assert planner.token_budget(ttft_only) == pytest.approx(195, abs=1)
+    hold = planner.held_back(ttft_only, admitted_waiting=True)
+    assert hold.held == [True, True]
+    assert planner.token_budget(ttft_only, hold=hold) == pytest.approx(195, abs=1)
     # With nobody waiting they run, and each is charged its token and request.
-    assert planner.held_back(ttft_only, admitted_waiting=False) == [False, False]
-    assert planner.token_budget(ttft_only, waiting=False) == pytest.approx(2 + 210 - 10 - 10 - 2, abs=1)
+    hold = planner.held_back(ttft_only, admitted_waiting=False)
+    assert hold.held == [False, False]
+    assert planner.token_budget(ttft_only, waiting=False, hold=hold) == pytest.approx(2 + 210 - 10 - 10 - 2, abs=1)
 
 
 # 10 ms a step, 1 ms a token, 5 ms a request in the batch: the per-request term matters.
@@ -100,9 +102,10 @@ def test_best_effort_joins_only_within_the_bound():
     admitted = [decoding(f"l{i}", LOOSE) for i in range(2)]
     extra = [best_effort(decoding(f"b{i}", LOOSE)) for i in range(20)]
     running = [*admitted, *extra]
-    held = planner.held_back(running, admitted_waiting=False)
+    hold = planner.held_back(running, admitted_waiting=False)
+    held = hold.held
     joined = len(running) - sum(held)
-    budget = planner.token_budget(running)
+    budget = planner.token_budget(running, hold=hold)
     # Every joiner is planned for: the step that uses the whole budget, with the joiners and a
     # waiting request taking the rest, stays within the 100 ms bound.
     assert PER_REQUEST.step_seconds(budget, joined + 1) <= 0.100 + 1e-9
@@ -116,13 +119,13 @@ def test_the_window_margin_holds_every_step_short_not_only_the_decode_check():
     planner = Planner(PER_REQUEST, max_budget=512, headroom=1.0, window_margin=0.05)
     admitted = [decoding(f"l{i}", LOOSE) for i in range(2)]
     running = [*admitted, *(best_effort(decoding(f"b{i}", LOOSE)) for i in range(20))]
-    held = planner.held_back(running, admitted_waiting=False)
-    joined = len(running) - sum(held)
-    budget = planner.token_budget(running)
+    hold = planner.held_back(running, admitted_waiting=False)
+    joined = len(running) - sum(hold.held)
+    budget = planner.token_budget(running, hold=hold)
     assert PER_REQUEST.step_seconds(budget, joined + 1) <= 0.100 / 1.05 + 1e-9
     # Without the margin one more best-effort decode fits.
     unmargined = Planner(PER_REQUEST, max_budget=512, headroom=1.0)
-    assert len(running) - sum(unmargined.held_back(running, admitted_waiting=False)) == joined + 1
+    assert len(running) - sum(unmargined.held_back(running, admitted_waiting=False).held) == joined + 1
     # A chunk gets the same shorter step: (95.2 - 10 - 3 x 5) ms = 70 tokens, not 75.
     assert planner.token_budget(admitted) == 70
     assert unmargined.token_budget(admitted) == 75
@@ -134,11 +137,12 @@ def test_best_effort_yields_the_budget_to_an_admitted_request_that_waits():
         *(decoding(f"l{i}", LOOSE) for i in range(2)),
         *(best_effort(decoding(f"b{i}", LOOSE)) for i in range(4)),
     ]
-    shared = planner.token_budget(running)
+    shared = planner.token_budget(running, hold=planner.held_back(running, admitted_waiting=False))
     assert planner.admit(0.0, arriving("new", LOOSE, 50), running[:2]).admitted
     # The newcomer waits: best effort sits out and its per-request time goes back to the prefill.
-    assert planner.token_budget(running) == 75 > shared
-    assert planner.held_back(running, admitted_waiting=True) == [False, False, True, True, True, True]
+    hold = planner.held_back(running, admitted_waiting=True)
+    assert hold.held == [False, False, True, True, True, True]
+    assert planner.token_budget(running, hold=hold) == 75 > shared
 
 
 def test_admitted_decodes_always_fit_the_budget():
@@ -350,13 +354,13 @@ def test_decode_without_tpot_yields_to_a_waiting_prefill_but_is_not_starved():
     paced = decoding("paced", LOOSE)
     running = [paced, free]
     # While an admitted request waits, the decode with no deadline sits out; the paced one never.
-    assert planner.held_back(running, admitted_waiting=True) == [False, True]
-    assert planner.held_back(running, admitted_waiting=True) == [False, True]
+    assert planner.held_back(running, admitted_waiting=True).held == [False, True]
+    assert planner.held_back(running, admitted_waiting=True).held == [False, True]
     # Two steps in a row given up: it runs the third even though prefills still wait.
-    assert planner.held_back(running, admitted_waiting=True) == [False, False]
-    assert planner.held_back(running, admitted_waiting=True) == [False, True]
+    assert planner.held_back(running, admitted_waiting=True).held == [False, False]
+    assert planner.held_back(running, admitted_waiting=True).held == [False, True]
     # Nothing waits: it runs, and its count starts over.
-    assert planner.held_back(running, admitted_waiting=False) == [False, False]
+    assert planner.held_back(running, admitted_waiting=False).held == [False, False]
     assert free.state.yielded_steps == 0
 
 
@@ -367,35 +371,35 @@ def test_decodes_without_tpot_yield_only_when_a_prompt_would_be_late():
     free = [decoding(f"free{i}", SLO.parse("2s", None)) for i in range(10)]
     # A 100-token prompt beside the ten decodes: one step of 10 + 110 ms; twice that is well within 1 s.
     short = arriving("short", SLO.parse("1s", None), 100)
-    assert planner.held_back(free, True, 0.0, [short]) == [False] * 10
+    assert planner.held_back(free, True, 0.0, [short]).held == [False] * 10
     assert all(r.state.yielded_steps == 0 for r in free)
     # A 300-token prompt with a 500 ms TTFT: 320 ms beside them, 640 ms with the margin. They sit out,
     # and its step is 310 ms.
     long = arriving("long", SLO.parse("500ms", None), 300)
-    assert planner.held_back(free, True, 0.0, [long]) == [True] * 10
+    assert planner.held_back(free, True, 0.0, [long]).held == [True] * 10
     # Several wait: one that would be late is enough (this one has waited 100 ms already, and the
     # short prompt's deadline comes after its own).
     waited = arriving("waited", SLO.parse("500ms", None), 300, arrival=-0.1)
-    assert planner.held_back(free, True, 0.0, [short, waited]) == [True] * 10
+    assert planner.held_back(free, True, 0.0, [short, waited]).held == [True] * 10
     # Only the first ``yield_lookahead`` prompts in prefill order are weighed: a 500-token prompt
     # with a 1,200 ms TTFT, behind the short one, comes late at twice its predicted time (after
     # the short prompt's 120 ms step, 10 + 11 + 500 ms: 2 x 641 ms), but with a lookahead of one
     # the check stops at the short prompt (and runs again next step).
     behind = arriving("behind", SLO.parse("1200ms", None), 500)
-    assert planner.held_back(free, True, 0.0, [short, behind]) == [True] * 10
+    assert planner.held_back(free, True, 0.0, [short, behind]).held == [True] * 10
     planner.yield_lookahead = 1
-    assert planner.held_back(free, True, 0.0, [short, behind]) == [False] * 10
+    assert planner.held_back(free, True, 0.0, [short, behind]).held == [False] * 10
     planner.yield_lookahead = 8
     # Without the waiting requests, or with the margin off, they sit out whenever one waits, as
     # admission assumes they may (still within ``max_yields`` in a row).
-    assert planner.held_back(free, True, 0.0) == [True] * 10
+    assert planner.held_back(free, True, 0.0).held == [True] * 10
     planner.yield_margin = None
-    assert planner.held_back(free, True, 0.0, [short]) == [True] * 10
+    assert planner.held_back(free, True, 0.0, [short]).held == [True] * 10
     assert all(r.state.yielded_steps == 2 for r in free)  # two in a row since they last ran
     # A paced decode never yields, and with no decode to yield nothing is predicted.
     planner.yield_margin = 1.0
     paced = [decoding("paced", LOOSE)]
-    assert planner.held_back(paced, True, 0.0, [long]) == [False]
+    assert planner.held_back(paced, True, 0.0, [long]).held == [False]
 
 
 def test_prefill_chunks_go_before_decodes_without_tpot():
@@ -462,14 +466,14 @@ def test_admission_predicts_that_decodes_without_tpot_yield_to_a_prompt():
 @pytest.mark.parametrize("speculate", [False, True])
 def test_decode_load_in_one_pass_is_the_decodes_added_one_by_one(speculate):
     """Admission's hot path counts the decodes per tier; it must say what adding them one by one says."""
-    from sloserve_runtime.planner import _DecodeLoad
-    from sloserve_runtime.speculation import TierSpeculation
+    from sloserve_runtime.core.planner.forecast import DecodeLoad
+    from sloserve_runtime.core.speculation import TierSpeculation
 
     speculation = TierSpeculation(MODEL, max_length=4, prior=0.6) if speculate else None
     planner = Planner(MODEL, max_budget=512, speculation=speculation)
     free = SLO.parse("2000ms", None)
     decodes = [decoding(f"d{i}", (TIGHT, LOOSE, free)[i % 3], context=50 + 7 * i) for i in range(20)]
-    folded = _DecodeLoad(math.inf, 0, 0, 0)
+    folded = DecodeLoad(math.inf, 0, 0, 0)
     for r in decodes:
         folded = planner._with_decode(folded, r.state.tpot_seconds, r.context + 1)
     assert planner._decode_load(decodes) == folded
@@ -496,7 +500,7 @@ def test_overhead_bench_walks_every_prefill_of_its_ttft_only_state():
     so the forward simulation walks each prefill chunk by chunk instead of stopping at the first."""
     import random
 
-    from sloserve_runtime.overhead import TTFT_ONLY, _live_states
+    from sloserve_runtime.measure.overhead import TTFT_ONLY, _live_states
 
     live = _live_states(64, MODEL, random.Random(0), (TTFT_ONLY,))
     queue = [r for r in live if not r.decoding]
@@ -506,20 +510,40 @@ def test_overhead_bench_walks_every_prefill_of_its_ttft_only_state():
 
 @pytest.mark.parametrize("admitted_waiting", [False, True])
 def test_budget_after_held_back_is_the_budget_of_a_fresh_look(admitted_waiting):
-    """``held_back`` sorts the running requests once for the step and ``token_budget`` reuses that;
-    the budget must be what a planner that sorts them again finds, and a changed list is sorted anew."""
+    """``held_back`` sorts the running requests once for the step and ``token_budget`` reuses that
+    through the ``Hold``; the budget must be what a look of its own finds, and a hold made for
+    another list is sorted anew. The planner keeps nothing between the calls."""
     running = [
         *(decoding(f"t{i}", TIGHT, context=40 + i) for i in range(2)),
         *(decoding(f"l{i}", LOOSE, context=60 + i) for i in range(2)),
         decoding("free", SLO.parse("2000ms", None)),
         *(best_effort(decoding(f"b{i}", LOOSE)) for i in range(4)),
     ]
-    reused, fresh = (Planner(PER_REQUEST, max_budget=512, headroom=1.0) for _ in range(2))
-    held = reused.held_back(running, admitted_waiting, now=1.0)
-    assert held == fresh.held_back(list(running), admitted_waiting, now=1.0)  # another list: sorted again
-    assert reused.token_budget(running, now=1.0) == fresh.token_budget(running, now=1.0)
+    planner = Planner(PER_REQUEST, max_budget=512, headroom=1.0)
+    hold = planner.held_back(running, admitted_waiting, now=1.0)
+    assert hold.held == planner.held_back(list(running), admitted_waiting, now=1.0).held
+    fresh = hold._replace(running=None)
+    assert planner.token_budget(running, now=1.0, hold=hold) == planner.token_budget(running, now=1.0, hold=fresh)
     # A list ``held_back`` did not see: the tight tier has left, so the step may run longer.
     loose_only = [r for r in running if r.state.tpot_seconds != TIGHT.tpot_ms / 1000]
-    reused.held_back(running, admitted_waiting, now=1.0)
-    assert reused.token_budget(loose_only, now=1.0) == fresh.token_budget(loose_only, now=1.0)
-    assert fresh.token_budget(loose_only, now=1.0) > fresh.token_budget(running, now=1.0)
+    loose_hold = hold._replace(held=[False] * len(loose_only))
+    assert planner.token_budget(loose_only, now=1.0, hold=loose_hold) == planner.token_budget(
+        loose_only, now=1.0, hold=loose_hold._replace(running=None)
+    )
+    assert planner.token_budget(loose_only, now=1.0) > planner.token_budget(running, now=1.0)
+
+
+def test_a_feasibility_query_leaves_the_planner_as_it_found_it():
+    """Admission and the router's forecast change no state: the same step planned before and after
+    them gets the same budget and speculation lengths, whatever they decided."""
+    planner = speculating_planner(0.9)
+    running = [decoding(f"l{i}", LOOSE, context=60 + i) for i in range(3)]
+    hold = planner.held_back(running, admitted_waiting=False, now=1.0)
+    before = planner.token_budget(running, now=1.0, hold=hold)
+    tiers = (TIGHT.tpot_ms / 1000, LOOSE.tpot_ms / 1000)
+    lengths = [planner.speculation.length(tpot) for tpot in tiers]
+    crowd = [decoding(f"c{i}", TIGHT, context=500) for i in range(30)]
+    planner.admit(1.0, arriving("new", TIGHT, 50), crowd)
+    planner.first_token_time(1.0, arriving("routed", LOOSE, 50), crowd)
+    assert [planner.speculation.length(tpot) for tpot in tiers] == lengths
+    assert planner.token_budget(running, now=1.0, hold=hold) == before

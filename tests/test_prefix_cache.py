@@ -10,13 +10,13 @@ import pytest
 
 from conftest import run_cli
 from sloserve.slo import SLO
-from sloserve_runtime.planner import LiveRequest, Planner
-from sloserve_runtime.scenarios import load_scenario
-from sloserve_runtime.simulator import SimConfig, simulate
-from sloserve_runtime.simulator.kv_cache import KVCache
-from sloserve_runtime.slo_state import SLORequestState
-from sloserve_runtime.step_time import LinearPiece, StepTimeModel, attended_pairs
-from sloserve_runtime.workload import ProgramSpec, StageSpec
+from sloserve_runtime.core.planner import LiveRequest, Planner
+from sloserve_runtime.core.slo_state import SLORequestState
+from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel, attended_pairs
+from sloserve_runtime.sim import SimConfig, simulate
+from sloserve_runtime.sim.kv_cache import KVCache
+from sloserve_runtime.workload.programs import ProgramSpec, StageSpec
+from sloserve_runtime.workload.scenarios import load_scenario
 
 MODEL = StepTimeModel("test-prefix", (LinearPiece(per_token=0.001, constant=0.01),), max_num_batched_tokens=512)
 LOOSE = SLO.parse("10x", "100ms")

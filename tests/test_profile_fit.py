@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sloserve_runtime.profile_fit import StepSample, fit_step_time
-from sloserve_runtime.profiler import read_steps
-from sloserve_runtime.simulator import SimConfig
-from sloserve_runtime.step_time import FLOAT32_PROFILE, PROFILES_DIR, LinearPiece, StepTimeModel, attended_pairs
+from sloserve_runtime.core.profile_fit import StepSample, fit_step_time
+from sloserve_runtime.core.step_time import FLOAT32_PROFILE, PROFILES_DIR, LinearPiece, StepTimeModel, attended_pairs
+from sloserve_runtime.measure.profiler import read_steps
+from sloserve_runtime.sim import SimConfig
 
 
 def synthetic(model: StepTimeModel, count: int, noise: float, seed: int = 1) -> list[StepSample]:

@@ -7,11 +7,11 @@ import math
 import pytest
 
 from sloserve.slo import SLO, judge
-from sloserve_runtime.planner import LiveRequest, Planner
-from sloserve_runtime.simulator import simulate
-from sloserve_runtime.slo_state import SLORequestState
-from sloserve_runtime.step_time import LinearPiece, StepTimeModel
-from sloserve_runtime.workload import ProgramSpec, StageSpec
+from sloserve_runtime.core.planner import LiveRequest, Planner
+from sloserve_runtime.core.slo_state import SLORequestState
+from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel
+from sloserve_runtime.sim import simulate
+from sloserve_runtime.workload.programs import ProgramSpec, StageSpec
 
 # 10 ms a step plus 0.1 ms a token, 512 tokens a step: a full step takes 61.2 ms.
 MODEL = StepTimeModel("promotion-test", (LinearPiece(per_token=0.0001, constant=0.010),), max_num_batched_tokens=512)

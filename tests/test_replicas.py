@@ -12,10 +12,10 @@ import openai
 import pytest
 
 from sloserve.slo import SLO
-from sloserve_runtime import server
-from sloserve_runtime.gateway import Gateway, InFlight
-from sloserve_runtime.slo_state import SLORequestState
-from sloserve_runtime.step_time import DEFAULT_PROFILE, StepTimeModel
+from sloserve_runtime.cluster.gateway import Gateway, InFlight
+from sloserve_runtime.core.slo_state import SLORequestState
+from sloserve_runtime.core.step_time import DEFAULT_PROFILE, StepTimeModel
+from sloserve_runtime.serving import server
 
 STEP_TIME = StepTimeModel.load(DEFAULT_PROFILE)
 
@@ -72,7 +72,7 @@ def test_round_robin_gateway_alternates():
 
 @pytest.fixture(scope="module")
 def deployment():
-    from sloserve_runtime.deployment import replicated
+    from sloserve_runtime.cluster.deployment import replicated
 
     with replicated(server.ServerOptions(), 2, router="slo") as running:
         yield running

@@ -7,9 +7,8 @@ import random
 import pytest
 
 from sloserve.slo import SLO
-from sloserve_runtime.metrics import summarize
-from sloserve_runtime.planner import LiveRequest, Planner
-from sloserve_runtime.router import (
+from sloserve_runtime.core.planner import LiveRequest, Planner
+from sloserve_runtime.core.router import (
     ROUTERS,
     LeastLoadedRouter,
     NoHealthyReplicaError,
@@ -19,12 +18,13 @@ from sloserve_runtime.router import (
     SLORouter,
     make_router,
 )
-from sloserve_runtime.simulator import simulate
-from sloserve_runtime.simulator.config import SimConfig
-from sloserve_runtime.simulator.loop import Simulation
-from sloserve_runtime.slo_state import SLORequestState
-from sloserve_runtime.step_time import LinearPiece, StepTimeModel
-from sloserve_runtime.workload import ProgramSpec, StageResult, StageSpec
+from sloserve_runtime.core.slo_state import SLORequestState
+from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel
+from sloserve_runtime.measure.summary import summarize
+from sloserve_runtime.sim import simulate
+from sloserve_runtime.sim.config import SimConfig
+from sloserve_runtime.sim.loop import Simulation
+from sloserve_runtime.workload.programs import ProgramSpec, StageResult, StageSpec
 
 # 10 ms a step plus 1 ms a token: easy arithmetic.
 MODEL = StepTimeModel("router-test", (LinearPiece(per_token=0.001, constant=0.010),), max_num_batched_tokens=512)

@@ -7,8 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from sloserve.slo import SLO
-from sloserve_runtime.scenarios import SCENARIO_NAMES, SCENARIOS_DIR, StageClass, load_scenario
-from sloserve_runtime.workload import ProgramSpec
+from sloserve_runtime.workload.programs import ProgramSpec
+from sloserve_runtime.workload.scenarios import SCENARIO_NAMES, SCENARIOS_DIR, StageClass, load_scenario
 
 
 def gaps(trace: list[ProgramSpec]) -> np.ndarray:

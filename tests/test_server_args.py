@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sloserve_runtime.hardware import cpu_dtype
-from sloserve_runtime.policies import POLICIES, scheduler_name
-from sloserve_runtime.server import ServerOptions, command, is_cpu_build
-from sloserve_runtime.step_time import (
+from sloserve_runtime.core.hardware import cpu_dtype
+from sloserve_runtime.core.policies import POLICIES, scheduler_name
+from sloserve_runtime.core.step_time import (
     DEFAULT_PROFILE,
     FLOAT32_PROFILE,
     PROFILES_DIR,
@@ -19,6 +18,7 @@ from sloserve_runtime.step_time import (
     engine_profile,
     resolve_profile,
 )
+from sloserve_runtime.serving.server import ServerOptions, command, is_cpu_build
 
 
 def test_cpu_dtype_follows_what_the_cpu_computes_natively(tmp_path):
@@ -83,8 +83,8 @@ def test_a_named_profile_wins_and_a_wrong_name_says_what_there_is():
 
 def test_max_yields_reaches_the_planner_inside_the_engine():
     """``sloserve serve --max-yields N`` travels in the scheduler's additional config to the planner."""
-    from sloserve_runtime.policies import make_policy
-    from sloserve_runtime.scheduler import SLOConfig
+    from sloserve_runtime.core.policies import make_policy
+    from sloserve_runtime.engine.config import SLOConfig
 
     args = command(ServerOptions(model="/models/any", max_yields=0))
     config = SLOConfig.from_additional_config(json.loads(args[args.index("--additional-config") + 1]))
@@ -104,18 +104,18 @@ def test_max_yields_reaches_the_planner_inside_the_engine():
 def test_stock_scheduler_runs_unchanged_and_with_a_step_log_only_times_its_steps(tmp_path):
     """``--scheduler vllm`` gives vLLM no scheduler class of ours; with ``--step-log`` it gets the
     recording one (vLLM's scheduler, timed), with the log and nothing of the planner's."""
-    from sloserve_runtime.scheduler import SLOConfig
+    from sloserve_runtime.engine.config import SLOConfig
 
     stock = command(ServerOptions(model="/models/any", scheduler="vllm"))
     assert "--scheduler-cls" not in stock and "--additional-config" not in stock
     log = str(tmp_path / "steps.jsonl")
     logged = command(ServerOptions(model="/models/any", scheduler="vllm", step_log=log))
-    assert logged[logged.index("--scheduler-cls") + 1] == "sloserve_runtime.scheduler.RecordingScheduler"
+    assert logged[logged.index("--scheduler-cls") + 1] == "sloserve_runtime.engine.scheduler.RecordingScheduler"
     config = SLOConfig.from_additional_config(json.loads(logged[logged.index("--additional-config") + 1]))
     assert config.step_log == log
     assert config.calibrate is False
     ours = command(ServerOptions(model="/models/any", step_log=log))
-    assert ours[ours.index("--scheduler-cls") + 1] == "sloserve_runtime.scheduler.SLOScheduler"
+    assert ours[ours.index("--scheduler-cls") + 1] == "sloserve_runtime.engine.scheduler.SLOScheduler"
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
@@ -126,7 +126,7 @@ def test_every_simulated_scheduler_can_be_served(name):
     if POLICIES[name].stock:
         assert "--scheduler-cls" not in args
         return
-    assert args[args.index("--scheduler-cls") + 1] == "sloserve_runtime.scheduler.SLOScheduler"
+    assert args[args.index("--scheduler-cls") + 1] == "sloserve_runtime.engine.scheduler.SLOScheduler"
     config = json.loads(args[args.index("--additional-config") + 1])
     assert config["sloserve"]["policy"] == name
 

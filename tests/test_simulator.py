@@ -13,10 +13,10 @@ import pytest
 
 from conftest import run_cli
 from sloserve.slo import SLO, judge
-from sloserve_runtime.simulator import SimConfig, simulate
-from sloserve_runtime.simulator.loop import Simulation
-from sloserve_runtime.step_time import PROFILES_DIR, LinearPiece, StepTimeModel
-from sloserve_runtime.workload import ProgramSpec, StageResult, StageSpec
+from sloserve_runtime.core.step_time import PROFILES_DIR, LinearPiece, StepTimeModel
+from sloserve_runtime.sim import SimConfig, simulate
+from sloserve_runtime.sim.loop import Simulation
+from sloserve_runtime.workload.programs import ProgramSpec, StageResult, StageSpec
 
 # A CPU-like engine: 512-token chunks, so a long prompt takes several steps to prefill.
 MODEL = StepTimeModel(
@@ -268,7 +268,7 @@ def test_simulate_cli_labels_speculating_schedulers(tmp_path):
 def test_a_request_that_arrives_mid_step_joins_when_the_step_ends(monkeypatch):
     """As vLLM's engine core adds requests between steps, the simulated engine admits a request
     that arrives during a step when that step ends, and an idle engine at once."""
-    from sloserve_runtime.simulator.engine import Engine
+    from sloserve_runtime.sim.engine import Engine
 
     model = StepTimeModel("toy", (LinearPiece(per_token=0.001, constant=0.010),), max_num_batched_tokens=512)
     slo = SLO.parse("5s", "100ms")

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from sloserve.slo import SLO
-from sloserve_runtime.slo_state import SLORequestState, slo_from_xargs, slo_to_xargs
-from sloserve_runtime.step_time import DEFAULT_PROFILE, LinearPiece, StepTimeModel
+from sloserve_runtime.core.slo_state import SLORequestState, slo_from_xargs, slo_to_xargs
+from sloserve_runtime.core.step_time import DEFAULT_PROFILE, LinearPiece, StepTimeModel
 
 MODEL = StepTimeModel(
     name="test",

@@ -7,7 +7,7 @@ import math
 import httpx
 import pytest
 
-from sloserve_runtime.speculation import AcceptanceRates, choose_length, expected_tokens, steps_for_tokens
+from sloserve_runtime.core.speculation import AcceptanceRates, choose_length, expected_tokens, steps_for_tokens
 
 
 def test_expected_tokens_follows_the_formula():
@@ -72,7 +72,7 @@ REPETITIVE = " ".join(["alpha beta gamma delta epsilon"] * 40)  # n-gram lookup 
 
 @pytest.fixture(scope="module")
 def speculating_engine():
-    from sloserve_runtime import server
+    from sloserve_runtime.serving import server
 
     options = server.ServerOptions(port=server.free_port(), extra_args=["--speculative-config", NGRAM])
     with server.embedded_server(options) as running:

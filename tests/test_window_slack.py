@@ -7,12 +7,12 @@ import math
 import pytest
 
 from sloserve.slo import SLO, judge
-from sloserve_runtime.planner import LiveRequest, Planner
-from sloserve_runtime.simulator import simulate
-from sloserve_runtime.slo_state import SLORequestState
-from sloserve_runtime.speculation import TierSpeculation
-from sloserve_runtime.step_time import LinearPiece, StepTimeModel
-from sloserve_runtime.workload import ProgramSpec, StageSpec
+from sloserve_runtime.core.planner import LiveRequest, Planner
+from sloserve_runtime.core.slo_state import SLORequestState
+from sloserve_runtime.core.speculation import TierSpeculation
+from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel
+from sloserve_runtime.sim import simulate
+from sloserve_runtime.workload.programs import ProgramSpec, StageSpec
 
 # 20 ms a step plus 1 ms a token: a decode-only step of a few requests is far under a 100 ms TPOT.
 MODEL = StepTimeModel("window-test", (LinearPiece(per_token=0.001, constant=0.020),), max_num_batched_tokens=512)
@@ -80,8 +80,8 @@ def test_speculated_tokens_count_once_each():
 
 def budget(planner: Planner, decodes: list[LiveRequest], now: float | None, admitted_waiting: bool = True) -> int:
     """The budget of a step at ``now``, asked as the engines ask: hold-back first, then the budget."""
-    planner.held_back(decodes, admitted_waiting, now)
-    return planner.token_budget(decodes, now=now)
+    hold = planner.held_back(decodes, admitted_waiting, now)
+    return planner.token_budget(decodes, now=now, hold=hold)
 
 
 def test_budget_spends_the_slack_on_an_admitted_prompt_and_then_holds_back():

@@ -26,8 +26,8 @@ from pathlib import Path
 from records import read_text
 from step_errors import BANDS, context_band
 
-from sloserve_runtime.calibration import StepTimeCalibration
-from sloserve_runtime.step_time import StepTimeModel, engine_profile, resolve_profile
+from sloserve_runtime.core.calibration import StepTimeCalibration
+from sloserve_runtime.core.step_time import StepTimeModel, engine_profile, resolve_profile
 
 FEATURES = ("tokens", "requests", "context_tokens", "attended")
 MODELS = ("profile", "line", "line + short memory")

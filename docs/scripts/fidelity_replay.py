@@ -31,13 +31,13 @@ from pathlib import Path
 
 from records import read_text
 
-from sloserve_runtime.calibration import StepTimeCalibration
-from sloserve_runtime.measure import TraceOptions, simulator_runner
-from sloserve_runtime.measure_cli import FIDELITY_METRICS, _fidelity_figures
-from sloserve_runtime.metrics import summarize
-from sloserve_runtime.scenarios import load_scenario
-from sloserve_runtime.simulator import SimConfig
-from sloserve_runtime.step_time import StepTimeModel, resolve_profile
+from sloserve_runtime.core.calibration import StepTimeCalibration
+from sloserve_runtime.measure.runs import TraceOptions, simulator_runner
+from sloserve_runtime.cli.measure import FIDELITY_METRICS, _fidelity_figures
+from sloserve_runtime.measure.summary import summarize
+from sloserve_runtime.workload.scenarios import load_scenario
+from sloserve_runtime.sim import SimConfig
+from sloserve_runtime.core.step_time import StepTimeModel, resolve_profile
 
 
 def shown(metric: str, value: float) -> str:

@@ -178,7 +178,7 @@ def measure(out: Path) -> None:
 
 
 def fit(measured: Path, profile_path: Path) -> None:
-    from sloserve_runtime.profile_fit import StepSample, fit_step_time
+    from sloserve_runtime.core.profile_fit import StepSample, fit_step_time
 
     info = json.loads((measured / "device.json").read_text())
     samples = [StepSample.from_record(json.loads(line)) for line in (measured / "steps.jsonl").read_text().splitlines()]

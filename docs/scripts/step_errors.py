@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from sloserve_runtime.step_time import StepTimeModel, engine_profile, resolve_profile
+from sloserve_runtime.core.step_time import StepTimeModel, engine_profile, resolve_profile
 
 BANDS = ("< 300", "300-800", ">= 800")  # mean KV context per request, tokens
 

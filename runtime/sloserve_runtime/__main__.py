@@ -1,5 +1,5 @@
 """`python -m sloserve_runtime` is the `sloserve` command."""
 
-from sloserve_runtime.cli import main
+from sloserve_runtime.cli.main import main
 
 main()

@@ -6,7 +6,6 @@ client sees them, and reads the server's own outcome from the final chunk.
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 import time
 import uuid
@@ -15,6 +14,7 @@ from typing import Any
 
 from openai import AsyncOpenAI
 
+from sloserve._context import StageCallError, current_run
 from sloserve._reassemble import Reassembler
 from sloserve.app import Program
 from sloserve.slo import SLO, Outcome, judge
@@ -22,12 +22,6 @@ from sloserve.stage import Stage
 from sloserve.tools import Tool, ToolCall
 
 PROGRAM_HEADER = "x-slo-program"  # which program run a stage call belongs to
-_current: contextvars.ContextVar[_ProgramRun] = contextvars.ContextVar("sloserve_program_run")
-
-
-class StageCallError(RuntimeError):
-    """A stage was called where it cannot run (outside a program, or outside its declared graph)."""
-
 
 @dataclass
 class RequestRecord:
@@ -67,16 +61,6 @@ class _ProgramRun:
             )
         self.called.append(stage.name)
         return LLM(self.session, self, stage)
-
-
-def current_session(stage_name: str) -> _ProgramRun:
-    try:
-        return _current.get()
-    except LookupError:
-        raise StageCallError(
-            f"stage {stage_name!r} was called outside a running program; call it from an "
-            "@app.program function run by `sloserve run app.py` or Session.run()"
-        ) from None
 
 
 class LLM:
@@ -210,8 +194,8 @@ class Session:
 
     async def run(self, program: Program, *args: Any, **kwargs: Any) -> Any:
         """Run one program; its stage calls are recorded under a fresh run id."""
-        token = _current.set(_ProgramRun(program, next(self._run_ids), self))
+        token = current_run.set(_ProgramRun(program, next(self._run_ids), self))
         try:
             return await program(*args, **kwargs)
         finally:
-            _current.reset(token)
+            current_run.reset(token)

@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sloserve._context import current_session
 from sloserve.slo import SLO
 
 StageFn = Callable[..., Awaitable[Any]]
@@ -37,8 +38,6 @@ class Stage:
         functools.update_wrapper(self, fn)
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from sloserve.session import current_session
-
         llm = current_session(self.name).llm_for(self)
         return await self.fn(llm, *args, **kwargs)
 

@@ -1,0 +1,345 @@
+"""The `sloserve` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sloserve.slo import SLO, SLOError, parse_tpot, parse_ttft
+from sloserve_runtime.cli import measure
+from sloserve_runtime.cli.app_loader import AppFileError, load_app, pick_program
+from sloserve_runtime.cli.runner import program_inputs, run_program
+from sloserve_runtime.core.policies import PLANNER_POLICIES, POLICIES, scheduler_name
+from sloserve_runtime.core.step_time import resolve_profile
+from sloserve_runtime.engine.notices import ADMISSION_MODES, REJECT
+from sloserve_runtime.measure.report import program_attainment, stage_table
+from sloserve_runtime.serving import server
+from sloserve_runtime.serving.model import ModelConversionError
+
+cli = typer.Typer(
+    name="sloserve",
+    help="Serve LLM programs whose stages have latency objectives.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(width=None if sys.stdout.isatty() else 200)
+errors = Console(stderr=True)
+USER_ERRORS = (AppFileError, ModelConversionError, server.ServerError, SLOError)
+
+ReplicasOption = Annotated[
+    int, typer.Option(min=1, help="Engine replicas on Ray, behind one endpoint that routes each request.")
+]
+RouterOption = Annotated[
+    str, typer.Option(help="With --replicas: slo (feasible with the most slack), round-robin or least-loaded.")
+]
+RayAddressOption = Annotated[
+    str | None, typer.Option(help="Join this Ray cluster (e.g. ray://head:10001 or auto) instead of a local one.")
+]
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", help="A vLLM model name or path (default: the embedded SmolLM2-135M-Instruct)."),
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    return typer.Exit(code=2)
+
+
+def _default_slo(ttft: str | None, tpot: str | None) -> SLO:
+    try:
+        ttft_ms, ttft_slowdown = parse_ttft(ttft, "--slo-ttft-ms")
+        return SLO(ttft_ms=ttft_ms, ttft_slowdown=ttft_slowdown, tpot_ms=parse_tpot(tpot, "--slo-tpot-ms"))
+    except SLOError as exc:
+        raise _fail(str(exc)) from None
+
+
+# `sloserve serve [MODEL] -- ARGS`: ARGS go to vLLM unchanged (split off before typer parses).
+_vllm_args: list[str] = []
+
+
+@cli.command()
+def serve(
+    model: Annotated[str | None, typer.Argument(help="A vLLM model name or path (default: embedded SmolLM2).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 exposes it to the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8011,
+    slo_ttft_ms: Annotated[str | None, typer.Option(help="Default TTFT target: ms, or a slowdown such as 3x.")] = None,
+    slo_tpot_ms: Annotated[str | None, typer.Option(help="Default TPOT target in ms.")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Require this key as a Bearer token.")] = None,
+    scheduler: Annotated[
+        str,
+        typer.Option(
+            help=f"One of {', '.join(POLICIES)}: sloserve is the SLO planner, vllm runs vLLM's stock scheduler; "
+            "the others are the ablations and baselines `sloserve simulate --scheduler` takes too."
+        ),
+    ] = "sloserve",
+    step_log: Annotated[
+        Path | None,
+        typer.Option(
+            help="Append one JSON line per engine step (features, durations, tokens emitted) to this file; "
+            "with --scheduler vllm, vLLM's stock scheduler decides and a thin subclass only times its steps."
+        ),
+    ] = None,
+    admission: Annotated[
+        str,
+        typer.Option(
+            help="What a request the planner cannot promise its SLO gets: best-effort (served from leftover "
+            "budget) or reject (HTTP 429 with Retry-After). A request may ask otherwise with x-slo-admission."
+        ),
+    ] = "best-effort",
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            help="The step-time profile the planner starts from: a bundled name (a100-opt13b-slos-serve, ...) "
+            "or a JSON from `sloserve profile` (default: the default model's, for the dtype this CPU runs)."
+        ),
+    ] = None,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            help="Refit the step-time profile to the steps this engine takes (online calibration); "
+            "--no-calibrate plans with the profile as shipped."
+        ),
+    ] = True,
+    max_yields: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Steps in a row a decode without a TPOT target may sit out while an admitted prompt waits "
+            "to start (default 4): more gets first tokens sooner, 0 keeps every decode batched (throughput).",
+        ),
+    ] = None,
+    replicas: ReplicasOption = 1,
+    router: RouterOption = "slo",
+    ray_address: RayAddressOption = None,
+) -> None:
+    """Run vLLM's OpenAI-compatible server with SLO scheduling. Args after -- go to vLLM."""
+    try:
+        scheduler = scheduler_name(scheduler)
+    except ValueError as exc:
+        raise _fail(f"--scheduler: {exc}") from None
+    if admission not in ADMISSION_MODES:
+        raise _fail(f"--admission {admission!r} is not one of {', '.join(ADMISSION_MODES)}")
+    stock = server.scheduler_cls(scheduler) is None
+    if admission == REJECT and stock:
+        raise _fail("--admission reject needs our scheduler (sloserve): vLLM's stock one admits everything")
+    if max_yields is not None and scheduler not in PLANNER_POLICIES:
+        if stock:
+            raise _fail("--max-yields is a setting of our planner (sloserve): vLLM's stock scheduler has none")
+        raise _fail(f"--max-yields is a setting of the planner; {scheduler} orders by deadline only")
+    if step_log is not None and not step_log.resolve().parent.is_dir():
+        raise _fail(f"--step-log {step_log}: folder {step_log.resolve().parent} does not exist")
+    if profile is not None:
+        try:
+            profile = str(resolve_profile(profile).resolve())
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    options = server.ServerOptions(
+        model=model,
+        host=host,
+        port=port,
+        default_slo=_default_slo(slo_ttft_ms, slo_tpot_ms),
+        api_key=api_key,
+        scheduler=scheduler,
+        profile=profile,
+        step_log=None if step_log is None else str(step_log.resolve()),
+        calibrate=calibrate,
+        max_yields=max_yields,
+        admission=admission,
+        extra_args=list(_vllm_args),
+    )
+    if not server.port_is_free(host, port):
+        raise _fail(f"port {port} on {host} is in use; pick another with --port")
+    if replicas > 1 or ray_address is not None:
+        _serve_replicated(options, replicas, router, ray_address)
+        return
+    try:
+        args = server.command(options)
+    except USER_ERRORS as exc:
+        raise _fail(str(exc)) from None
+    errors.print(
+        f"Serving {server.resolve_model(model)[1]} on {options.url} (scheduler: {scheduler}, admission: {admission})"
+    )
+    # vLLM's server takes over this process: signals and exit codes are its own.
+    os.execvpe(args[0], args, server.environment(options))
+
+
+def _check_router(router: str) -> None:
+    from sloserve_runtime.core.router import ROUTERS
+
+    if router not in ROUTERS:
+        raise _fail(f"--router {router!r} is not one of {', '.join(ROUTERS)}")
+
+
+def _serve_replicated(options: server.ServerOptions, replicas: int, router: str, ray_address: str | None) -> None:
+    from sloserve_runtime.cluster.deployment import serve_forever
+    from sloserve_runtime.cluster.replicas import ReplicaError
+
+    _check_router(router)
+    where = ray_address or "a local Ray instance"
+    errors.print(f"Starting {replicas} replicas of {server.resolve_model(options.model)[1]} on {where} ...")
+    errors.print(f"Serving on {options.url} (router: {router}, scheduler: {options.scheduler})")
+    try:
+        serve_forever(options, replicas, router, ray_address)
+    except (*USER_ERRORS, ReplicaError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@cli.command()
+def run(
+    app_file: Annotated[Path, typer.Argument(help="The app file, e.g. examples/reasoning/app.py.")],
+    app_args: Annotated[list[str] | None, typer.Argument(help="Arguments for the program (after --).")] = None,
+    model: ModelOption = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="Use this OpenAI-compatible endpoint instead of an embedded engine.")
+    ] = None,
+    program: Annotated[str | None, typer.Option(help="Which program to run, if the app has several.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Program runs in flight at once.")] = 1,
+    requests: Annotated[int | None, typer.Option(min=1, help="Program runs in all (default: one per example).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key for --endpoint.")] = None,
+    replicas: ReplicasOption = 1,
+    router: RouterOption = "slo",
+    ray_address: RayAddressOption = None,
+) -> None:
+    """Run an app's program on the embedded engine (or --endpoint) and print a per-stage SLO table."""
+    try:
+        app = load_app(app_file)
+        chosen = pick_program(app, program, app_file)
+        inputs = program_inputs(chosen, app_args or [], requests)
+        if endpoint is not None:
+            _run_and_report(app, chosen, inputs, endpoint, concurrency, api_key, model)
+            return
+        options = server.ServerOptions(model=model, port=server.free_port())
+        if replicas > 1 or ray_address is not None:
+            _run_replicated(app, chosen, inputs, options, concurrency, replicas, router, ray_address)
+            return
+        started = time.monotonic()
+        with console.status("Starting the embedded engine (about half a minute)..."):
+            running = server.start(options)
+        try:
+            with console.status("Warming the engine up (untimed requests)..."):
+                running.warm_up()
+            console.print(f"Engine ready in {time.monotonic() - started:.0f}s at {running.url}")
+            _run_and_report(app, chosen, inputs, running.url, concurrency, None, running.served_model)
+        finally:
+            running.stop()
+    except USER_ERRORS as exc:
+        raise _fail(str(exc)) from None
+
+
+@cli.command()
+def profile(
+    model: ModelOption = None,
+    out: Annotated[Path, typer.Option(help="Where to write the profile JSON.")] = Path("profile.json"),
+    quick: Annotated[bool, typer.Option(help="A smaller grid (about a minute on a CPU).")] = False,
+    steps_out: Annotated[Path | None, typer.Option(help="Also keep the raw measured steps (JSON lines).")] = None,
+) -> None:
+    """Time the live engine's steps over a grid, fit the step-time model, print R² and write the profile."""
+    from rich.progress import Progress
+
+    from sloserve_runtime.measure.profiler import ProfileGrid, profile_engine
+
+    grid = ProfileGrid(prompt_lengths=(16, 256, 1024), concurrency=(1, 8, 24), repeats=1) if quick else ProfileGrid()
+    try:
+        with Progress(console=console) as progress:
+            fit, metadata = profile_engine(model, grid, progress, steps_out)
+    except (*USER_ERRORS, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"Step-time model {fit.model.name} (seconds)")
+    for column in ("piece", "per token", "per request", "per context token", "per attended pair", "constant"):
+        table.add_column(column, justify="right")
+    for index, piece in enumerate(fit.model.pieces):
+        table.add_row(
+            str(index), f"{piece.per_token:.3e}", f"{piece.per_request:.3e}",
+            f"{piece.per_context_token:.3e}", f"{piece.per_attended_pair:.3e}", f"{piece.constant:.3e}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"R² on {fit.test_points} held-out steps: {fit.r2_heldout:.3f} (fitted on {fit.train_points})")
+    out.write_text(json.dumps(fit.model.to_json(**metadata), indent=2) + "\n")
+    console.print(f"Wrote {out}")
+
+
+def _run_replicated(app, chosen, inputs, options, concurrency, replicas, router, ray_address) -> None:  # noqa: ANN001
+    from sloserve_runtime.cluster.deployment import replicated
+    from sloserve_runtime.cluster.replicas import ReplicaError
+
+    _check_router(router)
+    started = time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            with console.status(f"Starting {replicas} engine replicas on Ray (a minute or two)..."):
+                running = stack.enter_context(replicated(options, replicas, router, ray_address))
+            with console.status("Warming the replicas up (untimed requests)..."):
+                server.warm_up(running.url, running.served_model)
+            console.print(f"{replicas} replicas ready in {time.monotonic() - started:.0f}s behind {running.url}")
+            _run_and_report(app, chosen, inputs, running.url, concurrency, None, running.served_model)
+    except ReplicaError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _run_and_report(app, chosen, inputs, base_url, concurrency, api_key, model) -> None:  # noqa: ANN001
+    import openai
+
+    try:
+        results, records = asyncio.run(
+            run_program(app, chosen, inputs, base_url, concurrency, api_key=api_key, model=model, console=console)
+        )
+    except openai.APIConnectionError as exc:
+        raise _fail(f"cannot reach the endpoint {base_url}: {exc}") from None
+    table = Table(title=f"{app.name}: {chosen.name}", show_lines=True)
+    table.add_column("input", overflow="fold")
+    table.add_column("output", overflow="fold")
+    for result in results:
+        shown = " ".join(map(str, result.inputs))
+        output = f"[red]{type(result.error).__name__}: {result.error}[/]" if result.error else str(result.output)
+        table.add_row(shown, output)
+    console.print(table)
+    console.print(stage_table(records))
+    met, total = program_attainment(records)
+    console.print(f"Program attainment: {met}/{total} runs met every stage's SLO")
+    failed = [result for result in results if result.error]
+    if failed:
+        raise _fail(f"{len(failed)} of {len(results)} program runs raised an error (shown above)")
+
+
+def _measuring(command):  # noqa: ANN001, ANN202 - wraps a typer command
+    """Report a user's mistake in a measuring command as one line, not a traceback."""
+    import functools
+
+    from sloserve_runtime.cli.measure import MeasureError
+
+    @functools.wraps(command)
+    def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        try:
+            return command(*args, **kwargs)
+        except (MeasureError, *USER_ERRORS) as exc:
+            raise _fail(str(exc)) from None
+        except httpx.HTTPError as exc:
+            raise _fail(f"the endpoint failed: {exc}") from None
+
+    return wrapped
+
+
+cli.command("simulate")(_measuring(measure.simulate_command))
+cli.command("bench")(_measuring(measure.bench_command))
+cli.command("overhead")(_measuring(measure.overhead_command))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"] and "--" in argv:
+        split = argv.index("--")
+        _vllm_args[:] = argv[split + 1 :]
+        argv = argv[:split]
+    cli(args=argv, prog_name="sloserve")

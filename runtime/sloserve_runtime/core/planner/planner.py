@@ -1,0 +1,71 @@
+"""The SLO planner of one engine: its settings, and the budget, admission and forecast it combines.
+
+Both the vLLM adapter and the simulator call it through a policy (``policies.PlannerPolicy``) on
+``LiveRequest`` views of their own request objects; the step pipeline (``core.step``) sets the
+order of those calls. Why each setting has its default, with the figures behind it, is in
+``docs/architecture.md`` (the planner's settings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sloserve_runtime.core.planner.admission import Admission
+from sloserve_runtime.core.planner.budget import Budget
+from sloserve_runtime.core.speculation import TierSpeculation
+from sloserve_runtime.core.step_time import StepTimeModel
+
+
+@dataclass
+class Planner(Budget, Admission):
+    """Budget and admission for one engine, from its step-time model.
+
+    It keeps nothing from one call to the next: a step's decisions pass from ``held_back`` to
+    ``token_budget`` as a ``Hold``, and a feasibility query leaves the planner as it found it.
+    """
+
+    step_time: StepTimeModel
+    max_budget: int  # the engine's own per-step token limit
+    # Speculation lengths per tier; None (or a max length of 1): every decode verifies one token.
+    speculation: TierSpeculation | None = None
+    # Plan steps this much shorter than the tightest TPOT. Only a hair: attainment is judged on
+    # windows of 10 tokens, over which an unbiased error of the step-time model averages out,
+    # while every share kept back costs decode slots and prefill budget. A step planned at
+    # exactly the bound would break it on clock rounding alone.
+    headroom: float = 0.99
+    # Window slack (``_window_bound``): the share of the TPOT each later token is planned to take
+    # after a step that spends its window's slack. None: every step is bounded by one TPOT.
+    window_reserve: float | None = None
+    # The share of each attainment window every step keeps back (``_share``: the per-step bound,
+    # window slack, the decode check of admission and ``overrun``, the forward simulation): how
+    # much slower than the model ten steps in a row have lately run (online calibration's
+    # ``window_margin``; 0 without).
+    window_margin: float = 0.0
+    # Steps in a row a decode without a TPOT target may give up to waiting prefills (``_yields``).
+    max_yields: int = 4
+    # Such decodes give a step up only when the admitted prompts would otherwise be late
+    # (``_yield_needed``): when their first tokens, predicted with those decodes in every step
+    # and this much slower than the model, would miss a deadline. None: whenever an admitted
+    # prompt waits. A yield is not free: vLLM's model runner drops the decodes that sit out from
+    # its persistent batch and adds them back, which slows the next step, and every step they
+    # sit out is output they do not produce.
+    yield_margin: float | None = 1.0
+    # The prompts that check weighs: the first this many in prefill order (the rest start later,
+    # and the check runs again every step, so a yield they come to need is still there for them).
+    yield_lookahead: int = 8
+    # With no TPOT target among the admitted decodes, a step may take this share of the tightest
+    # TTFT target among the admitted running requests (``_arrival_bound``): a prompt that arrives
+    # during a step waits for it. None: such steps fill the whole token budget. Every step also
+    # pays the engine's fixed time, so a shorter bound costs output throughput.
+    arrival_share: float | None = 0.7
+    # How best-effort requests that still wait for their first token are promised their SLO once
+    # room returns (``promote``): "none", "edf" (the arrival check, in deadline order) or "dp"
+    # (SLOs-Serve's dynamic programme: the most requests that fit together).
+    promotion: str = "edf"
+    # The earliest-deadline best-effort requests weighed for promotion each step.
+    promotion_candidates: int = 8
+    # The engine's cap on running requests (vLLM's ``max_num_seqs``). An admitted request that
+    # finds every place taken waits for one to finish, whatever the budget, so admission keeps
+    # the admitted requests within it, and best-effort requests give their places up to admitted
+    # ones (``make_room``). None: no cap.
+    max_running: int | None = None

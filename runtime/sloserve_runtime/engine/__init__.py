@@ -1,0 +1,1 @@
+"""The vLLM adapter: our scheduler in vLLM's engine core, its configuration, step log and notices."""

@@ -1,0 +1,354 @@
+"""The vLLM adapter: a thin subclass of vLLM's v1 ``Scheduler`` driven by our policy and planner.
+
+It maps each engine request onto an ``SLORequestState`` and a ``LiveRequest`` view (which import
+no vLLM) and calls the policy the simulator runs too (``sloserve``: ``PlannerPolicy``):
+
+* on arrival, admission: admitted, or best effort (served from leftover budget, preempted first);
+  the decision goes to the HTTP front end as a ``Notice`` (``admission.py``), which reports it
+  and, in ``reject`` mode, turns a refusal into HTTP 429;
+* before every step, vLLM's own queues are reordered (waiting: admitted first, earliest
+  first-token deadline first; running: admitted first, tightest next-token deadline first, so the
+  last is preempted first when KV memory runs out) and the step's token budget is narrowed to the
+  planner's (``max_num_scheduled_tokens`` for that one step);
+* before every step, too, admitted decodes that together no longer fit their TPOT (their
+  contexts grew, or calibration found the engine slower) are demoted to best effort, those with
+  the most context first, until the others fit (``Planner.overrun``); each demotion is logged;
+
+vLLM's ``schedule()`` then does the batching.
+
+With speculative decoding on (vLLM's ``--speculative-config``, e.g. n-gram), the drafts of each
+request are cut to its tier's speculation length, which the policy chooses as the simulator's
+does (``speculation.py``): the shortest that keeps the tier's TPOT with room to spare at the
+acceptance rate measured for that tier, raised to the length with the least marginal step time
+per token where drafts are cheap beside a request's cost (so on a CPU loose tiers leave the
+compute to tight ones, and on a GPU every tier drafts).
+
+Server-wide defaults, the step-time profile and an optional step log (for ``sloserve profile``)
+arrive as ``--additional-config '{"sloserve": {...}}'`` (see ``SLOConfig``). The step log is
+written by ``RecordingScheduler``, the base of ``SLOScheduler``; on its own it is vLLM's stock
+scheduler, deciding unchanged, with its steps timed (``sloserve serve --scheduler vllm --step-log``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from sloserve_runtime.core.planner import Decision, LiveRequest
+from sloserve_runtime.core.policies import make_policy
+from sloserve_runtime.core.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_xargs
+from sloserve_runtime.core.step import plan_step
+from sloserve_runtime.core.step_time import StepTimeModel
+from sloserve_runtime.engine.config import SLOConfig
+from sloserve_runtime.engine.lifecycle import die_with_server
+from sloserve_runtime.engine.notices import DEMOTED, PREEMPTED, PROMOTED, XARG_TAG, Notice, NoticePublisher
+from sloserve_runtime.engine.recorder import StepLog, StepRecorder, emitted_tokens
+
+# Under vLLM's logger, so the engine's log shows our lines in its own format.
+logger = init_logger(f"vllm.{__name__}")
+
+
+class RecordingScheduler(Scheduler):
+    """vLLM's v1 scheduler, deciding as vLLM does, that times each step into a step log.
+
+    ``sloserve serve --scheduler vllm --step-log FILE`` runs this one, so stock vLLM's steps and
+    token timeline can be laid beside ours; ``SLOScheduler`` builds on it. ``_schedule_step`` and
+    ``_after_output`` are what a subclass changes; the timing wraps them both.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        die_with_server()
+        super().__init__(*args, **kwargs)
+        self.slo_config = SLOConfig.from_additional_config(self.vllm_config.additional_config)
+        sinks = self._step_sinks()
+        self.step_recorder = StepRecorder(sinks) if sinks else None
+        # The step log also lays out the engine's token timeline (calibration needs none of it).
+        self.timeline = bool(self.slo_config.step_log)
+
+    def _step_sinks(self) -> list[Callable[[dict[str, Any]], None]]:
+        """Where each step's record goes."""
+        return [StepLog(self.slo_config.step_log).write] if self.slo_config.step_log else []
+
+    def add_request(self, request: Request) -> None:
+        if self.timeline:
+            self.step_recorder.arrived(request.request_id, request.arrival_time, time.time())
+        super().add_request(request)
+
+    def schedule(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's SchedulerOutput
+        started = time.perf_counter()
+        output = self._schedule_step(*args, **kwargs)
+        if self.step_recorder is not None:
+            self.step_recorder.scheduled(started, output, self.requests)
+        return output
+
+    def _schedule_step(self, *args: Any, **kwargs: Any):  # noqa: ANN202 - vLLM's SchedulerOutput
+        return super().schedule(*args, **kwargs)
+
+    def update_from_output(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's outputs
+        executed_at = time.perf_counter()
+        outputs = super().update_from_output(*args, **kwargs)
+        now = time.time()
+        self._after_output(now)
+        if self.step_recorder is not None:
+            emitted = emitted_tokens(outputs) if self.timeline else None
+            self.step_recorder.executed(executed_at, self.has_unfinished_requests(), now, emitted)
+        return outputs
+
+    def _after_output(self, now: float) -> None:
+        """A step's outputs are in, at wall-clock ``now``."""
+
+
+class SLOScheduler(RecordingScheduler):
+    """vLLM v1 scheduler that serves requests in SLO-deadline order."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The profile as shipped resolves TTFT slowdowns (an SLO's meaning does not drift); the
+        # policy plans with it as calibrated to the steps this engine takes.
+        self.step_time = StepTimeModel.load(self.slo_config.profile)
+        # With speculative decoding on, a step may verify 1 + num_spec_tokens tokens per request.
+        max_spec_length = 1 + (self.num_spec_tokens or 0)
+        self.slo_policy = make_policy(
+            self.slo_config.policy, self.step_time, self.max_num_scheduled_tokens, max_spec_length,
+            calibrate=self.slo_config.calibrate, max_yields=self.slo_config.max_yields,
+            max_running=self.max_num_running_reqs,
+        )  # fmt: skip
+        self.slo_states: dict[str, SLORequestState] = {}
+        self._logged_fit: tuple[tuple[float, float], int] | None = None  # the calibration last logged
+        self.notices = NoticePublisher(self.slo_config.notices) if self.slo_config.notices else None
+        self.step_view = _StepView(self)
+
+    def _step_sinks(self) -> list[Callable[[dict[str, Any]], None]]:
+        return super()._step_sinks() + ([self._observe_step] if self.slo_config.calibrate else [])
+
+    def add_request(self, request: Request) -> None:
+        state = self._state(request)
+        state.cached_tokens = self._cached_prefix(request)
+        live = [self._live(other) for other in (*self.running, *self.waiting)]
+        decision = self.slo_policy.admit(time.time(), self._live(request), live)
+        super().add_request(request)
+        self._notify(request, decision, live)
+
+    def _notify(self, request: Request, decision: Decision, live: list[LiveRequest]) -> None:
+        """Tell the front end what was decided (requests sent through our middleware carry a tag)."""
+        tag = self._tag(request)
+        if tag is None:
+            return
+        retry_after = 0.0
+        if not decision.admitted:
+            # Room returns once the admitted prefills ahead are done: the planner's own estimate.
+            backlog = sum(r.to_compute for r in live if not r.state.best_effort and not r.decoding)
+            retry_after = self.slo_policy.step_time.prefill_seconds(backlog)
+        self.notices.publish(Notice(tag, decision.admitted, decision.reason, retry_after))
+
+    def _notify_change(self, state: SLORequestState, change: str, reason: str) -> None:
+        """Tell the front end what changed for a request after its admission (``admission.CHANGES``)."""
+        request = self.requests.get(state.request_id)
+        tag = None if request is None else self._tag(request)
+        if tag is not None:
+            self.notices.publish(Notice(tag, not state.best_effort, reason, change=change))
+
+    def _tag(self, request: Request) -> str | None:
+        """The middleware's tag of the request, if notices go to a front end that waits for them."""
+        xargs = request.sampling_params.extra_args if request.sampling_params else None
+        tag = (xargs or {}).get(XARG_TAG)
+        return str(tag) if self.notices is not None and tag else None
+
+    def _observe_step(self, record: dict[str, Any]) -> None:
+        """A step's features and times, from the recorder: its whole cycle calibrates the policy's model."""
+        if "cycle_seconds" not in record:
+            return
+        refitted = self.slo_policy.observe_step(
+            int(record["tokens"]), int(record["requests"]), int(record["context_tokens"]),
+            int(record["attended"]), record["cycle_seconds"],
+        )  # fmt: skip
+        calibration = self.slo_policy.calibration
+        if refitted and calibration is not None:
+            fit = (round(calibration.scale, 2), round(calibration.offset * 1000, 1))
+            margin = round(calibration.window_margin * 100)
+            if (fit, margin) != self._logged_fit:  # a line when the fit moves, not one per refit
+                self._logged_fit = (fit, margin)
+                logger.info(
+                    "sloserve: step-time profile %s calibrated to this engine's last %d steps: "
+                    "scale %.2f, offset %+.1f ms (%d steps seen); windows planned %d %% short",
+                    self.step_time.name, len(calibration.samples), *fit, calibration.steps, margin,
+                )  # fmt: skip
+
+    def _live(self, request: Request) -> LiveRequest:
+        return LiveRequest.of(self._state(request), request.num_tokens, request.num_computed_tokens)
+
+    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        """vLLM sends a request back to recompute; its freed blocks keep their prefix cached."""
+        super()._preempt_request(request, *args, **kwargs)
+        state = self.slo_states.get(request.request_id)
+        if state is not None:
+            state.cached_tokens = self._cached_prefix(request)
+
+    def _cached_prefix(self, request: Request) -> int:
+        """Prompt tokens vLLM's prefix cache holds now for a request that has not started (a new
+        one, or one sent back to recompute): the blocks ``schedule()`` will find when it starts,
+        unless they are evicted first (read only; vLLM's own lookup happens then)."""
+        manager = self.kv_cache_manager
+        if not manager.prefix_cache_lookup_enabled(request) or not request.block_hashes:
+            return 0
+        # As vLLM's own lookup: the last token is always computed, for the logits of the next.
+        _, hit, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes, request.num_tokens - 1)
+        return hit
+
+    def _state(self, request: Request) -> SLORequestState:
+        state = self.slo_states.get(request.request_id)
+        if state is None:
+            state = self.slo_states[request.request_id] = self._new_state(request)
+        return state
+
+    def _new_state(self, request: Request) -> SLORequestState:
+        xargs = request.sampling_params.extra_args if request.sampling_params else None
+        slo = slo_from_xargs(xargs).merged_over(self.slo_config.default_slo)
+        arrival = (xargs or {}).get(XARG_ARRIVAL) or request.arrival_time or time.time()
+        return SLORequestState.create(
+            request.request_id, slo, float(arrival), request.num_prompt_tokens, self.step_time
+        )
+
+    def _schedule_step(self, *args: Any, **kwargs: Any):  # noqa: ANN202 - vLLM's SchedulerOutput
+        self._forget_finished()
+        plan = plan_step(self.slo_policy, self.step_view, time.time())
+        for request, hold in zip(self.running, plan.held, strict=True):
+            if hold:
+                # schedule() advances current_step by one, then skips requests not yet eligible.
+                request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
+        engine_budget = self.max_num_scheduled_tokens
+        self.max_num_scheduled_tokens = plan.token_budget
+        try:
+            return super()._schedule_step(*args, **kwargs)
+        finally:
+            self.max_num_scheduled_tokens = engine_budget
+
+    def _after_output(self, now: float) -> None:
+        """Note when each running request's new output tokens came: the planner's window slack."""
+        for request in self.running:
+            state = self.slo_states.get(request.request_id)
+            if state is not None and request.num_output_tokens > state.output_tokens:
+                state.record_output(now, request.num_output_tokens)
+
+    # ---- speculative decoding per tier ----
+
+    def update_draft_token_ids(self, draft_token_ids: Any) -> None:
+        """vLLM hands over the next step's drafts; keep as many as each request's tier should verify."""
+        super().update_draft_token_ids(draft_token_ids)
+        for request_id in draft_token_ids.req_ids:
+            request = self.requests.get(request_id)
+            if request is None or not request.spec_token_ids:
+                continue
+            keep = self.slo_policy.spec_length(self._state(request)) - 1
+            if len(request.spec_token_ids) > keep:
+                request.spec_token_ids = request.spec_token_ids[:keep]
+
+    def make_spec_decoding_stats(
+        self, spec_decoding_stats: Any, num_draft_tokens: int, num_accepted_tokens: int,
+        num_invalid_spec_tokens: dict[str, int] | None, request_id: str,
+    ) -> Any:  # fmt: skip
+        """vLLM counts one request's verified drafts: measure acceptance per tier, then count as vLLM does."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            invalid = (num_invalid_spec_tokens or {}).get(request_id, 0)
+            self.slo_policy.record_acceptance(self._state(request), num_draft_tokens - invalid, num_accepted_tokens)
+        return super().make_spec_decoding_stats(
+            spec_decoding_stats, num_draft_tokens, num_accepted_tokens, num_invalid_spec_tokens, request_id
+        )
+
+    def _forget_finished(self) -> None:
+        if len(self.slo_states) > len(self.requests):
+            for request_id in [rid for rid in self.slo_states if rid not in self.requests]:
+                del self.slo_states[request_id]
+
+
+
+
+class _StepView:
+    """``SLOScheduler``'s engine as the step pipeline sees it (``core.step.StepEngine``): views of
+    vLLM's own queues, and the changes a plan makes to them, told to the front end as notices."""
+
+    def __init__(self, scheduler: SLOScheduler) -> None:
+        self.scheduler = scheduler
+
+    def promotion_candidates(self, now: float) -> list[LiveRequest]:
+        s = self.scheduler
+        candidates = [
+            s._live(request) for request in (*s.running, *s.waiting)
+            if s._state(request).best_effort and request.num_output_tokens == 0
+            and s._state(request).first_token_deadline > now
+        ]  # fmt: skip
+        candidates.sort(key=lambda live: live.state.first_token_deadline)
+        return candidates
+
+    def admitted_requests(self) -> list[LiveRequest]:
+        s = self.scheduler
+        return [s._live(request) for request in (*s.running, *s.waiting) if not s._state(request).best_effort]
+
+    def promoted(self, requests: list[LiveRequest]) -> None:
+        # The front end keeps the decision it reported at arrival and learns of the change.
+        for view in requests:
+            self.scheduler._notify_change(view.state, PROMOTED, view.state.admission)
+
+    def order_queues(self) -> None:
+        s, policy = self.scheduler, self.scheduler.slo_policy
+        if isinstance(s.waiting, FCFSRequestQueue) and len(s.waiting) > 1:
+            ordered = sorted(s.waiting, key=lambda request: policy.waiting_key(s._state(request)))
+            s.waiting.clear()
+            s.waiting.extend(ordered)
+        if len(s.running) > 1:
+            s.running.sort(key=lambda request: policy.running_key(s._state(request), request.num_output_tokens))
+
+    def running_requests(self) -> list[LiveRequest]:
+        s = self.scheduler
+        return [s._live(request) for request in s.running]
+
+    def admitted_waiting_at_cap(self) -> int:
+        s = self.scheduler
+        if not s.waiting or len(s.running) < s.max_num_running_reqs:
+            return 0
+        return sum(1 for request in s.waiting if not s._state(request).best_effort)
+
+    def preempt(self, requests: list[LiveRequest]) -> None:
+        """Preempted as vLLM preempts for memory, their blocks kept cached for when they resume."""
+        s = self.scheduler
+        victims = {id(view.state) for view in requests}
+        timestamp = time.monotonic()
+        reason = f"preempted: its place went to an admitted request ({s.max_num_running_reqs} at once, max_num_seqs)"
+        for request in [request for request in s.running if id(s._state(request)) in victims]:
+            s.running.remove(request)
+            s._preempt_request(request, timestamp)
+            # As vLLM's reset_prefix_cache does: should it resume this step, the model runner gets
+            # its tokens afresh.
+            s.prev_step_scheduled_req_ids.discard(request.request_id)
+            s._notify_change(s._state(request), PREEMPTED, reason)
+        self.order_queues()  # vLLM put them at the front of the waiting queue: admitted requests go first
+
+    def demoted(self, requests: list[LiveRequest]) -> None:
+        for view in requests:
+            logger.info("Request %s %s", view.state.request_id, view.state.admission)
+            self.scheduler._notify_change(view.state, DEMOTED, view.state.admission)
+
+    def admitted_can_start(self) -> list[LiveRequest] | None:
+        s = self.scheduler
+        if not s.waiting or len(s.running) >= s.max_num_running_reqs:
+            return None
+        head = next(iter(s.waiting))  # admitted requests sort first
+        if s._state(head).best_effort:
+            return None
+        free_tokens = s.kv_cache_manager.block_pool.get_num_free_blocks() * s.block_size
+        if free_tokens < head.num_tokens - head.num_computed_tokens:
+            return None
+        return [s._live(request) for request in s.waiting if not s._state(request).best_effort]
+
+    def start_prefix(self) -> int | None:
+        s = self.scheduler
+        if not s.waiting or len(s.running) >= s.max_num_running_reqs:
+            return None
+        return s._state(next(iter(s.waiting))).cached_tokens  # the head of the ordered queue

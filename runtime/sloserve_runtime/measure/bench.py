@@ -1,0 +1,179 @@
+"""`sloserve bench`: replay a scenario's trace against an OpenAI-compatible endpoint and measure SLOs.
+
+Each stage call is a streamed ``/v1/completions`` request whose prompt is exactly
+``prompt_tokens`` random token ids and whose output is exactly ``output_tokens`` tokens
+(``ignore_eos``); the SLO travels in the body field ``slo``. Programs start at their trace arrival
+times; a program's stages run one after another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+from sloserve_runtime.core.step_time import StepTimeModel
+from sloserve_runtime.workload.programs import ProgramSpec, StageResult, StageSpec
+
+VOCAB_RANGE = (100, 20_000)  # token ids drawn for synthetic prompts
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where to send the trace."""
+
+    base_url: str  # e.g. http://127.0.0.1:8011/v1
+    api_key: str | None = None
+    # False: send no SLO with the requests, so the server's defaults (``--slo-ttft-ms``) apply;
+    # the trace's SLOs still judge the results.
+    send_slo: bool = True
+
+    def client(self) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=900, limits=limits)
+
+    def model_card(self) -> dict:
+        """The first served model: its id and (for vLLM) its max_model_len."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        response = httpx.get(f"{self.base_url}/models", headers=headers, timeout=30)
+        response.raise_for_status()
+        return response.json()["data"][0]
+
+
+def synthetic_prompt(
+    program_id: int, stage_index: int, length: int, salt: int, shared: Sequence[int] = ()
+) -> list[int]:
+    """``shared`` (what the program sent and got before, cut to the stage's shared prefix), then
+    random token ids; ``salt`` differs per run so no run hits the prefix cache an earlier run filled."""
+    rng = np.random.default_rng([salt, program_id, stage_index])
+    shared = list(shared[:length])
+    return shared + rng.integers(*VOCAB_RANGE, size=length - len(shared)).tolist()
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every call of one replay shares."""
+
+    client: httpx.AsyncClient
+    model: str
+    step_time: StepTimeModel
+    salt: int
+    start: float
+    send_slo: bool = True
+
+
+async def _stage_call(
+    run: _Run, program: ProgramSpec, index: int, stage: StageSpec, prompt: list[int]
+) -> tuple[StageResult, list[int]]:
+    """Send one stage call and stream its tokens; returns its result and the output token ids."""
+    output_ids: list[int] = []
+    body = {
+        "model": run.model,
+        "prompt": prompt,
+        "max_tokens": stage.output_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+    }
+    if run.send_slo:
+        body["slo"] = stage.slo.to_json()
+    zero_load_ms = run.step_time.prefill_seconds(stage.prompt_tokens) * 1000.0
+    result = StageResult(
+        program_id=program.program_id,
+        kind=program.kind,
+        stage=stage.name,
+        arrival=time.time(),
+        token_times=[],
+        prompt_tokens=stage.prompt_tokens,
+        output_tokens=stage.output_tokens,
+        ttft_target_ms=stage.slo.ttft_target_ms(zero_load_ms),
+        tpot_target_ms=stage.slo.tpot_ms,
+    )
+    try:
+        async with run.client.stream("POST", "/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
+                return result, output_ids
+            async for line in _sse_lines(response):
+                if not line.startswith("data:") or line.endswith("[DONE]"):
+                    continue
+                now = time.time()
+                chunk = json.loads(line[5:])
+                result.request_id = result.request_id or chunk.get("id")
+                _note_admission(result, chunk.get("slo"))
+                for choice in chunk.get("choices") or []:
+                    token_ids = choice.get("token_ids") or []
+                    output_ids.extend(token_ids)
+                    count = len(token_ids) or (1 if choice.get("text") else 0)
+                    result.token_times.extend([now] * count)
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result, output_ids
+
+
+def _note_admission(result: StageResult, outcome: dict | None) -> None:
+    """The scheduler's admission decision, from the ``slo`` outcome sloserve's last chunk carries
+    (none from a server without our scheduler, or with no decision for the call)."""
+    if not outcome or outcome.get("admission") is None:
+        return
+    result.admission = outcome.get("admission_reason") or outcome["admission"]
+    result.best_effort = outcome["admission"] != "admitted"
+
+
+async def _sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The stream's lines, split only at LF or CRLF as SSE says (httpx's ``aiter_lines`` also splits
+    at U+2028, U+0085 and the like, which a model's text may hold inside an event's JSON)."""
+    buffer = ""
+    async for text in response.aiter_text():
+        buffer += text
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if buffer:
+        yield buffer.removesuffix("\r")
+
+
+async def _program(run: _Run, program: ProgramSpec) -> list[StageResult]:
+    await asyncio.sleep(max(0.0, run.start + program.arrival_s - time.time()))
+    results = []
+    sent_and_got: list[int] = []  # the previous call's prompt and output: what later calls may lead with
+    for index, stage in enumerate(program.stages):
+        if stage.delay_s:
+            await asyncio.sleep(stage.delay_s)
+        shared = sent_and_got[: stage.shared_prefix_tokens]
+        prompt = synthetic_prompt(program.program_id, index, stage.prompt_tokens, run.salt, shared)
+        result, output_ids = await _stage_call(run, program, index, stage, prompt)
+        results.append(result)
+        if result.error:
+            break  # a later stage depends on this one's output
+        sent_and_got = prompt + output_ids
+    return results
+
+
+async def replay(
+    trace: list[ProgramSpec],
+    endpoint: Endpoint,
+    model: str,
+    step_time: StepTimeModel,
+    on_program_done: Callable[[], None] = lambda: None,
+) -> tuple[list[StageResult], float]:
+    """Send every program at its arrival time; return all stage results and the run's duration."""
+
+    async def tracked(run: _Run, program: ProgramSpec) -> list[StageResult]:
+        try:
+            return await _program(run, program)
+        finally:
+            on_program_done()
+
+    async with endpoint.client() as client:
+        run = _Run(client, model, step_time, salt=secrets.randbits(32), start=time.time(), send_slo=endpoint.send_slo)
+        per_program = await asyncio.gather(*(tracked(run, program) for program in trace))
+        duration = time.time() - run.start
+    return [result for results in per_program for result in results], duration

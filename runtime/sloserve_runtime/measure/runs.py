@@ -1,0 +1,116 @@
+"""Runs behind `sloserve simulate` and `sloserve bench`: one rate, a sweep, or a capacity search."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rich.progress import Progress
+
+from sloserve_runtime.measure.bench import Endpoint, replay
+from sloserve_runtime.measure.capacity import find_capacity
+from sloserve_runtime.measure.summary import Summary, summarize
+from sloserve_runtime.sim import SimConfig, simulate
+from sloserve_runtime.workload.programs import ProgramSpec, StageResult
+from sloserve_runtime.workload.scenarios import Scenario
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """How a scenario becomes a trace; the same options give the same trace."""
+
+    num_programs: int = 200
+    seed: int = 0
+    slo_scale: float = 1.0  # stretches every TPOT target, for slower hardware
+    length_scale: float = 1.0  # multiplies every prompt and output length
+    max_model_len: int | None = None  # clips each call to fit the model's context
+
+    def trace(self, scenario: Scenario, rate: float) -> list[ProgramSpec]:
+        return scenario.trace(
+            rate, self.num_programs, seed=self.seed, slo_scale=self.slo_scale,
+            length_scale=self.length_scale, max_model_len=self.max_model_len,
+        )  # fmt: skip
+
+
+@dataclass
+class Measurement:
+    """The outcome of one target (a scheduler in the simulator, or an endpoint) at one or more rates."""
+
+    label: str
+    probes: list[tuple[float, Summary]] = field(default_factory=list)  # (rate, summary), in probe order
+    capacity_rps: float | None = None  # set by a capacity search; the whole cluster's rate
+    results_at: dict[float, list[StageResult]] = field(default_factory=dict)  # raw results per rate
+    replicas: int = 1  # engine replicas the rates were spread over
+    router: str | None = None  # the router in front of them (None: one replica, nothing to route)
+
+    @property
+    def capacity_per_replica_rps(self) -> float | None:
+        return None if self.capacity_rps is None else self.capacity_rps / self.replicas
+
+    def at(self, rate: float) -> Summary:
+        return next(summary for probed, summary in reversed(self.probes) if probed == rate)
+
+    @property
+    def headline(self) -> tuple[float, Summary]:
+        """The capacity probe if there was a search, else the last rate run."""
+        if self.capacity_rps:
+            return self.capacity_rps, self.at(self.capacity_rps)
+        return self.probes[-1]
+
+
+Runner = Callable[[list[ProgramSpec]], tuple[list[StageResult], float]]
+
+
+def measure(
+    label: str,
+    run: Runner,
+    scenario: Scenario,
+    options: TraceOptions,
+    rates: list[float] | None,
+    capacity_start: float | None,
+    keep_results: bool = False,
+    replicas: int = 1,
+    router: str | None = None,
+) -> Measurement:
+    """Run the trace at each rate, or search the capacity starting from ``capacity_start``.
+
+    ``replicas`` and ``router`` only label the measurement: ``run`` is what serves the trace.
+    """
+    measurement = Measurement(label, replicas=replicas, router=router)
+
+    def attainment_at(rate: float) -> float:
+        results, duration = run(options.trace(scenario, rate))
+        summary = summarize(results, duration)
+        measurement.probes.append((rate, summary))
+        if keep_results:
+            measurement.results_at[rate] = results
+        return summary.program_attainment
+
+    if capacity_start is not None:
+        measurement.capacity_rps, _ = find_capacity(attainment_at, capacity_start)
+    for rate in rates or []:
+        attainment_at(rate)
+    return measurement
+
+
+def simulator_runner(policy: str, config: SimConfig, replicas: int = 1, router: str = "slo") -> Runner:
+    def run(trace: list[ProgramSpec]) -> tuple[list[StageResult], float]:
+        results = simulate(trace, policy, config.step_time, config, replicas, router)
+        end = max((t for result in results for t in result.token_times), default=0.0)
+        return results, max(end, trace[-1].arrival_s if trace else 0.0)
+
+    return run
+
+
+def endpoint_runner(endpoint: Endpoint, config: SimConfig, progress: Progress, label: str) -> Runner:
+    model = endpoint.model_card()["id"]
+
+    def run(trace: list[ProgramSpec]) -> tuple[list[StageResult], float]:
+        task = progress.add_task(f"{label}: {len(trace)} programs", total=len(trace))
+        try:
+            return asyncio.run(replay(trace, endpoint, model, config.step_time, lambda: progress.advance(task)))
+        finally:
+            progress.remove_task(task)
+
+    return run

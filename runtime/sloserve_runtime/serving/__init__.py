@@ -1,0 +1,1 @@
+"""Serving: vLLM's OpenAI server launched with our scheduler and middleware, SLO metrics, the embedded model."""

@@ -1,0 +1,1 @@
+"""Workloads: programs of stage calls, and the scenario files that generate their traces."""
