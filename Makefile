@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: run test venv docs clean
+.PHONY: run test bench venv docs clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ test: venv
 	$(BIN)/ruff check sdk runtime tests examples
 	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 	$(BIN)/pytest
+
+# The simulator tables and plots of docs/benchmarks.md (two processes; see the page for timing).
+bench: venv
+	$(BIN)/sloserve results
 
 docs: venv
 	$(BIN)/mkdocs serve

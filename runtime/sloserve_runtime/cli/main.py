@@ -334,6 +334,7 @@ def _measuring(command):  # noqa: ANN001, ANN202 - wraps a typer command
 cli.command("simulate")(_measuring(measure.simulate_command))
 cli.command("bench")(_measuring(measure.bench_command))
 cli.command("overhead")(_measuring(measure.overhead_command))
+cli.command("results")(_measuring(measure.results_command))
 
 
 def main(argv: list[str] | None = None) -> None:

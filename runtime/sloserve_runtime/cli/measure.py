@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -18,9 +17,18 @@ from sloserve_runtime.core.policies import ALIASES, POLICIES, scheduler_name
 from sloserve_runtime.core.router import ROUTERS
 from sloserve_runtime.core.step_time import DEFAULT_PROFILE, engine_profile, resolve_profile
 from sloserve_runtime.measure.bench import Endpoint
+from sloserve_runtime.measure.fidelity import FIDELITY_METRICS, engine_strays, fidelity
 from sloserve_runtime.measure.plots import attainment_and_ttft
+from sloserve_runtime.measure.results import Job, jobs, run_all, write_results
 from sloserve_runtime.measure.runs import Measurement, TraceOptions, endpoint_runner, measure, simulator_runner
-from sloserve_runtime.measure.summary import Summary, compare, summarize
+from sloserve_runtime.measure.summary import compare
+from sloserve_runtime.measure.tables import (
+    capacity_ratio_table,
+    json_entry,
+    results_table,
+    routing_table,
+    stage_table,
+)
 from sloserve_runtime.sim import SimConfig
 from sloserve_runtime.workload.scenarios import ALL_SCENARIOS, SCENARIO_NAMES, load_scenario
 from sloserve_runtime.workload.scenarios import Scenario as ScenarioSpec
@@ -125,92 +133,6 @@ def _profile(path: str, option: str = "--profile") -> SimConfig:
         return SimConfig.from_profile(resolve_profile(path, option))
     except ValueError as exc:
         raise MeasureError(str(exc)) from None
-
-
-def _summary_row(summary: Summary) -> list[str]:
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value:.0f}"
-
-    return [
-        f"{100 * summary.program_attainment:.1f}%", f"{100 * summary.attainment:.1f}%",
-        f"{summary.goodput_rps:.2f}", ms(summary.ttft_ms.p50), ms(summary.ttft_ms.p90), ms(summary.ttft_ms.p99),
-        ms(summary.tpot_ms.p50), ms(summary.tpot_ms.p90), f"{summary.output_throughput_tps:.0f}",
-        "-" if summary.admitted_attainment is None else f"{100 * summary.admitted_attainment:.1f}%",
-        f"{summary.best_effort_completed}/{summary.best_effort}" if summary.best_effort else "-",
-    ]  # fmt: skip
-
-
-SUMMARY_COLUMNS = (
-    "attain", "req attain", "goodput/s", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p90", "tok/s",
-    "admitted attain", "best effort done",
-)  # fmt: skip
-
-
-def results_table(title: str, rows: list[tuple[str, str, Measurement]]) -> Table:
-    """One row per rate run (or the capacity probe); replica columns when any target has several."""
-    clustered = any(measurement.replicas > 1 for _, _, measurement in rows)
-    columns = ("scenario", "scheduler", *(("replicas", "router") if clustered else ()), "rate", "capacity")
-    table = Table(title=title)
-    for column in (*columns, *(("per replica",) if clustered else ()), *SUMMARY_COLUMNS):
-        table.add_column(column, justify="left" if column in ("scenario", "scheduler", "router") else "right")
-    for scenario, label, measurement in rows:
-        cluster = (str(measurement.replicas), measurement.router or "-") if clustered else ()
-        per_replica = (_rate(measurement.capacity_per_replica_rps),) if clustered else ()
-        for rate, summary in measurement.probes if measurement.capacity_rps is None else [measurement.headline]:
-            capacity = _rate(measurement.capacity_rps)
-            table.add_row(scenario, label, *cluster, f"{rate:.3g}", capacity, *per_replica, *_summary_row(summary))
-    return table
-
-
-def stage_table(title: str, rows: list[tuple[str, str, Measurement]]) -> Table:
-    """Per stage and rate run: how many calls met their SLO, and which half the others missed."""
-    table = Table(title=title)
-    for column in ("scheduler", "rate", "stage", "calls", "met", "TTFT met", "TPOT met"):
-        table.add_column(column, justify="left" if column in ("scheduler", "stage") else "right")
-    for _, label, measurement in rows:
-        for rate, summary in measurement.probes:
-            for stage, part in summary.by_stage.items():
-                shares = (f"{share:.1%}" for share in (part.attainment, part.ttft_met, part.tpot_met))
-                table.add_row(label, f"{rate:.3g}", stage, str(part.requests), *shares)
-    return table
-
-
-def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}"
-
-
-def json_entry(scenario: str, label: str, measurement: Measurement, detailed: bool = False) -> dict:
-    """One scenario x scheduler (or endpoint) of the JSON; ``detailed``: each probe also lists its
-    calls, every token's time among them (``bench --save-detailed``)."""
-    rate, summary = measurement.headline
-    return {
-        "scenario": scenario,
-        "scheduler": label,
-        "rate": rate,
-        "attainment": summary.program_attainment,
-        "request_attainment": summary.attainment,
-        "capacity_rps": measurement.capacity_rps,
-        "replicas": measurement.replicas,
-        "router": measurement.router,
-        "capacity_per_replica_rps": measurement.capacity_per_replica_rps,
-        "ttft_p90_ms": summary.ttft_ms.p90,
-        "tpot_p90_ms": summary.tpot_ms.p90,
-        "goodput_rps": summary.goodput_rps,
-        "output_throughput_tps": summary.output_throughput_tps,
-        "admitted_attainment": summary.admitted_attainment,
-        "best_effort": summary.best_effort,
-        "best_effort_completed": summary.best_effort_completed,
-        "probes": [
-            {"rate": r, **s.to_json(), **({"calls": _calls(measurement, r)} if detailed else {})}
-            for r, s in measurement.probes
-        ],
-    }
-
-
-def _calls(measurement: Measurement, rate: float) -> list[dict]:
-    """The calls of the run at ``rate`` (the last, if a search ran it twice), as vLLM's benchmark
-    saves them with --save-detailed: when each was sent and when each of its tokens came."""
-    return [dataclasses.asdict(result) for result in measurement.results_at.get(rate, [])]
 
 
 def simulate_command(
@@ -319,16 +241,16 @@ def simulate_command(
                     progress.advance(task)
     console.print(results_table(f"Simulated on {config.step_time.name}", rows))
     if capacity and any(label == "vllm" for label, _, _ in schedulers):
-        _print_capacity_ratios(rows, "vllm")
+        console.print(capacity_ratio_table(rows, "vllm"))
     if capacity and any(count > 1 for count, _ in clusters):
-        _print_routing(rows)
+        console.print(routing_table(rows))
     if json_out is not None:
         payload = {
             "profile": config.step_time.name, "num_requests": num_requests, "seed": seed,
             "spec_acceptance": spec_acceptance if any(drafts) else None,
             "planner_profile": None if planner_profile is None else config.scheduler_step_time.name,
             "calibrate": calibrate,
-            **_engine_strays(config),
+            **engine_strays(config),
         }  # fmt: skip
         _write_json(json_out, {**payload, "results": [json_entry(*row) for row in rows]})
     if plot is not None:
@@ -337,48 +259,6 @@ def simulate_command(
 
 def _columns() -> tuple:
     return (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-
-
-def _target(label: str, measurement: Measurement) -> str:
-    """A scheduler's name, with its cluster (``sloserve 4x slo``) when it has several replicas."""
-    return label if measurement.replicas == 1 else f"{label} {measurement.replicas}x {measurement.router}"
-
-
-def _print_capacity_ratios(rows: list[tuple[str, str, Measurement]], baseline: str) -> None:
-    """Each scheduler's capacity over ``baseline``'s on the same scenario and cluster."""
-    table = Table(title=f"Capacity ratio over {baseline}")
-    table.add_column("scheduler")
-    table.add_column("per scenario")
-    table.add_column("geometric mean", justify="right")
-    base = {(scenario, m.replicas, m.router): m.capacity_rps for scenario, label, m in rows if label == baseline}
-    for target in dict.fromkeys(_target(label, m) for _, label, m in rows if label != baseline):
-        ratios = {
-            name: m.capacity_rps / base[name, m.replicas, m.router]
-            for name, label, m in rows
-            if _target(label, m) == target and base.get((name, m.replicas, m.router))
-        }
-        geo = statistics.geometric_mean(ratios.values()) if ratios and all(ratios.values()) else 0.0
-        table.add_row(target, ", ".join(f"{s} {r:.2f}x" for s, r in ratios.items()), f"{geo:.2f}x")
-    console.print(table)
-
-
-def _print_routing(rows: list[tuple[str, str, Measurement]]) -> None:
-    """Capacity per replica against one replica's, and each router's against round-robin's at the same K."""
-    table = Table(title="Routing: capacity per replica")
-    for column in ("scenario", "scheduler", "replicas", "router", "cluster", "per replica", "vs 1 replica",
-                   "vs round-robin"):  # fmt: skip
-        table.add_column(column, justify="left" if column in ("scenario", "scheduler", "router") else "right")
-    capacity = {(scenario, label, m.replicas, m.router): m.capacity_rps or 0.0 for scenario, label, m in rows}
-    for scenario, label, m in rows:
-        single = capacity.get((scenario, label, 1, None))
-        round_robin = capacity.get((scenario, label, m.replicas, "round-robin"))
-        per_replica = m.capacity_per_replica_rps or 0.0
-        table.add_row(
-            scenario, label, str(m.replicas), m.router or "-", f"{m.capacity_rps or 0.0:.3g}", f"{per_replica:.3g}",
-            f"{per_replica / single:.2f}x" if single else "-",
-            f"{m.capacity_rps / round_robin:.2f}x" if round_robin and m.capacity_rps else "-",
-        )  # fmt: skip
-    console.print(table)
 
 
 def _plot(path: Path, title: str, rows: list[tuple[str, str, Measurement]]) -> None:
@@ -475,16 +355,16 @@ def bench_command(
         config, step_noise=step_noise, step_noise_correlation=step_noise_correlation, calibrate=step_noise > 0,
         frontend_in_seconds=frontend_in_ms / 1000.0, frontend_out_seconds=frontend_out_ms / 1000.0,
     )  # fmt: skip
-    fidelity = [
-        _fidelity(row[2], policy, simulated, spec, options) for row, policy in zip(rows, policies, strict=False)
+    fidelities = [
+        fidelity(row[2], policy, simulated, spec, options) for row, policy in zip(rows, policies, strict=False)
     ]
-    if fidelity:
-        _print_fidelity(fidelity, config)
+    if fidelities:
+        _print_fidelity(fidelities, config)
     if json_out is not None:
         payload = {
             "scenario": scenario,
             "results": [json_entry(*row, detailed=save_detailed) for row in rows],
-            "fidelity": fidelity,
+            "fidelity": fidelities,
         }
         _write_json(json_out, payload)
     if plot is not None:
@@ -508,48 +388,11 @@ def _print_comparison(ours: Measurement, theirs: Measurement) -> None:
     console.print(table)
 
 
-FIDELITY_METRICS = ("ttft_p50_ms", "ttft_p90_ms", "tpot_p90_ms", "attainment")
-
-
-def _fidelity_figures(summary: Summary) -> dict[str, float | None]:
-    return {
-        "ttft_p50_ms": summary.ttft_ms.p50,
-        "ttft_p90_ms": summary.ttft_ms.p90,
-        "tpot_p90_ms": summary.tpot_ms.p90,
-        "attainment": summary.program_attainment,
-    }
-
-
-def _fidelity(real: Measurement, policy: str, config: SimConfig, spec: ScenarioSpec, options: TraceOptions) -> dict:
-    """Simulate the very traces the endpoint served; relative error of each figure, per rate."""
-    runner = simulator_runner(policy, config)
-    rows = []
-    for rate, summary in real.probes:
-        simulated = summarize(*runner(options.trace(spec, rate)))
-        measured, predicted = _fidelity_figures(summary), _fidelity_figures(simulated)
-        errors = {
-            key: abs(predicted[key] - measured[key]) / measured[key] if measured[key] and predicted[key] is not None
-            else None
-            for key in FIDELITY_METRICS
-        }  # fmt: skip
-        rows.append({"rate": rate, "real": measured, "simulated": predicted, "relative_error": errors})
-    return {"endpoint": real.label, "simulated_as": policy, "rates": rows, **_engine_strays(config)}
-
-
-def _engine_strays(config: SimConfig) -> dict:
-    """How the simulated engine strays from the profile, for the JSON: its step noise and front end."""
-    frontend_ms = [round(1000.0 * config.frontend_in_seconds, 3), round(1000.0 * config.frontend_out_seconds, 3)]
-    return {
-        "step_noise": [config.step_noise, config.step_noise_correlation] if config.step_noise else None,
-        "frontend_ms": frontend_ms if any(frontend_ms) else None,
-    }
-
-
-def _print_fidelity(fidelity: list[dict], config: SimConfig) -> None:
+def _print_fidelity(results: list[dict], config: SimConfig) -> None:
     table = Table(title=f"Fidelity: real engine vs simulator ({config.step_time.name}), relative error")
     for column in ("endpoint", "simulated as", "rate", *FIDELITY_METRICS):
         table.add_column(column, justify="right" if column in FIDELITY_METRICS or column == "rate" else "left")
-    for entry in fidelity:
+    for entry in results:
         for row in entry["rates"]:
             cells = []
             for key in FIDELITY_METRICS:
@@ -558,10 +401,6 @@ def _print_fidelity(fidelity: list[dict], config: SimConfig) -> None:
                 cells.append(f"{shown} ({_short(real)} vs {_short(simulated)})")
             table.add_row(entry["endpoint"], entry["simulated_as"], f"{row['rate']:.3g}", *cells)
     console.print(table)
-
-
-def _short(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}"
 
 
 def overhead_command(
@@ -600,3 +439,36 @@ def overhead_command(
         )  # fmt: skip
         table.add_row(str(size), *(f"{value:.3f}" for value in figures))
     console.print(table)
+
+
+def _short(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def results_command(
+    page: Annotated[Path, typer.Option(help="The results page whose bench: blocks are rewritten.")] = Path(
+        "docs/benchmarks.md"
+    ),
+    data: Annotated[Path, typer.Option(help="Where the data files and plots go.")] = Path("docs/data"),
+    processes: Annotated[int, typer.Option(min=1, help="Capacity searches run at once (one per core).")] = 2,
+) -> None:
+    """Regenerate the simulator tables of the results page (what `make bench` runs): every scenario's
+    capacity, ours and stock vLLM, with and without speculation, on the A100 and H200 profiles."""
+    if not page.is_file():
+        raise MeasureError(f"--page {page}: no such file; run from the project root or give the page's path")
+    if not data.is_dir():
+        raise MeasureError(f"--data {data}: no such folder")
+    todo = jobs()
+    with Progress(*_columns(), console=console) as progress:
+        task = progress.add_task("Capacity searches", total=len(todo))
+
+        def advance(job: Job) -> None:
+            progress.update(task, advance=1, description=f"Done {job.table.marker} / {job.scenario} / {job.label}")
+
+        entries = run_all(todo, processes, advance)
+    try:
+        written = write_results(entries, page, data)
+    except ValueError as exc:
+        raise MeasureError(f"--page {page}: {exc}") from None
+    for path in written:
+        console.print(f"Wrote {path}")

@@ -38,3 +38,19 @@ def attainment_and_ttft(
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def capacity_bars(path: Path, title: str, scenarios: Sequence[str], capacities: Mapping[str, Sequence[float]]) -> Path:
+    """Grouped bars: each series' capacity per scenario, on a log scale (they span orders of magnitude)."""
+    figure, axes = plt.subplots(figsize=(11, 4.2))
+    width = 0.8 / max(len(capacities), 1)
+    positions = np.arange(len(scenarios))
+    for index, (label, values) in enumerate(capacities.items()):
+        axes.bar(positions + (index - (len(capacities) - 1) / 2) * width, values, width, label=label)
+    axes.set_xticks(positions, scenarios)
+    axes.set(ylabel="capacity (programs/s)", yscale="log", title=title)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,69 @@
+"""`make bench` rewrites only its blocks of the results page, with tables computed from the searches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sloserve_runtime.measure.results import SIX, TABLES, CapacityTable, jobs, replace_block, run_job, write_results
+
+PAGE = """# Benchmarks
+
+Some prose that stays.
+
+<!-- bench:a100 -->
+old table
+<!-- /bench:a100 -->
+
+More prose.
+
+<!-- bench:h200 -->
+old
+<!-- /bench:h200 -->
+
+<!-- bench:plots -->
+<!-- /bench:plots -->
+"""
+
+
+def fake_entries(tables: tuple[CapacityTable, ...]) -> dict:
+    """Ours at twice stock's capacity without speculation, and at three times with it."""
+    entries = {}
+    for job in jobs(tables):
+        base = 0.5 if job.scenario in SIX else 0.25
+        factor = (2.0 if job.scheduler == "sloserve" else 1.0) * (3.0 if job.drafts else 1.0)
+        entries[job] = {"scenario": job.scenario, "scheduler": job.label, "capacity_rps": base * factor}
+    return entries
+
+
+def test_the_page_gets_each_table_its_data_and_plots_and_keeps_its_prose(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    page.write_text(PAGE)
+    written = write_results(fake_entries(TABLES), page, tmp_path)
+    text = page.read_text()
+    assert "Some prose that stays." in text and "More prose." in text and "old table" not in text
+    for table in TABLES:
+        block = text.split(f"<!-- bench:{table.marker} -->")[1].split(f"<!-- /bench:{table.marker} -->")[0]
+        assert f"--profile {table.profile}" in block and f"--num-requests {table.num_programs}" in block
+        assert "| chatbot | 1 | 0.5 | 3 | 1.5 | 2.00x | 6.00x | 2.00x |" in block
+        assert "| **geo mean (six)** |  |  |  |  | **2.00x** | **6.00x** | **2.00x** |" in block
+        assert "| burst | 0.5 | 0.25 | 1.5 | 0.75 | 2.00x | 6.00x | 2.00x |" in block
+        data = json.loads((tmp_path / table.data_file).read_text())
+        assert data["profile"] == table.profile and len(data["results"]) == len(jobs([table]))
+        assert f"![sim-{table.marker}-capacity](sim-{table.marker}-capacity.png)" in text
+    assert all(path.exists() for path in written)
+
+
+def test_a_page_without_the_markers_is_refused():
+    with pytest.raises(ValueError, match="bench:a100"):
+        replace_block("# no markers here\n", "a100", "table")
+
+
+def test_one_search_gives_the_capacity_simulate_gives():
+    """A job is `sloserve simulate --capacity` for one scenario, scheduler and speculation length."""
+    small = CapacityTable("small", "a100-opt13b-slos-serve", 20, speculative_tokens=(0,))
+    job = next(job for job in jobs([small]) if job.scenario == "chatbot" and job.scheduler == "vllm")
+    entry = run_job(job)
+    assert entry["scheduler"] == "vllm" and entry["capacity_rps"] > 0
+    assert entry["attainment"] >= 0.9
