@@ -1,5 +1,8 @@
 """The vLLM adapter and the simulator decide alike: same admissions, same batches, step after step.
 
+Both plan each step with the one pipeline (``core.step.plan_step``); what this checks is that
+the two engines' views of their queues, and the way each applies a plan, agree with each other.
+
 ``SLOScheduler`` (our subclass of vLLM's v1 ``Scheduler``) is built in-process on the default
 model's engine config, with a hand-made KV cache and no model: each "forward pass" samples one
 fixed token for every request whose tokens are all computed. The simulator's ``Engine`` gets the

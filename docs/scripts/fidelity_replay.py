@@ -33,7 +33,7 @@ from records import read_text
 
 from sloserve_runtime.core.calibration import StepTimeCalibration
 from sloserve_runtime.measure.runs import TraceOptions, simulator_runner
-from sloserve_runtime.cli.measure import FIDELITY_METRICS, _fidelity_figures
+from sloserve_runtime.measure.fidelity import FIDELITY_METRICS, fidelity_figures
 from sloserve_runtime.measure.summary import summarize
 from sloserve_runtime.workload.scenarios import load_scenario
 from sloserve_runtime.sim import SimConfig
@@ -132,7 +132,7 @@ def main() -> None:
                     last, step_time=exact.step_time.calibrated(scale, offset), planner_step_time=exact.step_time
                 )
                 runs.append(at_steps)
-            figures = [_fidelity_figures(summarize(*simulator_runner(policy, c)(trace))) for c in runs]
+            figures = [fidelity_figures(summarize(*simulator_runner(policy, c)(trace))) for c in runs]
             for metric in FIDELITY_METRICS:
                 real = row["real"][metric]
                 measured = "-" if real is None else shown(metric, real)

@@ -1,8 +1,8 @@
 """Online calibration: the step-time model, corrected by the steps the engine actually takes.
 
 A profile is measured once, on one machine, under one load; the engine that serves drifts from it
-(another machine, a busier front end, a warmer cache). A planner whose model says steps take 48 ms
-when they take 32 ms cuts prompts into needlessly small chunks and refuses requests it could serve;
+(another machine, a busier front end, a warmer cache). A planner whose model says steps take half again
+as long as they do cuts prompts into needlessly small chunks and refuses requests it could serve;
 one whose model is too fast makes promises it breaks. So the engine reports each step it runs
 (features and the seconds its whole cycle took) and the model is refitted, every ``refit_every``
 steps, as ``observed = scale * predicted + offset`` over the last ``window`` steps.

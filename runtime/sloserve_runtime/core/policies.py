@@ -1,8 +1,9 @@
 """Scheduling policies: ordering, token budget and admission, shared by the vLLM adapter and the simulator.
 
 A policy sees only ``SLORequestState`` and ``LiveRequest`` views, never an engine object, so the
-vLLM adapter (``scheduler.py``) and the simulator (``simulator/``) call the very same code.
-Policies are registered by name in ``POLICIES``.
+vLLM adapter (``engine/scheduler.py``) and the simulator (``sim/``) call the very same code,
+through the step pipeline (``core/step.py``). Policies are registered by name in ``POLICIES``:
+the one list of schedulers ``sloserve serve`` and ``sloserve simulate`` take.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ class SchedulingPolicy(ABC):
 
     Rules for callers: call ``waiting_key``/``running_key`` on every request of the queue and sort
     ascending (stable); the first request is served first, and the last running request is the
-    first to be preempted when KV memory runs out. Each step, ask ``promote`` first (its answer
-    changes the keys), then sort, then ask ``make_room`` (preempt what it names, and sort the
-    waiting queue again), then ``demote``, then ``held_back``, then ``token_budget``, then
+    first to be preempted when KV memory runs out. A step asks the policy in one order, which
+    ``core.step.plan_step`` keeps for every engine: ``promote`` (its answer changes the keys),
+    sort, ``make_room`` (preempt what it names, and sort the waiting queue again), ``demote``,
+    ``held_back``, then ``token_budget`` with the ``Hold`` that ``held_back`` returned; then
     ``spec_length`` for the decodes that run.
     """
 

@@ -4,15 +4,16 @@ It maps each engine request onto an ``SLORequestState`` and a ``LiveRequest`` vi
 no vLLM) and calls the policy the simulator runs too (``sloserve``: ``PlannerPolicy``):
 
 * on arrival, admission: admitted, or best effort (served from leftover budget, preempted first);
-  the decision goes to the HTTP front end as a ``Notice`` (``admission.py``), which reports it
+  the decision goes to the HTTP front end as a ``Notice`` (``notices.py``), which reports it
   and, in ``reject`` mode, turns a refusal into HTTP 429;
-* before every step, vLLM's own queues are reordered (waiting: admitted first, earliest
-  first-token deadline first; running: admitted first, tightest next-token deadline first, so the
-  last is preempted first when KV memory runs out) and the step's token budget is narrowed to the
-  planner's (``max_num_scheduled_tokens`` for that one step);
-* before every step, too, admitted decodes that together no longer fit their TPOT (their
-  contexts grew, or calibration found the engine slower) are demoted to best effort, those with
-  the most context first, until the others fit (``Planner.overrun``); each demotion is logged;
+* before every step, the step pipeline (``core.step.plan_step``, the same code the simulator
+  runs) promotes best effort that fits now, reorders vLLM's own queues (waiting: admitted first,
+  earliest first-token deadline first; running: admitted first, tightest next-token deadline
+  first, so the last is preempted first when KV memory runs out), preempts best effort for
+  admitted requests at the cap on running requests, demotes admitted decodes that no longer fit
+  their TPOT, and plans who sits the step out and the step's token budget. ``_StepView`` is this
+  engine as the pipeline sees it; the adapter applies the plan: holds as vLLM's own
+  ``next_decode_eligible_step``, the budget as ``max_num_scheduled_tokens`` for that one step.
 
 vLLM's ``schedule()`` then does the batching.
 

@@ -10,7 +10,7 @@ from sloserve_runtime.workload.scenarios import Scenario
 FIDELITY_METRICS = ("ttft_p50_ms", "ttft_p90_ms", "tpot_p90_ms", "attainment")
 
 
-def _figures(summary: Summary) -> dict[str, float | None]:
+def fidelity_figures(summary: Summary) -> dict[str, float | None]:
     return {
         "ttft_p50_ms": summary.ttft_ms.p50,
         "ttft_p90_ms": summary.ttft_ms.p90,
@@ -25,7 +25,7 @@ def fidelity(real: Measurement, policy: str, config: SimConfig, spec: Scenario, 
     rows = []
     for rate, summary in real.probes:
         simulated = summarize(*runner(options.trace(spec, rate)))
-        measured, predicted = _figures(summary), _figures(simulated)
+        measured, predicted = fidelity_figures(summary), fidelity_figures(simulated)
         errors = {
             key: abs(predicted[key] - measured[key]) / measured[key] if measured[key] and predicted[key] is not None
             else None

@@ -104,8 +104,8 @@ def measure_overhead(step_time: StepTimeModel, live: int, repeats: int = 200, se
         for promoted in policy.promote(1.0, candidates, states):
             promoted.state.best_effort = True  # keep the engine's state the same for the next repeat
         planner.overrun(running)  # what ``demote`` weighs (timed without giving anything up)
-        policy.held_back(running, admitted_waiting=False, now=1.0)
-        policy.token_budget(running, now=1.0)
+        hold = policy.held_back(running, admitted_waiting=False, now=1.0)
+        policy.token_budget(running, now=1.0, hold=hold)
         stepped = time.perf_counter()
         steps.append(stepped - checked)
         planner._first_tokens(1.0, [*walk_queue, walk_new], walk_states)

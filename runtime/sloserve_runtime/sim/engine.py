@@ -1,8 +1,10 @@
 """The simulated engine: forms each step's batch the way vLLM v1's ``Scheduler.schedule()`` does.
 
-The policy only orders the queues and narrows the token budget (as in the vLLM adapter); the
-batching rules below are vLLM's: running requests first, then waiting ones, chunked prefill
-capped by the remaining budget, and preemption of the last running request when KV runs out.
+Each step is planned by the step pipeline the vLLM adapter runs too (``core.step.plan_step``, on
+this engine as a ``StepEngine``): it orders the queues, moves requests between the classes, and
+says who sits the step out and the token budget. The batching rules below are vLLM's: running
+requests first, then waiting ones, chunked prefill capped by the remaining budget, and
+preemption of the last running request when KV runs out.
 """
 
 from __future__ import annotations

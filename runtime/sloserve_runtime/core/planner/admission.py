@@ -154,9 +154,9 @@ class Admission(Forecast):
         and the decode check that failed (``ADMITTED``, and none to give up, when they all fit).
 
         Admission keeps the decodes within the bound when it lets a request in, but the bound can
-        move under them: each decode's context grows by a token a step (on the CPU engine a
-        reasoning call's thinking costs three times as much a step once it has 1,000 tokens), and
-        online calibration can find the engine slower than the profile. Once the decodes alone
+        move under them: each decode's context grows by a token a step (on the CPU engine a long
+        reasoning call's decode costs several times what it did at its start), and online
+        calibration can find the engine slower than the profile. Once the decodes alone
         overrun the tightest TPOT, every window of every admitted decode breaks together; giving
         up some of them keeps the others' promises. Those with the most context go first: each
         costs the most step time, so the fewest are lost.

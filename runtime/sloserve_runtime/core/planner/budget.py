@@ -155,8 +155,8 @@ class Budget(Forecast):
         of the tightest TTFT target among the admitted running requests (inf: none has one).
 
         Without a TPOT the step has no bound of its own, and leftover budget fills it with
-        best-effort prefill; on the CPU engine a full 512-token step takes about 350 ms, which a
-        prompt that arrives with a 500 ms TTFT would wait out before its own prefill started.
+        best-effort prefill; on the CPU engine a full step takes a good share of a tight TTFT
+        target, which a prompt that arrives during it would wait out before its own prefill started.
         The admitted running requests stand for the tiers being served, including those that
         will arrive (a best-effort request's target was out of reach: it sets no bound).
         """
