@@ -15,7 +15,7 @@ from sloserve_runtime.engine.config import SLOConfig
 from sloserve_runtime.engine.notices import DEMOTED, PROMOTED, Notice, NoticeBoard, NoticePublisher
 from sloserve_runtime.serving import metrics as slo_metrics
 from sloserve_runtime.serving import server
-from sloserve_runtime.serving.middleware import ENV_ADMISSION, ENV_NOTICES, request_admission, server_admission
+from sloserve_runtime.serving.requests import ENV_ADMISSION, ENV_NOTICES, request_admission, server_admission
 
 
 def test_notice_round_trips_and_rounds_retry_after_up():

@@ -6,7 +6,7 @@ import pytest
 
 from sloserve._reassemble import Reassembler
 from sloserve.slo import SLO, SLOError
-from sloserve_runtime.serving.middleware import request_slo
+from sloserve_runtime.serving.requests import request_slo
 
 
 def test_headers_give_the_slo():

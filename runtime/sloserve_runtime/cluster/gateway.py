@@ -45,14 +45,8 @@ from sloserve_runtime.core.planner import LiveRequest, Planner
 from sloserve_runtime.core.router import NoHealthyReplicaError, ReplicaView, make_router
 from sloserve_runtime.core.slo_state import SLORequestState
 from sloserve_runtime.core.step_time import StepTimeModel
-from sloserve_runtime.serving.middleware import (
-    HEADER_ADMISSION,
-    BodyError,
-    parse_body,
-    request_admission,
-    request_slo,
-    sse_data,
-)
+from sloserve_runtime.serving.exchange import sse_data
+from sloserve_runtime.serving.requests import HEADER_ADMISSION, BodyError, parse_body, request_admission, request_slo
 
 logger = logging.getLogger(__name__)
 

@@ -25,14 +25,14 @@ from sloserve_runtime.core.step_time import DEFAULT_PROFILE, engine_profile, res
 from sloserve_runtime.engine.config import SLOConfig
 from sloserve_runtime.engine.notices import ADMISSION_MODES, BEST_EFFORT
 from sloserve_runtime.serving import settings
-from sloserve_runtime.serving.middleware import (
+from sloserve_runtime.serving.model import DEFAULT_MODEL_NAME, ensure_default_model
+from sloserve_runtime.serving.requests import (
     ENV_ADMISSION,
     ENV_DEFAULT_TPOT,
     ENV_DEFAULT_TTFT,
     ENV_NOTICES,
     ENV_PROFILE,
 )
-from sloserve_runtime.serving.model import DEFAULT_MODEL_NAME, ensure_default_model
 
 # Our vLLM scheduler, running any policy of ``policies.POLICIES`` but stock vLLM's own.
 SLO_SCHEDULER = "sloserve_runtime.engine.scheduler.SLOScheduler"
