@@ -50,16 +50,16 @@ class Budget(Forecast):
         attends to; ``hold``: what ``held_back`` decided for this step (None: nobody sits it out
         and no admitted request waits).
         """
-        step = hold.running if hold is not None and hold.running is not None else None
-        if step is None or step.of is not running:
-            step = Running.of_step(running)
-        admitted_waiting = hold is not None and hold.admitted_waiting
+        if hold is None:
+            hold = Hold([False] * len(running), admitted_waiting=False)
+        step = hold.running if hold.running is not None and hold.running.of is running else Running.of_step(running)
+        admitted_waiting = hold.admitted_waiting
         decodes = step.decodes
         if self.speculation is not None:
             self.speculation.plan(len(decodes), sum(map(CONTEXT, decodes)))
         per_step, bound = self._bounds(decodes, now, step.tiers)
         if math.isinf(bound):
-            held = hold.held if hold is not None and len(hold.held) == len(running) else [False] * len(running)
+            held = hold.held if len(hold.held) == len(running) else [False] * len(running)
             return self._arrival_budget(running, held, waiting, start_prefix)
         # The first admitted prefill chunk under way, if any (running requests sort in deadline order).
         chunk = next((r for r in prefills_of(running) if not r.state.best_effort), None)
