@@ -49,8 +49,8 @@ def capacity_bars(path: Path, title: str, scenarios: Sequence[str], capacities: 
         axes.bar(positions + (index - (len(capacities) - 1) / 2) * width, values, width, label=label)
     axes.set_xticks(positions, scenarios)
     axes.set(ylabel="capacity (programs/s)", yscale="log", title=title)
-    axes.legend()
-    figure.tight_layout()
+    figure.legend(*axes.get_legend_handles_labels(), loc="lower center", ncols=len(capacities), frameon=False)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below, clear of the bars
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
