@@ -21,8 +21,8 @@ from sloserve_runtime.cli import measure
 from sloserve_runtime.cli.app_loader import AppFileError, load_app, pick_program
 from sloserve_runtime.cli.runner import program_inputs, run_program
 from sloserve_runtime.core.policies import PLANNER_POLICIES, POLICIES, scheduler_name
+from sloserve_runtime.core.slo_state import ADMISSION_MODES, REJECT
 from sloserve_runtime.core.step_time import resolve_profile
-from sloserve_runtime.engine.notices import ADMISSION_MODES, REJECT
 from sloserve_runtime.measure.report import program_attainment, stage_table
 from sloserve_runtime.serving import server
 from sloserve_runtime.serving.model import ModelConversionError

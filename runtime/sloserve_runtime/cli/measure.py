@@ -15,6 +15,7 @@ from rich.table import Table
 
 from sloserve_runtime.core.policies import ALIASES, POLICIES, scheduler_name
 from sloserve_runtime.core.router import ROUTERS
+from sloserve_runtime.core.slo_state import ADMISSION_MODES, REJECT
 from sloserve_runtime.core.step_time import DEFAULT_PROFILE, engine_profile, resolve_profile
 from sloserve_runtime.measure.bench import Endpoint
 from sloserve_runtime.measure.fidelity import FIDELITY_METRICS, engine_strays, fidelity
@@ -110,6 +111,11 @@ def _scheduler_names(value: str) -> list[str]:
     return list(dict.fromkeys(scheduler_name(name) for name in _names("--scheduler", value, known)))
 
 
+def _label(policy: str, drafts: int, admission: str) -> str:
+    """A simulated scheduler's name in the tables: ``sloserve+spec4+reject`` and the like."""
+    return policy + (f"+spec{drafts}" if drafts else "") + ("+reject" if admission == REJECT else "")
+
+
 def _counts(option: str, values: str, minimum: int) -> list[int]:
     """Comma-separated whole numbers, each at least ``minimum``, in the order given, once each."""
     try:
@@ -187,6 +193,13 @@ def simulate_command(
             "and preempted requests start from the blocks their program left cached."
         ),
     ] = True,
+    admission: Annotated[
+        str,
+        typer.Option(
+            help="What a refused request gets, as `sloserve serve --admission`: best-effort, reject (an HTTP 429, "
+            "no engine step), or both, comma-separated; a scheduler run in reject mode is labelled name+reject."
+        ),
+    ] = "best-effort",
     json_out: JsonOut = None,
     plot: PlotOut = None,
 ) -> None:
@@ -209,10 +222,13 @@ def simulate_command(
     if not 0.0 <= spec_acceptance <= 1.0:
         raise MeasureError(f"--spec-acceptance {spec_acceptance}: give a probability between 0 and 1")
     drafts = _counts("--speculative-tokens", speculative_tokens, minimum=0)
+    modes = _names("--admission", admission, dict.fromkeys(ADMISSION_MODES))
     schedulers = [
-        (f"{policy}+spec{count}" if count else policy, policy, count)
+        (_label(policy, count, mode), policy, count, mode)
         for policy in _scheduler_names(scheduler)
         for count in drafts
+        # A scheduler without admission admits everything: reject mode would run it again unchanged.
+        for mode in (modes if POLICIES[policy].admits else modes[:1])
     ]
     # One replica needs no router: it runs once, whatever --router says.
     counts = _counts("--replicas", replicas, minimum=1)
@@ -225,9 +241,9 @@ def simulate_command(
         task = progress.add_task("Simulating", total=len(scenarios) * len(schedulers) * len(clusters))
         for name in scenarios:
             spec = _scenario(name)
-            for label, policy, draft_count in schedulers:
+            for label, policy, draft_count, mode in schedulers:
                 engine_config = dataclasses.replace(
-                    config, num_speculative_tokens=draft_count, spec_acceptance=spec_acceptance
+                    config, num_speculative_tokens=draft_count, spec_acceptance=spec_acceptance, admission=mode
                 )
                 for count, routing in clusters:
                     progress.update(task, description=f"Simulating {name} / {label} / {count} x {routing or '-'}")
@@ -240,7 +256,7 @@ def simulate_command(
                     rows.append((name, label, result))
                     progress.advance(task)
     console.print(results_table(f"Simulated on {config.step_time.name}", rows))
-    if capacity and any(label == "vllm" for label, _, _ in schedulers):
+    if capacity and any(label == "vllm" for label, *_ in schedulers):
         console.print(capacity_ratio_table(rows, "vllm"))
     if capacity and any(count > 1 for count, _ in clusters):
         console.print(routing_table(rows))

@@ -35,6 +35,7 @@ class SchedulingPolicy(ABC):
 
     name: str
     stock = False  # vLLM's own scheduler decides as this policy does: a server runs that one
+    admits = False  # it decides on admission (``admit``): else every request is admitted
 
     def __init__(
         self, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1, calibrate: bool = False
@@ -145,6 +146,7 @@ class PlannerPolicy(DeadlinePolicy):
     """
 
     name = "sloserve"
+    admits = True
     promotion = "edf"  # how best-effort requests are promoted (``Planner.promotion``)
     demotion = True  # admitted decodes that no longer fit are given up to best effort (``demote``)
     window_reserve: float | None = 0.75  # window slack (``Planner.window_reserve``); None: one TPOT a step

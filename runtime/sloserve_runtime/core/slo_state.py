@@ -18,6 +18,10 @@ XARG_TTFT_MS = "slo_ttft_ms"
 XARG_TTFT_SLOWDOWN = "slo_ttft_slowdown"
 XARG_TPOT_MS = "slo_tpot_ms"
 XARG_ARRIVAL = "slo_arrival"
+# What happens to a request the planner cannot promise its SLO: served from leftover budget
+# ("best-effort", SLOs-Serve's choice), or refused ("reject": HTTP 429 from a server).
+ADMISSION_MODES = ("best-effort", "reject")
+BEST_EFFORT, REJECT = ADMISSION_MODES
 
 
 def slo_to_xargs(slo: SLO, arrival: float | None = None) -> dict[str, float]:

@@ -26,22 +26,7 @@ import zmq.asyncio
 
 logger = logging.getLogger(__name__)
 
-# What happens to a request the planner cannot promise its SLO: served from leftover budget
-# ("best-effort", SLOs-Serve's choice), or refused with HTTP 429 ("reject").
-ADMISSION_MODES = ("best-effort", "reject")
-BEST_EFFORT, REJECT = ADMISSION_MODES
 XARG_TAG = "slo_tag"  # the key of the request's tag in ``vllm_xargs``
-
-
-class AdmissionModeError(ValueError):
-    """An admission mode that is not one of ``ADMISSION_MODES``."""
-
-
-def parse_mode(value: object, where: str) -> str:
-    """``value`` as an admission mode; the error names ``where`` it came from."""
-    if isinstance(value, str) and value.strip().lower() in ADMISSION_MODES:
-        return value.strip().lower()
-    raise AdmissionModeError(f"{where}: {value!r} is not an admission mode; use one of {', '.join(ADMISSION_MODES)}")
 
 
 # What can happen to a request after its admission (``Notice.change``): promoted to the admitted

@@ -29,8 +29,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sloserve.slo import SLOError
+from sloserve_runtime.core.slo_state import REJECT
 from sloserve_runtime.core.step_time import StepTimeModel, engine_profile
-from sloserve_runtime.engine.notices import REJECT, Notice, NoticeBoard
+from sloserve_runtime.engine.notices import Notice, NoticeBoard
 from sloserve_runtime.serving.exchange import Exchange, send_error
 from sloserve_runtime.serving.requests import (
     COMPLETION_PATHS,

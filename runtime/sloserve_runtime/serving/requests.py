@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from sloserve.slo import SLO, SLOError, parse_tpot, parse_ttft
-from sloserve_runtime.engine.notices import ADMISSION_MODES, BEST_EFFORT
+from sloserve_runtime.core.slo_state import ADMISSION_MODES, BEST_EFFORT
 
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 HEADER_TTFT = "x-slo-ttft-ms"

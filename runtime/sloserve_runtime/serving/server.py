@@ -21,9 +21,9 @@ import httpx
 from sloserve.slo import SLO
 from sloserve_runtime.core.hardware import cpu_dtype
 from sloserve_runtime.core.policies import POLICIES, scheduler_name
+from sloserve_runtime.core.slo_state import ADMISSION_MODES, BEST_EFFORT
 from sloserve_runtime.core.step_time import DEFAULT_PROFILE, engine_profile, resolve_profile
 from sloserve_runtime.engine.config import SLOConfig
-from sloserve_runtime.engine.notices import ADMISSION_MODES, BEST_EFFORT
 from sloserve_runtime.serving import settings
 from sloserve_runtime.serving.model import DEFAULT_MODEL_NAME, ensure_default_model
 from sloserve_runtime.serving.requests import (

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 from sloserve_runtime.core.planner import LiveRequest
 from sloserve_runtime.core.policies import SchedulingPolicy
+from sloserve_runtime.core.slo_state import REJECT
 from sloserve_runtime.core.step import plan_step
 from sloserve_runtime.core.step_time import attended_pairs
 from sloserve_runtime.sim.config import SimConfig
@@ -59,7 +60,8 @@ class Engine:
         return bool(self.running) or len(self.waiting) > 0
 
     def add(self, request: SimRequest, now: float) -> None:
-        """A request arrives at ``now``: the policy decides on its admission, then it waits."""
+        """A request arrives at ``now``: the policy decides on its admission, then it waits (or, refused
+        in reject mode, it ends there with an error, as a server answers HTTP 429)."""
         # The planner weighs the prefill left after the prefix its program left cached, as vLLM's
         # scheduler will find it (unless it is evicted first).
         request.state.cached_tokens = self.kv.hit_tokens(request.program_index, request.cache_limit)
@@ -67,6 +69,9 @@ class Engine:
         request.result.admission, request.result.best_effort = decision.reason, not decision.admitted
         if decision.admitted:
             self.admitted[id(request)] = request
+        elif self.config.admission == REJECT:
+            request.result.error = f"rejected (HTTP 429): {decision.reason}"
+            return
         else:
             self.unpromised.append(request)
         self.waiting.push_back(request)
