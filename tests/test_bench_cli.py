@@ -45,6 +45,30 @@ def test_short_bench_run_against_the_real_engine(engine, tmp_path):
     assert all(f'"{call["request_id"]}-0-' in logged for call in calls)
 
 
+def test_sustained_bench_in_both_admission_modes_reports_the_server(engine, tmp_path):
+    """``--duration`` sets the programs of each rate; ``--admission`` runs each mode against the
+    endpoint; every run samples the server's memory and vLLM's queues from its /metrics."""
+    out = tmp_path / "overload.json"
+    result = run_cli(
+        "bench", "--scenario", "overload", "--rates", "2,4", "--duration", "3", "--length-scale", "0.25",
+        "--endpoint", engine.base_url, "--admission", "best-effort,reject", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "memory and vLLM's queues" in result.stdout
+    data = json.loads(out.read_text())
+    labels = [entry["scheduler"] for entry in data["results"]]
+    assert labels == [f"{engine.base_url} [best-effort]", f"{engine.base_url} [reject]"]
+    for entry in data["results"]:
+        assert [probe["requests"] for probe in entry["probes"]] == [6, 12]
+        for probe in entry["probes"]:
+            server = probe["server"]
+            assert server["samples"] >= 1 and server["running_max"] >= 0 and server["waiting_max"] >= 0
+            # The engine core holds the model and the KV cache: far more than the client's own process.
+            assert server["rss_start_mb"] > 200 and server["rss_peak_mb"] >= server["rss_start_mb"]
+    mistake = run_cli("bench", "--scenario", "overload", "--capacity", "--duration", "5", timeout=60)
+    assert mistake.returncode != 0 and "--duration" in mistake.stderr
+
+
 def test_save_detailed_needs_a_json_file():
     result = run_cli("bench", "--scenario", "chatbot", "--rate", "1", "--save-detailed", timeout=60)
     assert result.returncode == 2

@@ -22,12 +22,14 @@ from sloserve_runtime.measure.fidelity import FIDELITY_METRICS, engine_strays, f
 from sloserve_runtime.measure.plots import attainment_and_ttft
 from sloserve_runtime.measure.results import Job, jobs, run_all, write_results
 from sloserve_runtime.measure.runs import Measurement, TraceOptions, endpoint_runner, measure, simulator_runner
+from sloserve_runtime.measure.server_stats import ServerStats
 from sloserve_runtime.measure.summary import compare
 from sloserve_runtime.measure.tables import (
     capacity_ratio_table,
     json_entry,
     results_table,
     routing_table,
+    server_table,
     stage_table,
 )
 from sloserve_runtime.sim import SimConfig
@@ -278,10 +280,10 @@ def _columns() -> tuple:
 
 
 def _plot(path: Path, title: str, rows: list[tuple[str, str, Measurement]]) -> None:
-    attainment = {
-        f"{scenario}/{label}": [(rate, summary.program_attainment) for rate, summary in measurement.probes]
-        for scenario, label, measurement in rows
-    }
+    attainment, goodput = {}, {}
+    for scenario, label, measurement in rows:
+        attainment[f"{scenario}/{label}"] = [(rate, summary.program_attainment) for rate, summary in measurement.probes]
+        goodput[f"{scenario}/{label}"] = [(rate, summary.goodput_rps) for rate, summary in measurement.probes]
     ttfts: dict[str, list[float]] = {}
     for scenario, label, measurement in rows:
         rate, _ = measurement.headline
@@ -289,7 +291,7 @@ def _plot(path: Path, title: str, rows: list[tuple[str, str, Measurement]]) -> N
         ttfts[f"{scenario}/{label} @ {rate:.3g}/s"] = [
             (r.token_times[0] - r.arrival) * 1000 for r in results if r.token_times
         ]
-    attainment_and_ttft(path, title, attainment, ttfts)
+    attainment_and_ttft(path, title, attainment, ttfts, goodput)
     console.print(f"Wrote {path}")
 
 
@@ -339,33 +341,59 @@ def bench_command(
             "docs/scripts/frontend_delay.py."
         ),
     ] = False,
+    admission: Annotated[
+        str | None,
+        typer.Option(
+            help="The admission mode the requests to --endpoint ask for (header x-slo-admission): best-effort, "
+            "reject, or both, comma-separated, each a run of its own (default: the server's --admission)."
+        ),
+    ] = None,
+    duration: Annotated[
+        float | None,
+        typer.Option(
+            min=1.0,
+            help="Seconds of arrivals at every rate (the programs are the rate times it), instead of "
+            "--num-requests programs: a sustained load, as long at 3x capacity as at 1x.",
+        ),
+    ] = None,
     plot: PlotOut = None,
 ) -> None:
-    """Stream a scenario's trace to an endpoint (and --compare) and report SLO attainment side by side."""
+    """Stream a scenario's trace to an endpoint (and --compare) and report SLO attainment side by side.
+
+    Each run also samples the servers' /metrics: their memory and vLLM's queue lengths.
+    """
     rate_list = _rates(rate, rates, capacity)
     if save_detailed and json_out is None:
         raise MeasureError("--save-detailed saves into the results JSON: give --json FILE too")
     config = _profile(profile)
     spec = _scenario(scenario)
-    urls = [endpoint] + ([compare_to] if compare_to else [])
-    targets = [Endpoint(url, api_key, send_slo=not server_slo) for url in urls]
+    modes = [None] if admission is None else _names("--admission", admission, dict.fromkeys(ADMISSION_MODES))
+    if duration is not None and capacity:
+        raise MeasureError("--duration sets the programs of each rate: give --rate or --rates, not --capacity")
+    targets = [Endpoint(endpoint, api_key, send_slo=not server_slo, admission=mode) for mode in modes]
+    if compare_to:
+        targets.append(Endpoint(compare_to, api_key, send_slo=not server_slo))
     policies = [name.strip() for name in simulate_as.split(",")] if simulate_as else []
     if policies and (len(policies) != len(targets) or any(name not in {**POLICIES, **ALIASES} for name in policies)):
         raise MeasureError(f"--simulate-as needs one of {', '.join(POLICIES)} per endpoint ({len(targets)})")
     max_model_len = targets[0].model_card().get("max_model_len")
-    options = TraceOptions(num_requests, seed, slo_scale, length_scale, max_model_len)
+    options = TraceOptions(num_requests, seed, slo_scale, length_scale, max_model_len, duration)
     rows: list[tuple[str, str, Measurement]] = []
     with Progress(*_columns(), console=console) as progress:
         for target in targets:
-            runner = endpoint_runner(target, config, progress, target.base_url)
+            stats: list[ServerStats | None] = []
+            runner = endpoint_runner(target, config, progress, target.label, stats)
             start = 0.25 if capacity else None
-            rows.append(
-                (scenario, target.base_url, measure(target.base_url, runner, spec, options, rate_list, start, True))
-            )
-    console.print(results_table(f"{scenario}: {num_requests} programs per run, seed {seed}", rows))
+            measured = measure(target.label, runner, spec, options, rate_list, start, True)
+            rows.append((scenario, target.label, dataclasses.replace(measured, server_stats=stats)))
+    per_run = f"{duration:g} s of arrivals" if duration is not None else f"{num_requests} programs"
+    console.print(results_table(f"{scenario}: {per_run} per run, seed {seed}", rows))
     console.print(stage_table("Calls by stage: which half of the SLO they kept", rows))
+    servers = server_table("The servers during each run: memory and vLLM's queues", rows)
+    if servers is not None:
+        console.print(servers)
     if compare_to:
-        _print_comparison(rows[0][2], rows[1][2])
+        _print_comparison(rows[0][2], rows[-1][2])
     # With step noise the simulated schedulers calibrate to the noisy steps, as `sloserve serve` does.
     simulated = dataclasses.replace(
         config, step_noise=step_noise, step_noise_correlation=step_noise_correlation, calibrate=step_noise > 0,

@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 
 from sloserve_runtime.core.step_time import StepTimeModel
+from sloserve_runtime.serving.requests import HEADER_ADMISSION
 from sloserve_runtime.workload.programs import ProgramSpec, StageResult, StageSpec
 
 VOCAB_RANGE = (100, 20_000)  # token ids drawn for synthetic prompts
@@ -33,16 +34,26 @@ class Endpoint:
     # False: send no SLO with the requests, so the server's defaults (``--slo-ttft-ms``) apply;
     # the trace's SLOs still judge the results.
     send_slo: bool = True
+    # The admission mode each request asks for (header ``x-slo-admission``); None: the server's.
+    admission: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
+    def label(self) -> str:
+        """How tables name it: its URL, and the admission mode it asks for, if any."""
+        return self.base_url if self.admission is None else f"{self.base_url} [{self.admission}]"
 
     def client(self) -> httpx.AsyncClient:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        headers = {**self.headers, **({HEADER_ADMISSION: self.admission} if self.admission else {})}
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=900, limits=limits)
 
     def model_card(self) -> dict:
         """The first served model: its id and (for vLLM) its max_model_len."""
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        response = httpx.get(f"{self.base_url}/models", headers=headers, timeout=30)
+        response = httpx.get(f"{self.base_url}/models", headers=self.headers, timeout=30)
         response.raise_for_status()
         return response.json()["data"][0]
 

@@ -18,15 +18,26 @@ def attainment_and_ttft(
     title: str,
     attainment: Mapping[str, Sequence[tuple[float, float]]],
     ttfts_ms: Mapping[str, Sequence[float]],
+    goodput: Mapping[str, Sequence[tuple[float, float]]] | None = None,
 ) -> Path:
-    """Left: attainment vs rate per series (the 90 % line marks capacity). Right: TTFT CDF per series."""
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Attainment vs rate per series (the 90 % line marks capacity); with ``goodput``, goodput vs
+    offered load; then the TTFT CDF per series."""
+    panels = 3 if goodput else 2
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+    left, right = axes[0], axes[-1]
     for label, points in attainment.items():
         rates, values = zip(*sorted(points), strict=True) if points else ((), ())
         left.plot(rates, [100 * v for v in values], marker="o", label=label)
     left.axhline(90, color="grey", linestyle="--", linewidth=1)
     left.set(xlabel="rate (programs/s)", ylabel="SLO attainment (%)", ylim=(0, 102), title="Attainment vs rate")
     left.legend()
+    if goodput:
+        middle = axes[1]
+        for label, points in goodput.items():
+            rates, values = zip(*sorted(points), strict=True) if points else ((), ())
+            middle.plot(rates, values, marker="o", label=label)
+        middle.set(xlabel="offered load (programs/s)", ylabel="goodput (requests/s)", title="Goodput vs offered load")
+        middle.legend()
     for label, values in ttfts_ms.items():
         ordered = np.sort(np.asarray(values, dtype=float))
         if len(ordered):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,6 +11,7 @@ from rich.progress import Progress
 
 from sloserve_runtime.measure.bench import Endpoint, replay
 from sloserve_runtime.measure.capacity import find_capacity
+from sloserve_runtime.measure.server_stats import ServerStats, sample_while, summarize_samples
 from sloserve_runtime.measure.summary import Summary, summarize
 from sloserve_runtime.sim import SimConfig, simulate
 from sloserve_runtime.workload.programs import ProgramSpec, StageResult
@@ -25,10 +27,16 @@ class TraceOptions:
     slo_scale: float = 1.0  # stretches every TPOT target, for slower hardware
     length_scale: float = 1.0  # multiplies every prompt and output length
     max_model_len: int | None = None  # clips each call to fit the model's context
+    # Arrivals span this long at every rate (the programs are the rate times it, at least one),
+    # instead of ``num_programs`` at each: a sustained load lasts as long at 3x as at 1x.
+    duration_s: float | None = None
+
+    def programs_at(self, rate: float) -> int:
+        return self.num_programs if self.duration_s is None else max(1, math.ceil(rate * self.duration_s))
 
     def trace(self, scenario: Scenario, rate: float) -> list[ProgramSpec]:
         return scenario.trace(
-            rate, self.num_programs, seed=self.seed, slo_scale=self.slo_scale,
+            rate, self.programs_at(rate), seed=self.seed, slo_scale=self.slo_scale,
             length_scale=self.length_scale, max_model_len=self.max_model_len,
         )  # fmt: skip
 
@@ -41,6 +49,8 @@ class Measurement:
     probes: list[tuple[float, Summary]] = field(default_factory=list)  # (rate, summary), in probe order
     capacity_rps: float | None = None  # set by a capacity search; the whole cluster's rate
     results_at: dict[float, list[StageResult]] = field(default_factory=dict)  # raw results per rate
+    # What the server went through in each probe, in probe order (a bench run; None: no /metrics).
+    server_stats: list[ServerStats | None] = field(default_factory=list)
     replicas: int = 1  # engine replicas the rates were spread over
     router: str | None = None  # the router in front of them (None: one replica, nothing to route)
 
@@ -103,13 +113,28 @@ def simulator_runner(policy: str, config: SimConfig, replicas: int = 1, router: 
     return run
 
 
-def endpoint_runner(endpoint: Endpoint, config: SimConfig, progress: Progress, label: str) -> Runner:
+def endpoint_runner(
+    endpoint: Endpoint,
+    config: SimConfig,
+    progress: Progress,
+    label: str,
+    server_stats: list[ServerStats | None] | None = None,
+) -> Runner:
+    """Replay each trace against ``endpoint``; what its server went through in each run (sampled
+    from its ``/metrics``) is added to ``server_stats``, if given."""
     model = endpoint.model_card()["id"]
+
+    async def sampled(trace: list[ProgramSpec], advance: Callable[[], None]) -> tuple[list[StageResult], float]:
+        work = asyncio.ensure_future(replay(trace, endpoint, model, config.step_time, advance))
+        samples = await sample_while(work, endpoint.base_url, endpoint.headers)
+        if server_stats is not None:
+            server_stats.append(summarize_samples(samples))
+        return await work
 
     def run(trace: list[ProgramSpec]) -> tuple[list[StageResult], float]:
         task = progress.add_task(f"{label}: {len(trace)} programs", total=len(trace))
         try:
-            return asyncio.run(replay(trace, endpoint, model, config.step_time, lambda: progress.advance(task)))
+            return asyncio.run(sampled(trace, lambda: progress.advance(task)))
         finally:
             progress.remove_task(task)
 

@@ -8,6 +8,7 @@ import statistics
 from rich.table import Table
 
 from sloserve_runtime.measure.runs import Measurement
+from sloserve_runtime.measure.server_stats import ServerStats
 from sloserve_runtime.measure.summary import Summary
 
 
@@ -85,10 +86,40 @@ def json_entry(scenario: str, label: str, measurement: Measurement, detailed: bo
         "best_effort": summary.best_effort,
         "best_effort_completed": summary.best_effort_completed,
         "probes": [
-            {"rate": r, **s.to_json(), **({"calls": _calls(measurement, r)} if detailed else {})}
-            for r, s in measurement.probes
+            {
+                "rate": r, **s.to_json(), **({"calls": _calls(measurement, r)} if detailed else {}),
+                **({"server": dataclasses.asdict(stats)} if stats is not None else {}),
+            }
+            for (r, s), stats in zip(measurement.probes, _server_stats(measurement), strict=True)
         ],
     }
+
+
+def _server_stats(measurement: Measurement) -> list[ServerStats | None]:
+    """Each probe's server stats (None where none were sampled: the simulator, a server without /metrics)."""
+    stats = measurement.server_stats
+    return stats if len(stats) == len(measurement.probes) else [None] * len(measurement.probes)
+
+
+def server_table(title: str, rows: list[tuple[str, str, Measurement]]) -> Table | None:
+    """Per endpoint and rate: the server's memory and vLLM's queues during the run (None: no samples)."""
+    table = Table(title=title)
+    columns = ("endpoint", "rate", "RSS start MB", "RSS peak MB", "RSS end MB", "waiting max", "waiting mean",
+               "running max")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column == "endpoint" else "right")
+    for _, label, measurement in rows:
+        for (rate, _), stats in zip(measurement.probes, _server_stats(measurement), strict=True):
+            if stats is None:
+                continue
+            memory = [_megabytes(value) for value in (stats.rss_start_mb, stats.rss_peak_mb, stats.rss_end_mb)]
+            queues = (f"{stats.waiting_max:.0f}", f"{stats.waiting_mean:.1f}", f"{stats.running_max:.0f}")
+            table.add_row(label, f"{rate:.3g}", *memory, *queues)
+    return table if table.row_count else None
+
+
+def _megabytes(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _calls(measurement: Measurement, rate: float) -> list[dict]:

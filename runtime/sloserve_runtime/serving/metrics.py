@@ -8,12 +8,18 @@ default ``prometheus_client`` registry at ``/metrics``, so these appear beside v
     sloserve_requests_finished_total{tier="ttft=3x,tpot=50ms",admission="admitted",slo_met="true"} 11
     sloserve_slo_attainment{tier="ttft=3x,tpot=50ms"} 0.917
     sloserve_admission_changes_total{tier="ttft=3x,tpot=50ms",change="promoted"} 2
+    sloserve_server_resident_memory_bytes 1.9e+09
+
+The last is the whole server's memory: vLLM's own process metrics cover the API server process
+only, and the engine core, with the model and the KV cache, runs in a process of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
+import psutil
 from prometheus_client import Counter, Gauge, Histogram
 
 from sloserve.slo import SLO
@@ -47,6 +53,24 @@ TTFT = Histogram(
     ["tier"],
     buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
+
+SERVER_MEMORY = Gauge(
+    "sloserve_server_resident_memory_bytes",
+    "Resident memory of the server: the API server process and every process it started (the engine core).",
+)
+
+
+def _server_resident_bytes() -> float:
+    """This process's resident memory and that of every process under it, read at scrape time."""
+    server = psutil.Process()
+    total = 0
+    for process in (server, *server.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):  # a process that ended between the listing and the read
+            total += process.memory_info().rss
+    return float(total)
+
+
+SERVER_MEMORY.set_function(_server_resident_bytes)
 
 _met: dict[str, list[int]] = {}  # tier -> [met, finished], for the attainment gauge
 
