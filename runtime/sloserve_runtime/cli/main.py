@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -17,8 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from sloserve.slo import SLO, SLOError, parse_tpot, parse_ttft
-from sloserve_runtime.cli import measure
+from sloserve_runtime.cli import bench, measure, simulate
 from sloserve_runtime.cli.app_loader import AppFileError, load_app, pick_program
+from sloserve_runtime.cli.measure import MeasureError
 from sloserve_runtime.cli.runner import program_inputs, run_program
 from sloserve_runtime.core.policies import PLANNER_POLICIES, POLICIES, scheduler_name
 from sloserve_runtime.core.slo_state import ADMISSION_MODES, REJECT
@@ -315,10 +317,6 @@ def _run_and_report(app, chosen, inputs, base_url, concurrency, api_key, model) 
 
 def _measuring(command):  # noqa: ANN001, ANN202 - wraps a typer command
     """Report a user's mistake in a measuring command as one line, not a traceback."""
-    import functools
-
-    from sloserve_runtime.cli.measure import MeasureError
-
     @functools.wraps(command)
     def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         try:
@@ -331,10 +329,10 @@ def _measuring(command):  # noqa: ANN001, ANN202 - wraps a typer command
     return wrapped
 
 
-cli.command("simulate")(_measuring(measure.simulate_command))
-cli.command("bench")(_measuring(measure.bench_command))
+cli.command("simulate")(_measuring(simulate.simulate_command))
+cli.command("bench")(_measuring(bench.bench_command))
 cli.command("overhead")(_measuring(measure.overhead_command))
-cli.command("results")(_measuring(measure.results_command))
+cli.command("results")(_measuring(simulate.results_command))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -111,6 +111,8 @@ async def _stage_call(
         async with run.client.stream("POST", "/completions", json=body) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
+                if response.status_code == 429:  # refused at admission (reject mode): not an admitted call
+                    result.admission, result.best_effort = "rejected", True
                 return result, output_ids
             async for line in _sse_lines(response):
                 if not line.startswith("data:") or line.endswith("[DONE]"):

@@ -11,6 +11,13 @@ from sloserve_runtime.measure.runs import Measurement
 from sloserve_runtime.measure.server_stats import ServerStats
 from sloserve_runtime.measure.summary import Summary
 
+# Columns that name things: left-aligned, and never cut (an endpoint's label is a URL and a mode).
+_NAMES = ("scenario", "scheduler", "router", "stage", "endpoint")
+
+
+def _layout(column: str) -> dict[str, str]:
+    return {"justify": "left", "overflow": "fold"} if column in _NAMES else {"justify": "right"}
+
 
 def _summary_row(summary: Summary) -> list[str]:
     def ms(value: float | None) -> str:
@@ -37,7 +44,7 @@ def results_table(title: str, rows: list[tuple[str, str, Measurement]]) -> Table
     columns = ("scenario", "scheduler", *(("replicas", "router") if clustered else ()), "rate", "capacity")
     table = Table(title=title)
     for column in (*columns, *(("per replica",) if clustered else ()), *SUMMARY_COLUMNS):
-        table.add_column(column, justify="left" if column in ("scenario", "scheduler", "router") else "right")
+        table.add_column(column, **_layout(column))
     for scenario, label, measurement in rows:
         cluster = (str(measurement.replicas), measurement.router or "-") if clustered else ()
         per_replica = (_rate(measurement.capacity_per_replica_rps),) if clustered else ()
@@ -51,7 +58,7 @@ def stage_table(title: str, rows: list[tuple[str, str, Measurement]]) -> Table:
     """Per stage and rate run: how many calls met their SLO, and which half the others missed."""
     table = Table(title=title)
     for column in ("scheduler", "rate", "stage", "calls", "met", "TTFT met", "TPOT met"):
-        table.add_column(column, justify="left" if column in ("scheduler", "stage") else "right")
+        table.add_column(column, **_layout(column))
     for _, label, measurement in rows:
         for rate, summary in measurement.probes:
             for stage, part in summary.by_stage.items():
@@ -107,7 +114,7 @@ def server_table(title: str, rows: list[tuple[str, str, Measurement]]) -> Table 
     columns = ("endpoint", "rate", "RSS start MB", "RSS peak MB", "RSS end MB", "waiting max", "waiting mean",
                "running max")  # fmt: skip
     for column in columns:
-        table.add_column(column, justify="left" if column == "endpoint" else "right")
+        table.add_column(column, **_layout(column))
     for _, label, measurement in rows:
         for (rate, _), stats in zip(measurement.probes, _server_stats(measurement), strict=True):
             if stats is None:
@@ -156,7 +163,7 @@ def routing_table(rows: list[tuple[str, str, Measurement]]) -> Table:
     table = Table(title="Routing: capacity per replica")
     for column in ("scenario", "scheduler", "replicas", "router", "cluster", "per replica", "vs 1 replica",
                    "vs round-robin"):  # fmt: skip
-        table.add_column(column, justify="left" if column in ("scenario", "scheduler", "router") else "right")
+        table.add_column(column, **_layout(column))
     capacity = {(scenario, label, m.replicas, m.router): m.capacity_rps or 0.0 for scenario, label, m in rows}
     for scenario, label, m in rows:
         single = capacity.get((scenario, label, 1, None))
