@@ -282,6 +282,20 @@ def test_simulate_cli_runs_reject_mode_beside_best_effort(tmp_path):
     assert bad.returncode != 0 and "--admission drop" in bad.stderr
 
 
+def test_simulate_cli_duration_sets_the_programs_of_each_rate(tmp_path):
+    out = tmp_path / "duration.json"
+    result = run_cli(
+        "simulate", "--scenario", "overload", "--profile", "cpu-smollm2-135m", "--scheduler", "vllm",
+        "--rates", "2,5", "--duration", "4", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["duration_s"] == 4.0
+    assert [probe["requests"] for probe in data["results"][0]["probes"]] == [8, 20]
+    bad = run_cli("simulate", "--scenario", "overload", "--capacity", "--duration", "4")
+    assert bad.returncode != 0 and "--duration" in bad.stderr
+
+
 def test_a_request_that_arrives_mid_step_joins_when_the_step_ends(monkeypatch):
     """As vLLM's engine core adds requests between steps, the simulated engine admits a request
     that arrives during a step when that step ends, and an idle engine at once."""

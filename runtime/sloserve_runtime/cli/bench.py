@@ -12,6 +12,7 @@ from rich.table import Table
 from sloserve_runtime.cli.measure import (
     ENGINE_PROFILE,
     Capacity,
+    Duration,
     FrontendInMs,
     FrontendOutMs,
     JsonOut,
@@ -26,6 +27,7 @@ from sloserve_runtime.cli.measure import (
     SloScale,
     StepNoise,
     StepNoiseCorrelation,
+    check_duration,
     console,
     parse_names,
     plot_results,
@@ -99,14 +101,7 @@ def bench_command(
             "reject, or both, comma-separated, each a run of its own (default: the server's --admission)."
         ),
     ] = None,
-    duration: Annotated[
-        float | None,
-        typer.Option(
-            min=1.0,
-            help="Seconds of arrivals at every rate (the programs are the rate times it), instead of "
-            "--num-requests programs: a sustained load, as long at 3x capacity as at 1x.",
-        ),
-    ] = None,
+    duration: Duration = None,
     plot: PlotOut = None,
 ) -> None:
     """Stream a scenario's trace to an endpoint (and --compare) and report SLO attainment side by side.
@@ -119,8 +114,7 @@ def bench_command(
     config = profile_config(profile)
     spec = scenario_of(scenario)
     modes = [None] if admission is None else parse_names("--admission", admission, dict.fromkeys(ADMISSION_MODES))
-    if duration is not None and capacity:
-        raise MeasureError("--duration sets the programs of each rate: give --rate or --rates, not --capacity")
+    check_duration(duration, capacity)
     targets = [Endpoint(endpoint, api_key, send_slo=not server_slo, admission=mode) for mode in modes]
     if compare_to:
         targets.append(Endpoint(compare_to, api_key, send_slo=not server_slo))

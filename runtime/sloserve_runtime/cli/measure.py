@@ -57,11 +57,24 @@ FrontendOutMs = Annotated[
     float,
     typer.Option(min=0.0, help="The simulated front end: a token reaches the client this many ms after the engine."),
 ]
+Duration = Annotated[
+    float | None,
+    typer.Option(
+        min=1.0,
+        help="Seconds of arrivals at every rate (the programs are the rate times it), instead of "
+        "--num-requests programs: a sustained load, as long at 3x capacity as at 1x.",
+    ),
+]
 PlotOut = Annotated[Path | None, typer.Option("--plot", help="Write attainment-vs-rate and TTFT CDF plots here.")]
 
 
 class MeasureError(ValueError):
     """A bad combination of options; the message says which."""
+
+
+def check_duration(duration: float | None, capacity: bool) -> None:
+    if duration is not None and capacity:
+        raise MeasureError("--duration sets the programs of each rate: give --rate or --rates, not --capacity")
 
 
 def rates_of(rate: float | None, rates: str | None, capacity: bool) -> list[float] | None:

@@ -12,6 +12,7 @@ from rich.progress import Progress
 from sloserve_runtime.cli.measure import (
     ENGINE_PROFILE,
     Capacity,
+    Duration,
     FrontendInMs,
     FrontendOutMs,
     JsonOut,
@@ -24,6 +25,7 @@ from sloserve_runtime.cli.measure import (
     SloScale,
     StepNoise,
     StepNoiseCorrelation,
+    check_duration,
     console,
     parse_counts,
     parse_names,
@@ -119,6 +121,7 @@ def simulate_command(
             "no engine step), or both, comma-separated; a scheduler run in reject mode is labelled name+reject."
         ),
     ] = "best-effort",
+    duration: Duration = None,
     json_out: JsonOut = None,
     plot: PlotOut = None,
 ) -> None:
@@ -155,7 +158,10 @@ def simulate_command(
     clusters = [(count, name) for count in counts for name in parse_names("--router", router, ROUTERS)]
     clusters = list(dict.fromkeys((count, name if count > 1 else None) for count, name in clusters))
     scenarios = list(ALL_SCENARIOS) if scenario == "all" else [scenario]
-    options = TraceOptions(num_programs=num_requests, seed=seed, slo_scale=slo_scale, length_scale=length_scale)
+    check_duration(duration, capacity)
+    options = TraceOptions(
+        num_programs=num_requests, seed=seed, slo_scale=slo_scale, length_scale=length_scale, duration_s=duration
+    )
     rows: list[tuple[str, str, Measurement]] = []
     with Progress(*progress_columns(), console=console, transient=True) as progress:
         task = progress.add_task("Simulating", total=len(scenarios) * len(schedulers) * len(clusters))
@@ -182,7 +188,7 @@ def simulate_command(
         console.print(routing_table(rows))
     if json_out is not None:
         payload = {
-            "profile": config.step_time.name, "num_requests": num_requests, "seed": seed,
+            "profile": config.step_time.name, "num_requests": num_requests, "duration_s": duration, "seed": seed,
             "spec_acceptance": spec_acceptance if any(drafts) else None,
             "planner_profile": None if planner_profile is None else config.scheduler_step_time.name,
             "calibrate": calibrate,
