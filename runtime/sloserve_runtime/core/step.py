@@ -53,14 +53,14 @@ class StepEngine(Protocol):
         """These admitted requests are best effort now (their SLO state says so already)."""
         ...
 
-    def admitted_can_start(self) -> list[LiveRequest] | None:
-        """The admitted requests that wait, if one heads the waiting queue with a place and the KV
-        memory to start this step; None otherwise."""
-        ...
-
     def start_prefix(self) -> int | None:
         """The cached prompt tokens of the request that would start this step, if one can (a place
         is free and one waits); None if none can."""
+        ...
+
+    def admitted_can_start(self) -> list[LiveRequest] | None:
+        """The admitted requests that wait, if one heads the waiting queue with the KV memory to
+        start this step; None otherwise. Asked only when a request can start (``start_prefix``)."""
         ...
 
 
@@ -89,9 +89,9 @@ def plan_step(policy: SchedulingPolicy, engine: StepEngine, now: float) -> StepP
     demoted = policy.demote(running)
     if demoted:
         engine.demoted(demoted)
-    waiting = engine.admitted_can_start()
-    hold = policy.held_back(running, waiting is not None, now, waiting)
     prefix = engine.start_prefix()
+    waiting = engine.admitted_can_start() if prefix is not None else None
+    hold = policy.held_back(running, waiting is not None, now, waiting)
     budget = policy.token_budget(running, prefix is not None, now, prefix or 0, hold)
     return StepPlan(running, hold.held, budget, promoted, preempted, demoted)
 

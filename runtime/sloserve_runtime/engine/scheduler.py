@@ -338,8 +338,6 @@ class _StepView:
 
     def admitted_can_start(self) -> list[LiveRequest] | None:
         s = self.scheduler
-        if not s.waiting or len(s.running) >= s.max_num_running_reqs:
-            return None
         head = next(iter(s.waiting))  # admitted requests sort first
         if s._state(head).best_effort:
             return None

@@ -185,8 +185,6 @@ class Engine:
                 self.admitted.pop(id(request), None)
 
     def admitted_can_start(self) -> list[LiveRequest] | None:
-        if not len(self.waiting) or len(self.running) >= self.config.max_num_seqs:
-            return None
         head = self.waiting.peek()  # admitted requests sort first
         if head.state.best_effort or not self.kv.fits(head.num_tokens):
             return None
