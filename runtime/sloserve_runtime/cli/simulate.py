@@ -38,10 +38,10 @@ from sloserve_runtime.cli.measure import (
 )
 from sloserve_runtime.core.policies import ALIASES, POLICIES, scheduler_name
 from sloserve_runtime.core.router import ROUTERS
-from sloserve_runtime.core.slo_state import ADMISSION_MODES, REJECT
+from sloserve_runtime.core.slo_state import ADMISSION_MODES
 from sloserve_runtime.measure.fidelity import engine_strays
 from sloserve_runtime.measure.results import Job, jobs, run_all, write_results
-from sloserve_runtime.measure.runs import Measurement, TraceOptions, measure, simulator_runner
+from sloserve_runtime.measure.runs import Measurement, TraceOptions, measure, run_label, simulator_runner
 from sloserve_runtime.measure.tables import (
     capacity_ratio_table,
     json_entry,
@@ -55,11 +55,6 @@ def _scheduler_names(value: str) -> list[str]:
     """The registered schedulers ``--scheduler`` names (aliases such as vllm-fcfs resolved)."""
     known = {**POLICIES, **ALIASES}
     return list(dict.fromkeys(scheduler_name(name) for name in parse_names("--scheduler", value, known)))
-
-
-def _label(policy: str, drafts: int, admission: str) -> str:
-    """A simulated scheduler's name in the tables: ``sloserve+spec4+reject`` and the like."""
-    return policy + (f"+spec{drafts}" if drafts else "") + ("+reject" if admission == REJECT else "")
 
 
 def simulate_command(
@@ -147,7 +142,7 @@ def simulate_command(
     drafts = parse_counts("--speculative-tokens", speculative_tokens, minimum=0)
     modes = parse_names("--admission", admission, dict.fromkeys(ADMISSION_MODES))
     schedulers = [
-        (_label(policy, count, mode), policy, count, mode)
+        (run_label(policy, count, mode), policy, count, mode)
         for policy in _scheduler_names(scheduler)
         for count in drafts
         # A scheduler without admission admits everything: reject mode would run it again unchanged.

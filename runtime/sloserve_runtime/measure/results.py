@@ -23,7 +23,7 @@ from typing import Any
 
 from sloserve_runtime.core.step_time import resolve_profile
 from sloserve_runtime.measure.plots import capacity_bars
-from sloserve_runtime.measure.runs import TraceOptions, measure, simulator_runner
+from sloserve_runtime.measure.runs import TraceOptions, measure, run_label, simulator_runner
 from sloserve_runtime.measure.tables import json_entry
 from sloserve_runtime.sim import SimConfig
 from sloserve_runtime.workload.scenarios import ALL_SCENARIOS, load_scenario
@@ -76,7 +76,7 @@ class Job:
 
     @property
     def label(self) -> str:
-        return f"{self.scheduler}+spec{self.drafts}" if self.drafts else self.scheduler
+        return run_label(self.scheduler, self.drafts)
 
 
 def jobs(tables: Iterable[CapacityTable] = TABLES) -> list[Job]:
@@ -130,7 +130,7 @@ def _shown(ratio: float | None, bold: bool = False) -> str:
 def table_markdown(table: CapacityTable, capacities: dict[tuple[str, str], float | None], provenance: str) -> str:
     """The page's block for one table: provenance, the command, the table and its data file."""
     spec = max(table.speculative_tokens)
-    ours_spec, stock_spec = f"{OURS}+spec{spec}", f"{STOCK}+spec{spec}"
+    ours_spec, stock_spec = run_label(OURS, spec), run_label(STOCK, spec)
     series = [OURS, STOCK, *((ours_spec, stock_spec) if spec else ())]
     pairs = [(OURS, STOCK), *(((ours_spec, STOCK), (ours_spec, stock_spec)) if spec else ())]
 
@@ -223,5 +223,5 @@ def write_results(
 
 def _series(capacities: dict[tuple[str, str], float | None], table: CapacityTable) -> dict[str, list[float]]:
     """Each scheduler's capacities in ``SHOWN`` order (nan where a search found none)."""
-    labels = [Job(table, "", name, drafts).label for drafts in table.speculative_tokens for name in (OURS, STOCK)]
+    labels = [run_label(name, drafts) for drafts in table.speculative_tokens for name in (OURS, STOCK)]
     return {label: [capacities.get((scenario, label)) or math.nan for scenario in SHOWN] for label in labels}

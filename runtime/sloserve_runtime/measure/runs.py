@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from rich.progress import Progress
 
+from sloserve_runtime.core.slo_state import BEST_EFFORT, REJECT
 from sloserve_runtime.measure.bench import Endpoint, replay
 from sloserve_runtime.measure.capacity import find_capacity
 from sloserve_runtime.measure.server_stats import ServerStats, sample_while, summarize_samples
@@ -67,6 +68,11 @@ class Measurement:
         if self.capacity_rps:
             return self.capacity_rps, self.at(self.capacity_rps)
         return self.probes[-1]
+
+
+def run_label(policy: str, drafts: int = 0, admission: str = BEST_EFFORT) -> str:
+    """A simulated scheduler's name in tables and JSON: ``sloserve+spec4+reject`` and the like."""
+    return policy + (f"+spec{drafts}" if drafts else "") + ("+reject" if admission == REJECT else "")
 
 
 Runner = Callable[[list[ProgramSpec]], tuple[list[StageResult], float]]
