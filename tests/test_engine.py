@@ -379,6 +379,40 @@ async def test_admission_reject_answers_429_with_retry_after_and_aborts(aclient,
     assert await _engine_queue(engine) == 0
 
 
+async def _token_counters(engine) -> tuple[float, float]:
+    """vLLM's own counts of prompt tokens computed and tokens generated, from /metrics."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{engine.port}/metrics", timeout=10)).text
+    totals = {"vllm:prompt_tokens_total": 0.0, "vllm:generation_tokens_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["vllm:prompt_tokens_total"], totals["vllm:generation_tokens_total"]
+
+
+async def test_a_refused_request_takes_no_engine_step(engine):
+    """The engine drops a request it refuses as it adds it: on an idle engine, which would run it
+    in the very next step, vLLM computes none of its prompt and generates none of its tokens."""
+    deadline = time.monotonic() + 30
+    while await _engine_queue(engine) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    before = await _token_counters(engine)
+    async with httpx.AsyncClient() as http:
+        for i in range(3):
+            response = await http.post(
+                f"{engine.base_url}/completions",
+                json={"model": engine.model, "prompt": f"Refused {i}: {LONG_PROMPT}", "max_tokens": 8,
+                      "slo": {"ttft_ms": 1, "admission": "reject"}},
+                timeout=60,
+            )  # fmt: skip
+            assert response.status_code == 429, response.text
+            assert "reject mode" in response.json()["error"]["message"]
+    await asyncio.sleep(1.0)  # a step that ran them would be counted by now
+    assert await _token_counters(engine) == before
+    assert await _engine_queue(engine) == 0
+
+
 def test_reject_mode_serves_what_it_admits(client, engine):
     response = client.completions.create(
         model=engine.model,

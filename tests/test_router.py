@@ -205,7 +205,7 @@ def attainment(results: list[StageResult]) -> float:
 
 def test_round_robin_cluster_is_deterministic_and_uses_every_replica():
     trace = chat_trace(300, rate=24.0)
-    config = SimConfig(step_time=ENGINE)
+    config = SimConfig(step_time=ENGINE, max_queued_best_effort=None)  # every request is served
     sim = Simulation(trace, "sloserve", config, replicas=3, router="round-robin")
     results = sim.run()
     assert results == simulate(trace, "sloserve", ENGINE, config, replicas=3, router="round-robin")

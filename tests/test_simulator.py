@@ -14,6 +14,7 @@ import pytest
 
 from conftest import run_cli
 from sloserve.slo import SLO, judge
+from sloserve_runtime.core.slo_state import BEST_EFFORT, REJECT, refusal
 from sloserve_runtime.core.step_time import PROFILES_DIR, LinearPiece, StepTimeModel
 from sloserve_runtime.sim import SimConfig, simulate
 from sloserve_runtime.sim.loop import Simulation
@@ -53,7 +54,9 @@ def first_tokens(results: list[StageResult]) -> dict[int, float]:
 
 @pytest.mark.parametrize("policy", ["sloserve", "vllm", "vllm-priority", "sarathi"])
 def test_every_token_comes_after_arrival_in_increasing_time(policy):
-    results = simulate(random_trace(300, rate=8.0), policy, MODEL)
+    # An overload: every best-effort request is kept to be served (no bound on their queue).
+    unbounded = dataclasses.replace(SimConfig.for_step_time(MODEL), max_queued_best_effort=None)
+    results = simulate(random_trace(300, rate=8.0), policy, MODEL, unbounded)
     assert len(results) == 300
     for result in results:
         assert result.error is None
@@ -137,7 +140,8 @@ def test_same_trace_gives_identical_results():
 
 
 def test_next_stage_is_sent_after_the_previous_ends_plus_its_delay():
-    results = simulate(random_trace(100, rate=5.0, seed=5, stages=3), "sloserve", MODEL)
+    unbounded = dataclasses.replace(SimConfig.for_step_time(MODEL), max_queued_best_effort=None)  # no stage refused
+    results = simulate(random_trace(100, rate=5.0, seed=5, stages=3), "sloserve", MODEL, unbounded)
     by_program: dict[int, list[StageResult]] = {}
     for result in results:
         by_program.setdefault(result.program_id, []).append(result)
@@ -421,13 +425,17 @@ def test_simulate_command_runs_and_records_a_front_end(tmp_path):
     assert "Traceback" not in refused.stderr
 
 
-def _overload(admission: str) -> tuple[list[StageResult], list[StageResult]]:
+def _overload(admission: str, max_queued_best_effort: int | None = 16) -> tuple[list[StageResult], list[StageResult]]:
     """The overload scenario at about three times what ours holds on the CPU profile."""
     from sloserve_runtime.core.step_time import resolve_profile
     from sloserve_runtime.measure.runs import TraceOptions
     from sloserve_runtime.workload.scenarios import load_scenario
 
-    config = dataclasses.replace(SimConfig.from_profile(resolve_profile("cpu-smollm2-135m")), admission=admission)
+    config = dataclasses.replace(
+        SimConfig.from_profile(resolve_profile("cpu-smollm2-135m")),
+        admission=admission,
+        max_queued_best_effort=max_queued_best_effort,
+    )
     trace = TraceOptions(num_programs=300).trace(load_scenario("overload"), 8.6)
     results = simulate(trace, "sloserve", config.step_time, config)
     admitted = [result for result in results if not result.best_effort]
@@ -437,13 +445,38 @@ def _overload(admission: str) -> tuple[list[StageResult], list[StageResult]]:
 def test_reject_mode_refuses_at_arrival_and_the_refused_take_no_step():
     results, admitted = _overload("reject")
     refused = [result for result in results if result.best_effort]
-    assert refused and all(result.error.startswith("rejected (HTTP 429)") for result in refused)
+    assert refused and all(result.error.startswith("rejected (HTTP 429): reject mode; ") for result in refused)
     assert all(result.token_times == [] for result in refused)
     assert len(admitted) + len(refused) == len(results)
 
 
+def test_best_effort_queue_is_bounded_under_overload():
+    """Past ``max_queued_best_effort`` best-effort requests waiting to start, a request the planner
+    cannot promise is refused as in reject mode; without the bound the queue takes them all."""
+    results, admitted = _overload("best-effort", max_queued_best_effort=4)
+    refused = [result for result in results if result.error is not None]
+    served = [result for result in results if result.best_effort and result.error is None]
+    assert refused and all("best-effort queue full (4 waiting to start, at most 4)" in r.error for r in refused)
+    assert all(result.token_times == [] for result in refused)
+    assert served and all(len(result.token_times) == result.output_tokens for result in served)
+    unbounded, _ = _overload("best-effort", max_queued_best_effort=None)
+    assert not any(result.error for result in unbounded)
+    # The refused ones are spared the wait: the run ends sooner, having answered the rest.
+    assert max(r.token_times[-1] for r in served) < max(r.token_times[-1] for r in unbounded if r.token_times)
+
+
+def test_refusal_follows_the_mode_and_the_queue_bound():
+    assert refusal(REJECT, 0, None) == "reject mode"
+    assert refusal(BEST_EFFORT, 15, 16) is None
+    assert refusal(BEST_EFFORT, 16, 16) == "best-effort queue full (16 waiting to start, at most 16)"
+    assert refusal(BEST_EFFORT, 10_000, None) is None
+    with pytest.raises(ValueError, match="max_queued_best_effort must be 0 or more"):
+        dataclasses.replace(SimConfig.for_step_time(MODEL), max_queued_best_effort=-1)
+
+
 @pytest.mark.parametrize("admission", ["best-effort", "reject"])
 def test_admitted_requests_keep_their_slo_at_three_times_capacity(admission):
+    """Admitted requests keep their promise under a 3x overload, in each tier (here: the one)."""
     _, admitted = _overload(admission)
     met = [judge(r.arrival, r.token_times, r.ttft_target_ms, r.tpot_target_ms).met for r in admitted]
     assert len(admitted) >= 50

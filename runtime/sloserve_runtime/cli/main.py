@@ -23,7 +23,7 @@ from sloserve_runtime.cli.app_loader import AppFileError, load_app, pick_program
 from sloserve_runtime.cli.measure import MeasureError
 from sloserve_runtime.cli.runner import program_inputs, run_program
 from sloserve_runtime.core.policies import PLANNER_POLICIES, POLICIES, scheduler_name
-from sloserve_runtime.core.slo_state import ADMISSION_MODES, REJECT
+from sloserve_runtime.core.slo_state import ADMISSION_MODES, DEFAULT_MAX_QUEUED_BEST_EFFORT, REJECT
 from sloserve_runtime.core.step_time import resolve_profile
 from sloserve_runtime.measure.report import program_attainment, stage_table
 from sloserve_runtime.serving import server
@@ -100,6 +100,7 @@ def serve(
             "budget) or reject (HTTP 429 with Retry-After). A request may ask otherwise with x-slo-admission."
         ),
     ] = "best-effort",
+    max_queued_best_effort: measure.MaxQueuedBestEffort = DEFAULT_MAX_QUEUED_BEST_EFFORT,
     profile: Annotated[
         str | None,
         typer.Option(
@@ -159,6 +160,7 @@ def serve(
         calibrate=calibrate,
         max_yields=max_yields,
         admission=admission,
+        max_queued_best_effort=measure.queue_bound(max_queued_best_effort),
         extra_args=list(_vllm_args),
     )
     if not server.port_is_free(host, port):
@@ -317,6 +319,7 @@ def _run_and_report(app, chosen, inputs, base_url, concurrency, api_key, model) 
 
 def _measuring(command):  # noqa: ANN001, ANN202 - wraps a typer command
     """Report a user's mistake in a measuring command as one line, not a traceback."""
+
     @functools.wraps(command)
     def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         try:

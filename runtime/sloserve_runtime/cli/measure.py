@@ -65,11 +65,24 @@ Duration = Annotated[
         "--num-requests programs: a sustained load, as long at 3x capacity as at 1x.",
     ),
 ]
+MaxQueuedBestEffort = Annotated[
+    int,
+    typer.Option(
+        min=-1,
+        help="Best-effort requests that may wait to start at once; past it, a request the planner cannot "
+        "promise gets HTTP 429 with Retry-After, as in reject mode (-1: no bound, as vLLM's queue).",
+    ),
+]
 PlotOut = Annotated[Path | None, typer.Option("--plot", help="Write attainment-vs-rate and TTFT CDF plots here.")]
 
 
 class MeasureError(ValueError):
     """A bad combination of options; the message says which."""
+
+
+def queue_bound(max_queued_best_effort: int) -> int | None:
+    """``--max-queued-best-effort`` as the server and simulator take it: -1 (Ray Serve's "no limit") is None."""
+    return None if max_queued_best_effort < 0 else max_queued_best_effort
 
 
 def check_duration(duration: float | None, capacity: bool) -> None:

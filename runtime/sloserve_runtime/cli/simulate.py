@@ -17,6 +17,7 @@ from sloserve_runtime.cli.measure import (
     FrontendOutMs,
     JsonOut,
     LengthScale,
+    MaxQueuedBestEffort,
     MeasureError,
     PlotOut,
     Rate,
@@ -32,13 +33,14 @@ from sloserve_runtime.cli.measure import (
     plot_results,
     profile_config,
     progress_columns,
+    queue_bound,
     rates_of,
     scenario_of,
     write_json,
 )
 from sloserve_runtime.core.policies import ALIASES, POLICIES, scheduler_name
 from sloserve_runtime.core.router import ROUTERS
-from sloserve_runtime.core.slo_state import ADMISSION_MODES
+from sloserve_runtime.core.slo_state import ADMISSION_MODES, DEFAULT_MAX_QUEUED_BEST_EFFORT
 from sloserve_runtime.measure.fidelity import engine_strays
 from sloserve_runtime.measure.results import Job, jobs, run_all, write_results
 from sloserve_runtime.measure.runs import Measurement, TraceOptions, measure, run_label, simulator_runner
@@ -47,6 +49,7 @@ from sloserve_runtime.measure.tables import (
     json_entry,
     results_table,
     routing_table,
+    stage_table,
 )
 from sloserve_runtime.workload.scenarios import ALL_SCENARIOS, SCENARIO_NAMES
 
@@ -116,6 +119,7 @@ def simulate_command(
             "no engine step), or both, comma-separated; a scheduler run in reject mode is labelled name+reject."
         ),
     ] = "best-effort",
+    max_queued_best_effort: MaxQueuedBestEffort = DEFAULT_MAX_QUEUED_BEST_EFFORT,
     duration: Duration = None,
     json_out: JsonOut = None,
     plot: PlotOut = None,
@@ -136,6 +140,7 @@ def simulate_command(
         config, calibrate=calibrate, enable_prefix_caching=enable_prefix_caching,
         step_noise=step_noise, step_noise_correlation=step_noise_correlation,
         frontend_in_seconds=frontend_in_ms / 1000.0, frontend_out_seconds=frontend_out_ms / 1000.0,
+        max_queued_best_effort=queue_bound(max_queued_best_effort),
     )  # fmt: skip
     if not 0.0 <= spec_acceptance <= 1.0:
         raise MeasureError(f"--spec-acceptance {spec_acceptance}: give a probability between 0 and 1")
@@ -177,6 +182,9 @@ def simulate_command(
                     rows.append((name, label, result))
                     progress.advance(task)
     console.print(results_table(f"Simulated on {config.step_time.name}", rows))
+    if not capacity and len(scenarios) == 1 and sum(len(kind.stages) for kind in spec.classes) > 1:
+        # Each stage is a tier of its own: whether one pays for another shows only per stage.
+        console.print(stage_table("Calls by stage: which half of the SLO they kept", rows))
     if capacity and any(label == "vllm" for label, *_ in schedulers):
         console.print(capacity_ratio_table(rows, "vllm"))
     if capacity and any(count > 1 for count, _ in clusters):

@@ -18,10 +18,32 @@ XARG_TTFT_MS = "slo_ttft_ms"
 XARG_TTFT_SLOWDOWN = "slo_ttft_slowdown"
 XARG_TPOT_MS = "slo_tpot_ms"
 XARG_ARRIVAL = "slo_arrival"
+XARG_ADMISSION = "slo_admission"  # the request's admission mode, as the front end resolved it
 # What happens to a request the planner cannot promise its SLO: served from leftover budget
 # ("best-effort", SLOs-Serve's choice), or refused ("reject": HTTP 429 from a server).
 ADMISSION_MODES = ("best-effort", "reject")
 BEST_EFFORT, REJECT = ADMISSION_MODES
+# Best-effort requests that may wait to start at once (``sloserve serve --max-queued-best-effort``).
+# Under sustained overload an unbounded best-effort queue only grows: each request in it waits
+# longer than the last, the server's memory grows with it, and all of it is answered, late, after
+# the load passes. Past this many, a request the planner cannot promise is refused as in reject
+# mode, with a Retry-After, as vLLM's ``--max-num-queued-reqs`` and Ray Serve's
+# ``max_queued_requests`` bound their queues. None: no bound.
+DEFAULT_MAX_QUEUED_BEST_EFFORT = 16
+
+
+def refusal(mode: str, queued_best_effort: int, max_queued_best_effort: int | None) -> str | None:
+    """Why a request the planner did not admit is refused (HTTP 429 from a server, no engine step);
+    None: it is served as best effort.
+
+    ``mode``: the request's admission mode; ``queued_best_effort``: the best-effort requests already
+    waiting to start.
+    """
+    if mode == REJECT:
+        return "reject mode"
+    if max_queued_best_effort is not None and queued_best_effort >= max_queued_best_effort:
+        return f"best-effort queue full ({queued_best_effort} waiting to start, at most {max_queued_best_effort})"
+    return None
 
 
 def slo_to_xargs(slo: SLO, arrival: float | None = None) -> dict[str, float]:

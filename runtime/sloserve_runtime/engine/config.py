@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sloserve.slo import SLO
+from sloserve_runtime.core.slo_state import BEST_EFFORT, DEFAULT_MAX_QUEUED_BEST_EFFORT
 from sloserve_runtime.core.step_time import engine_profile
 
 CONFIG_KEY = "sloserve"
@@ -22,6 +23,9 @@ class SLOConfig:
     notices: str | None = None  # ZeroMQ address the front end reads admission notices from
     calibrate: bool = True  # refit the profile to the steps this engine takes (``calibration.py``)
     max_yields: int | None = None  # the planner's ``max_yields`` (None: its default)
+    admission: str = BEST_EFFORT  # the server's admission mode, for requests that do not say theirs
+    # Best-effort requests that may wait to start at once (``slo_state.refusal``); None: no bound.
+    max_queued_best_effort: int | None = DEFAULT_MAX_QUEUED_BEST_EFFORT
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> SLOConfig:
@@ -34,6 +38,8 @@ class SLOConfig:
             notices=section.get("notices"),
             calibrate=bool(section.get("calibrate", True)),
             max_yields=section.get("max_yields"),
+            admission=section.get("admission") or BEST_EFFORT,
+            max_queued_best_effort=section.get("max_queued_best_effort", DEFAULT_MAX_QUEUED_BEST_EFFORT),
         )
 
     def to_additional_config(self) -> dict[str, Any]:
@@ -46,5 +52,7 @@ class SLOConfig:
             "notices": self.notices,
             "calibrate": self.calibrate,
             "max_yields": self.max_yields,
+            "admission": self.admission,
+            "max_queued_best_effort": self.max_queued_best_effort,
         }
         return {CONFIG_KEY: section}

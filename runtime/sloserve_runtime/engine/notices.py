@@ -44,6 +44,9 @@ class Notice:
     reason: str
     retry_after_s: float = 0.0  # when the engine expects room again (meaningful when not admitted)
     change: str = ""  # one of CHANGES; "": the decision at arrival
+    # Refused at arrival (reject mode, or the best-effort queue full): the engine dropped it before
+    # any step, and the front end answers HTTP 429.
+    refused: bool = False
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -53,7 +56,7 @@ class Notice:
         data = json.loads(raw)
         return cls(
             str(data["tag"]), bool(data["admitted"]), str(data["reason"]), float(data["retry_after_s"]),
-            str(data.get("change", "")),
+            str(data.get("change", "")), bool(data.get("refused", False)),
         )  # fmt: skip
 
     @property

@@ -39,11 +39,11 @@ from typing import Any
 from vllm.logger import init_logger
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from sloserve_runtime.core.planner import Decision, LiveRequest
 from sloserve_runtime.core.policies import make_policy
-from sloserve_runtime.core.slo_state import XARG_ARRIVAL, SLORequestState, slo_from_xargs
+from sloserve_runtime.core.slo_state import XARG_ADMISSION, XARG_ARRIVAL, SLORequestState, refusal, slo_from_xargs
 from sloserve_runtime.core.step import plan_step
 from sloserve_runtime.core.step_time import StepTimeModel
 from sloserve_runtime.engine.config import SLOConfig
@@ -133,10 +133,27 @@ class SLOScheduler(RecordingScheduler):
         state.cached_tokens = self._cached_prefix(request)
         live = [self._live(other) for other in (*self.running, *self.waiting)]
         decision = self.slo_policy.admit(time.time(), self._live(request), live)
+        refused = None if decision.admitted else self._refusal(request)
         super().add_request(request)
-        self._notify(request, decision, live)
+        if refused is not None:
+            # Refused: the front end answers 429, and the request takes no step, KV block or place.
+            self.finish_requests(request.request_id, RequestStatus.FINISHED_ABORTED)
+            decision = Decision(False, f"{refused}; {decision.reason}")
+        self._notify(request, decision, live, refused is not None)
 
-    def _notify(self, request: Request, decision: Decision, live: list[LiveRequest]) -> None:
+    def _refusal(self, request: Request) -> str | None:
+        """Why a request the planner did not admit is refused (``slo_state.refusal``); None: it runs
+        as best effort. Only a request whose front end waits for the notice can be refused: the
+        middleware answers it, where a request without a tag would be left without an answer."""
+        if self._tag(request) is None:
+            return None
+        xargs = request.sampling_params.extra_args if request.sampling_params else None
+        mode = (xargs or {}).get(XARG_ADMISSION) or self.slo_config.admission
+        bound = self.slo_config.max_queued_best_effort
+        queued = 0 if bound is None else sum(1 for r in self.waiting if self._state(r).best_effort)
+        return refusal(mode, queued, bound)
+
+    def _notify(self, request: Request, decision: Decision, live: list[LiveRequest], refused: bool = False) -> None:
         """Tell the front end what was decided (requests sent through our middleware carry a tag)."""
         tag = self._tag(request)
         if tag is None:
@@ -146,7 +163,7 @@ class SLOScheduler(RecordingScheduler):
             # Room returns once the admitted prefills ahead are done: the planner's own estimate.
             backlog = sum(r.to_compute for r in live if not r.state.best_effort and not r.decoding)
             retry_after = self.slo_policy.step_time.prefill_seconds(backlog)
-        self.notices.publish(Notice(tag, decision.admitted, decision.reason, retry_after))
+        self.notices.publish(Notice(tag, decision.admitted, decision.reason, retry_after, refused=refused))
 
     def _notify_change(self, state: SLORequestState, change: str, reason: str) -> None:
         """Tell the front end what changed for a request after its admission (``admission.CHANGES``)."""
@@ -267,8 +284,6 @@ class SLOScheduler(RecordingScheduler):
         if len(self.slo_states) > len(self.requests):
             for request_id in [rid for rid in self.slo_states if rid not in self.requests]:
                 del self.slo_states[request_id]
-
-
 
 
 class _StepView:

@@ -42,6 +42,11 @@ class KindSummary:
     attainment: float  # fraction of those calls that met their SLO
     programs: int
     program_attainment: float  # fraction of those programs whose every call met its SLO
+    # Where the scheduler reports its admission: how many of these calls it admitted (promised
+    # their SLO at arrival or later), and the fraction of those that met it (None: none admitted,
+    # or no admission reported). The promise is kept per tier, so it is judged per tier too.
+    admitted: int | None = None
+    admitted_attainment: float | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,9 @@ class StageSummary:
     attainment: float  # fraction that met their whole SLO
     ttft_met: float  # fraction whose first token came within the TTFT target
     tpot_met: float  # fraction whose every 10-token window kept the TPOT target
+    # As ``KindSummary``: the calls the scheduler admitted, and the fraction of those that met their SLO.
+    admitted: int | None = None
+    admitted_attainment: float | None = None
 
 
 @dataclass(frozen=True)
@@ -164,29 +172,45 @@ def _by_kind(results: Sequence[StageResult], met: Sequence[bool]) -> dict[str, K
     summaries = {}
     for kind, indices in sorted(calls.items()):
         kind_results, kind_met = [results[i] for i in indices], [met[i] for i in indices]
+        admitted, admitted_met = _admitted_of(kind_results, kind_met)
         summaries[kind] = KindSummary(
             requests=len(indices),
             attainment=_fraction(sum(kind_met), len(indices)),
             programs=len({result.program_id for result in kind_results}),
             program_attainment=_program_attainment(kind_results, kind_met),
+            admitted=admitted,
+            admitted_attainment=admitted_met,
         )
     return summaries
 
 
 def _by_stage(results: Sequence[StageResult], outcomes: Sequence[Outcome | None]) -> dict[str, StageSummary]:
     """Per stage of each kind of program: how many calls met their SLO, their TTFT, their TPOT."""
-    calls: dict[str, list[Outcome | None]] = defaultdict(list)
+    calls: dict[str, list[tuple[StageResult, Outcome | None]]] = defaultdict(list)
     for result, outcome in zip(results, outcomes, strict=True):
-        calls[f"{result.kind}/{result.stage}"].append(outcome)
-    return {
-        name: StageSummary(
+        calls[f"{result.kind}/{result.stage}"].append((result, outcome))
+    summaries = {}
+    for name, stage in sorted(calls.items()):
+        met = [o is not None and o.met for _, o in stage]
+        admitted, admitted_met = _admitted_of([r for r, _ in stage], met)
+        summaries[name] = StageSummary(
             requests=len(stage),
-            attainment=_fraction(sum(o is not None and o.met for o in stage), len(stage)),
-            ttft_met=_fraction(sum(o is not None and o.ttft_met for o in stage), len(stage)),
-            tpot_met=_fraction(sum(o is not None and o.tpot_met for o in stage), len(stage)),
+            attainment=_fraction(sum(met), len(stage)),
+            ttft_met=_fraction(sum(o is not None and o.ttft_met for _, o in stage), len(stage)),
+            tpot_met=_fraction(sum(o is not None and o.tpot_met for _, o in stage), len(stage)),
+            admitted=admitted,
+            admitted_attainment=admitted_met,
         )
-        for name, stage in sorted(calls.items())
-    }
+    return summaries
+
+
+def _admitted_of(results: Sequence[StageResult], met: Sequence[bool]) -> tuple[int | None, float | None]:
+    """How many of these calls the scheduler admitted, and the fraction of those that met their SLO
+    ((None, None): it reported no admission; the fraction is None when it admitted none)."""
+    if all(result.admission is None for result in results):
+        return None, None
+    admitted = [call_met for result, call_met in zip(results, met, strict=True) if not result.best_effort]
+    return len(admitted), (_fraction(sum(admitted), len(admitted)) if admitted else None)
 
 
 def _fraction(count: int, total: int) -> float:

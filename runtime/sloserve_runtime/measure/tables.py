@@ -55,15 +55,19 @@ def results_table(title: str, rows: list[tuple[str, str, Measurement]]) -> Table
 
 
 def stage_table(title: str, rows: list[tuple[str, str, Measurement]]) -> Table:
-    """Per stage and rate run: how many calls met their SLO, and which half the others missed."""
+    """Per stage and rate run: how many calls met their SLO, which half the others missed, and, where
+    the scheduler reports its admission, how many it admitted and how many of those met their SLO."""
     table = Table(title=title)
-    for column in ("scheduler", "rate", "stage", "calls", "met", "TTFT met", "TPOT met"):
+    columns = ("scheduler", "rate", "stage", "calls", "met", "TTFT met", "TPOT met", "admitted", "admitted met")
+    for column in columns:
         table.add_column(column, **_layout(column))
     for _, label, measurement in rows:
         for rate, summary in measurement.probes:
             for stage, part in summary.by_stage.items():
                 shares = (f"{share:.1%}" for share in (part.attainment, part.ttft_met, part.tpot_met))
-                table.add_row(label, f"{rate:.3g}", stage, str(part.requests), *shares)
+                admitted = "-" if part.admitted is None else str(part.admitted)
+                kept = "-" if part.admitted_attainment is None else f"{part.admitted_attainment:.1%}"
+                table.add_row(label, f"{rate:.3g}", stage, str(part.requests), *shares, admitted, kept)
     return table
 
 
@@ -94,7 +98,9 @@ def json_entry(scenario: str, label: str, measurement: Measurement, detailed: bo
         "best_effort_completed": summary.best_effort_completed,
         "probes": [
             {
-                "rate": r, **s.to_json(), **({"calls": _calls(measurement, r)} if detailed else {}),
+                "rate": r,
+                **s.to_json(),
+                **({"calls": _calls(measurement, r)} if detailed else {}),
                 **({"server": dataclasses.asdict(stats)} if stats is not None else {}),
             }
             for (r, s), stats in zip(measurement.probes, _server_stats(measurement), strict=True)

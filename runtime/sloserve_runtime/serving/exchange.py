@@ -11,7 +11,7 @@ from typing import Any
 
 from sloserve._reassemble import Reassembler
 from sloserve.slo import SLO, judge
-from sloserve_runtime.core.slo_state import slo_to_xargs
+from sloserve_runtime.core.slo_state import XARG_ADMISSION, slo_to_xargs
 from sloserve_runtime.core.step_time import StepTimeModel
 from sloserve_runtime.engine.notices import XARG_TAG, Notice
 from sloserve_runtime.serving import metrics as slo_metrics
@@ -33,8 +33,10 @@ class Exchange:
         tag: str | None = None,
         notice: asyncio.Future[Notice] | None = None,
         changes: list[Notice] | None = None,
+        admission: str | None = None,
     ) -> None:
         self.slo = slo
+        self.mode = admission  # the request's admission mode (None: the server's)
         self.tag = tag  # matches the scheduler's admission notice to this request
         self.notice = notice
         # What changed after the decision, as the notice board appends it (``NoticeBoard.changes``).
@@ -59,6 +61,8 @@ class Exchange:
         xargs = {**(body.get("vllm_xargs") or {}), **slo_to_xargs(self.slo, self.arrival)}
         if self.tag is not None:
             xargs[XARG_TAG] = self.tag
+        if self.mode is not None:
+            xargs[XARG_ADMISSION] = self.mode
         body["vllm_xargs"] = xargs
         return body
 

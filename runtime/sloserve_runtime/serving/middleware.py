@@ -8,7 +8,8 @@ Admission: the scheduler's decision on the request arrives as a notice (``engine
 reported with the outcome. With the admission mode ``reject`` (``sloserve serve --admission
 reject``, or per request the header ``x-slo-admission`` / the body field ``slo.admission``) a
 request the planner cannot promise its SLO gets HTTP 429 with the reason and a ``Retry-After``,
-and vLLM aborts it; in ``best-effort`` mode it is served from leftover budget.
+and the engine drops it before any step; in ``best-effort`` mode it is served from leftover
+budget, unless the best-effort queue is full (``--max-queued-best-effort``): then it gets the 429.
 
 Out: every completion reports the SLO it ran under, the admission decision and its measured
 outcome in a ``"slo"`` field: in the body when not streamed, and in the final streamed chunk. To
@@ -29,7 +30,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sloserve.slo import SLOError
-from sloserve_runtime.core.slo_state import REJECT
 from sloserve_runtime.core.step_time import StepTimeModel, engine_profile
 from sloserve_runtime.engine.notices import Notice, NoticeBoard
 from sloserve_runtime.serving.exchange import Exchange, send_error
@@ -51,7 +51,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 logger = logging.getLogger(__name__)
-# How long a request in reject mode waits for its admission notice before it is served anyway
+# How long a request waits for its admission notice before it is served anyway
 # (the notice is pushed as the engine takes the request, so only a stuck engine gets near this).
 NOTICE_TIMEOUT_S = 10.0
 
@@ -91,13 +91,15 @@ class SLOMiddleware:
         tag = uuid.uuid4().hex
         notice = self.board.expect(tag) if self.board is not None else None
         changes = self.board.changes(tag) if self.board is not None else []
-        exchange = Exchange(slo, arrival, body, self.step_time, tag if notice is not None else None, notice, changes)
+        exchange = Exchange(
+            slo, arrival, body, self.step_time, tag if notice is not None else None, notice, changes, mode
+        )
         new_raw = json.dumps(exchange.engine_body()).encode()
         new_headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         new_headers.append((b"content-length", str(len(new_raw)).encode()))
         app_scope = {**scope, "headers": new_headers}
         try:
-            if mode == REJECT and notice is not None:
+            if notice is not None:
                 await self._admit_or_reject(app_scope, new_raw, receive, send, exchange)
             else:
                 await self.app(app_scope, _replay(new_raw, receive), exchange.wrap(send))
@@ -111,8 +113,10 @@ class SLOMiddleware:
     ) -> None:
         """Hold the response until the admission notice comes: 429 if refused, else let it through.
 
-        The engine runs the request meanwhile (its output is held). On a refusal the app sees the
-        client disconnect, which makes vLLM abort the request.
+        The engine refuses a request in reject mode, or in best-effort mode with its best-effort
+        queue full (``slo_state.refusal``), and drops it before any step; the notice comes when the
+        engine adds the request, before its first token, so holding costs an admitted request no
+        time. On a refusal the app sees the client disconnect, which ends vLLM's side of it.
         """
         assert exchange.notice is not None
         gone = asyncio.Event()
@@ -131,7 +135,7 @@ class SLOMiddleware:
         app = asyncio.create_task(self.app(scope, _replay(raw, receive, gone), gated_send))
         await asyncio.wait({app, exchange.notice}, timeout=NOTICE_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
         decision = exchange.decision()
-        if decision is not None and not decision.admitted:
+        if decision is not None and decision.refused:
             state["rejected"] = True
             gone.set()
             await _send_rejection(send, decision, exchange)

@@ -21,7 +21,7 @@ import httpx
 from sloserve.slo import SLO
 from sloserve_runtime.core.hardware import cpu_dtype
 from sloserve_runtime.core.policies import POLICIES, scheduler_name
-from sloserve_runtime.core.slo_state import ADMISSION_MODES, BEST_EFFORT
+from sloserve_runtime.core.slo_state import ADMISSION_MODES, BEST_EFFORT, DEFAULT_MAX_QUEUED_BEST_EFFORT
 from sloserve_runtime.core.step_time import DEFAULT_PROFILE, engine_profile, resolve_profile
 from sloserve_runtime.engine.config import SLOConfig
 from sloserve_runtime.serving import settings
@@ -70,6 +70,8 @@ class ServerOptions:
     # (the planner's ``max_yields``); None: the planner's default.
     max_yields: int | None = None
     admission: str = BEST_EFFORT  # what a request the planner cannot promise gets: best effort or HTTP 429
+    # Best-effort requests that may wait to start at once; past it, HTTP 429 as in reject mode. None: no bound.
+    max_queued_best_effort: int | None = DEFAULT_MAX_QUEUED_BEST_EFFORT
     extra_args: list[str] = field(default_factory=list)  # passed to vLLM unchanged
     env: dict[str, str] = field(default_factory=dict)  # extra environment of the engine (e.g. its CPU cores)
     # Where the scheduler pushes admission notices to the middleware: a Linux abstract socket,
@@ -132,6 +134,7 @@ def command(options: ServerOptions) -> list[str]:
         config = SLOConfig(
             options.default_slo, options.profile_path, options.step_log, policy=scheduler_name(options.scheduler),
             notices=options.notices, calibrate=options.calibrate, max_yields=options.max_yields,
+            admission=options.admission, max_queued_best_effort=options.max_queued_best_effort,
         )  # fmt: skip
         args += ["--scheduler-cls", ours, "--additional-config", json.dumps(config.to_additional_config())]
     elif options.step_log:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sloserve_runtime.core.slo_state import ADMISSION_MODES, BEST_EFFORT
+from sloserve_runtime.core.slo_state import ADMISSION_MODES, BEST_EFFORT, DEFAULT_MAX_QUEUED_BEST_EFFORT
 from sloserve_runtime.core.step_time import PROFILES_DIR, StepTimeModel
 
 # Used when the profile does not state its KV capacity; large enough that KV memory never binds
@@ -54,10 +54,17 @@ class SimConfig:
     # What happens to a request admission refuses (``sloserve serve --admission``): served as best
     # effort, or refused at once ("reject": the HTTP 429 of a server), taking no engine step.
     admission: str = BEST_EFFORT
+    # Best-effort requests that may wait to start at once; past it, a refused request is refused
+    # as in reject mode (``slo_state.refusal``, the server's ``--max-queued-best-effort``). None: no bound.
+    max_queued_best_effort: int | None = DEFAULT_MAX_QUEUED_BEST_EFFORT
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSION_MODES:
             raise ValueError(f"admission {self.admission!r}: use one of {', '.join(ADMISSION_MODES)}")
+        if self.max_queued_best_effort is not None and self.max_queued_best_effort < 0:
+            raise ValueError(
+                f"max_queued_best_effort must be 0 or more (None: no bound); got {self.max_queued_best_effort}"
+            )
         if self.kv_capacity_blocks < 1 or self.max_num_seqs < 1 or self.batched_tokens < 1:
             raise ValueError(f"simulator limits must be positive: {self}")
         if self.num_speculative_tokens < 0 or not 0.0 <= self.spec_acceptance <= 1.0:

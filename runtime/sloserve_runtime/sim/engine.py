@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from sloserve_runtime.core.planner import LiveRequest
 from sloserve_runtime.core.policies import SchedulingPolicy
-from sloserve_runtime.core.slo_state import REJECT
+from sloserve_runtime.core.slo_state import REJECT, refusal
 from sloserve_runtime.core.step import plan_step
 from sloserve_runtime.core.step_time import attended_pairs
 from sloserve_runtime.sim.config import SimConfig
@@ -61,7 +61,8 @@ class Engine:
 
     def add(self, request: SimRequest, now: float) -> None:
         """A request arrives at ``now``: the policy decides on its admission, then it waits (or, refused
-        in reject mode, it ends there with an error, as a server answers HTTP 429)."""
+        in reject mode or with the best-effort queue full, it ends there with an error, as a server
+        answers HTTP 429)."""
         # The planner weighs the prefill left after the prefix its program left cached, as vLLM's
         # scheduler will find it (unless it is evicted first).
         request.state.cached_tokens = self.kv.hit_tokens(request.program_index, request.cache_limit)
@@ -69,12 +70,19 @@ class Engine:
         request.result.admission, request.result.best_effort = decision.reason, not decision.admitted
         if decision.admitted:
             self.admitted[id(request)] = request
-        elif self.config.admission == REJECT:
-            request.result.error = f"rejected (HTTP 429): {decision.reason}"
-            return
         else:
+            refused = refusal(self.config.admission, self._queued_best_effort(), self.config.max_queued_best_effort)
+            if refused is not None:
+                request.result.error = f"rejected (HTTP 429): {refused}; {decision.reason}"
+                return
             self.unpromised.append(request)
         self.waiting.push_back(request)
+
+    def _queued_best_effort(self) -> int:
+        """Best-effort requests waiting to start (0 without a bound on them: nobody asks)."""
+        if self.config.max_queued_best_effort is None or self.config.admission == REJECT:
+            return 0
+        return sum(1 for request in self.waiting if request.state.best_effort)
 
     def schedule(self, now: float) -> Batch | None:
         """Form the batch of the step starting at ``now``; advance its requests' computed tokens. None: nothing runs."""

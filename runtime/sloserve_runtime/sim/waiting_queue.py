@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterator
 from itertools import count
 
 from sloserve_runtime.core.policies import SchedulingPolicy, SortKey
@@ -28,6 +29,10 @@ class WaitingQueue:
 
     def __len__(self) -> int:
         return len(self._heap)
+
+    def __iter__(self) -> Iterator[SimRequest]:
+        """The waiting requests, in no particular order."""
+        return (request for _, _, request in self._heap)
 
     def push_back(self, request: SimRequest) -> None:
         self._push(request, next(self._positions))
