@@ -132,6 +132,16 @@ SEQ_CAP = [
 ]
 
 
+# A bound of two on the best-effort requests waiting to start: of five arrivals whose TTFT is out
+# of reach, two wait as best effort and three are refused (an HTTP 429 from a server).
+QUEUE_BOUND = 2
+QUEUE = [
+    Spec("q0", 400, 40, "5s", "200ms", 0.0),
+    *(Spec(f"hopeless{k}", 200, 20, "1ms", None, 0.0) for k in range(5)),
+    Spec("q1", 100, 20, "5s", "200ms", 0.1),
+]
+
+
 # Decodes without a TPOT target (a server's --slo-ttft-ms alone) and two prompts that arrive while
 # they run: the short one's first token is on time beside them, and they keep decoding; the long
 # one's, with a 500 ms TTFT, is not, and they sit its prefill step out.
@@ -163,7 +173,13 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def engine_config(profile: Path, prefix_caching: bool, step_log: Path | None = None, max_num_seqs: int | None = None):
+def engine_config(
+    profile: Path,
+    prefix_caching: bool,
+    step_log: Path | None = None,
+    max_num_seqs: int | None = None,
+    max_queued_best_effort: int | None = None,
+):
     """The engine config ``sloserve serve`` gives vLLM, for the default model (loads its HF config: slow)."""
     args = EngineArgs(
         model=str(ensure_default_model()),
@@ -174,7 +190,10 @@ def engine_config(profile: Path, prefix_caching: bool, step_log: Path | None = N
         enforce_eager=True,
         scheduler_cls="sloserve_runtime.engine.scheduler.SLOScheduler",
         additional_config=SLOConfig(
-            profile=str(profile), step_log=None if step_log is None else str(step_log), calibrate=False
+            profile=str(profile),
+            step_log=None if step_log is None else str(step_log),
+            calibrate=False,
+            max_queued_best_effort=max_queued_best_effort,
         ).to_additional_config(),
     )
     return args.create_engine_config()
@@ -196,6 +215,12 @@ def vllm_config_cached(profile: Path):
 def capped_config(profile: Path):
     """Room for only ``CAPPED_SEQS`` running requests (``--max-num-seqs``): the cap binds before memory."""
     return engine_config(profile, prefix_caching=True, max_num_seqs=CAPPED_SEQS)
+
+
+@pytest.fixture(scope="module")
+def queue_config(profile: Path):
+    """At most ``QUEUE_BOUND`` best-effort requests waiting to start (``--max-queued-best-effort``)."""
+    return engine_config(profile, prefix_caching=True, max_queued_best_effort=QUEUE_BOUND)
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +275,8 @@ def make_engine(vllm_config, num_blocks: int, policy: str = "sloserve") -> Engin
         max_num_batched_tokens=MAX_BATCHED_TOKENS,
         block_size=block_size,
         enable_prefix_caching=vllm_config.cache_config.enable_prefix_caching,
+        # The bound the adapter reads from its config (the fixtures' ``None``: none, as before it).
+        max_queued_best_effort=SLOConfig.from_additional_config(vllm_config.additional_config).max_queued_best_effort,
     )
     # The adapter tells its policy vLLM's cap on running requests; so does the simulator's cluster.
     return Engine(make_policy(policy, MODEL, MAX_BATCHED_TOKENS, max_running=config.max_num_seqs), config)
@@ -366,7 +393,9 @@ class Lockstep:
         vllm_running = [request.request_id for request in self.scheduler.running]
         vllm_waiting = set(self.scheduler.requests) - set(vllm_running)
         sim_running = [request.state.request_id for request in self.engine.running]
-        sim_waiting = {name for name, sim in self.sims.items() if not sim.finished} - set(sim_running)
+        # A request refused at arrival never entered the engine (nor, on vLLM's side, stayed in it).
+        unfinished = {name for name, sim in self.sims.items() if not sim.finished and sim.result.error is None}
+        sim_waiting = unfinished - set(sim_running)
         return (vllm_running, vllm_waiting), (sim_running, sim_waiting)
 
 
@@ -473,6 +502,31 @@ def test_best_effort_gives_its_place_to_admitted_requests_alike(capped_config, c
     assert changes == [("be2", PREEMPTED, False), ("be1", PREEMPTED, False), ("a4", PROMOTED, True)]
     assert all("max_num_seqs" in notice.reason for notice in notices if notice.change == PREEMPTED)
     assert [notice.reason for notice in notices if notice.change == PROMOTED] == [decisions["a4"][1]]
+
+
+def test_best_effort_queue_refuses_the_same_requests_alike(queue_config, clock):
+    """With the best-effort queue full, both sides refuse the same arrivals and never schedule them;
+    the front end hears of each refusal, and the two that wait are served."""
+    address = f"ipc://@sloserve-test-{uuid.uuid4().hex}"
+    front_end = zmq.Context.instance().socket(zmq.PULL)
+    front_end.bind(address)
+    lockstep = Lockstep(queue_config, clock, Scenario(QUEUE, num_blocks=1024), notices=address)
+    batches: list[dict[str, int]] = []
+    try:
+        run_to_completion(lockstep, batches=batches)
+        notices = []
+        while front_end.poll(500):
+            notices.append(Notice.from_bytes(front_end.recv()))
+    finally:
+        lockstep.scheduler.notices.close()
+        front_end.close(linger=0)
+    refused = {notice.tag for notice in notices if notice.refused}
+    assert refused == {"hopeless2", "hopeless3", "hopeless4"}
+    assert all("best-effort queue full (2 waiting to start, at most 2)" in n.reason for n in notices if n.refused)
+    assert all(lockstep.sims[name].result.error.startswith("rejected (HTTP 429)") for name in refused)
+    scheduled = set().union(*batches)
+    assert not refused & scheduled  # no step ever ran them, on either side
+    assert {"hopeless0", "hopeless1", "q0", "q1"} <= scheduled
 
 
 def test_decodes_without_tpot_yield_only_to_a_prompt_that_needs_it_alike(vllm_config, clock):

@@ -589,3 +589,17 @@ def test_on_two_tiers_no_tier_pays_for_the_other():
             admitted = [result for result in mine if not result.best_effort]
             assert admitted and sum(map(met, admitted)) >= 0.9 * len(admitted), (rate, tier)
         assert sum(map(met, ours)) > sum(map(met, stock)), rate
+
+
+def test_first_tokens_are_judged_with_the_calibrated_margin():
+    """Online calibration plans each step ``window_margin`` short; admission stretches each predicted
+    wait for a first token as much, so a prompt predicted just in time on the model is refused once
+    the engine's steps have lately run that much slower."""
+    prompt = arriving("p", SLO.parse("1s", None), 400)
+    # 400 tokens beside nothing: the engine's own budget, one step of 10 + 400 ms.
+    assert Planner(MODEL, max_budget=512)._first_tokens(0.0, [prompt], [])["p"] == pytest.approx(0.41)
+    tight = arriving("q", SLO.parse("430ms", None), 400)
+    assert Planner(MODEL, max_budget=512).admit(0.0, tight, []).admitted
+    late = Planner(MODEL, max_budget=512, window_margin=0.1).admit(0.0, tight, [])
+    assert not late.admitted
+    assert late.reason.startswith("TTFT: first token predicted at 451 ms, target 430 ms")
