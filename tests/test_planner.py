@@ -189,6 +189,18 @@ def test_decodes_that_outgrow_their_tpot_give_up_the_most_context_first():
     assert planner.overrun([*young, old, loose])[0] == []
 
 
+def test_a_tight_tier_that_no_longer_fits_is_given_up_before_a_looser_one():
+    """A loose decode with a long context and a tight decode overrun the tight TPOT together: the
+    tight one goes, since without it the loose one keeps its own TPOT with room to spare; the loose
+    one, given up instead, would sit out whole steps and break the TPOT it was promised."""
+    planner = Planner(GROW, max_budget=512, headroom=1.0)
+    tight, loose = decoding("tight", TIGHT, context=100), decoding("loose", LOOSE, context=4000)
+    # 10 + 2 + 1 + 41.02 = 54 ms, over 50 ms; the loose one alone takes 51.5 ms, within its 100 ms.
+    given_up, overrun = planner.overrun([tight, loose])
+    assert given_up == [tight]
+    assert not overrun.admitted
+
+
 def test_demotion_marks_the_decodes_best_effort_with_the_reason():
     running = [decoding(f"d{i}", TIGHT, context=1200) for i in range(4)]  # 10 + 6 + 48 = 64 ms
     assert make_policy("sloserve-keep", GROW, 512).demote(running) == []

@@ -171,8 +171,11 @@ class Admission(Forecast):
         reasoning call's decode costs several times what it did at its start), and online
         calibration can find the engine slower than the profile. Once the decodes alone
         overrun the tightest TPOT, every window of every admitted decode breaks together; giving
-        up some of them keeps the others' promises. Those with the most context go first: each
-        costs the most step time, so the fewest are lost.
+        up some of them keeps the others' promises. The tightest tier goes first: it is the one
+        the engine cannot keep beside the others, and a looser tier that fits once it is gone
+        must not pay for it (a loose decode given up sits out whole steps, where a tight one it
+        made room for would have run on). Within a tier, those with the most context go first:
+        each costs the most step time, so the fewest are lost.
         """
         decodes = admitted_decodes_of(running)
         if not decodes:
@@ -183,7 +186,8 @@ class Admission(Forecast):
             return [], overrun
         # The most decodes that still fit, by bisection on running totals (fewer decodes, less
         # context and no tighter tier always fit better): a crowded engine may give up many.
-        kept = sorted(decodes, key=CONTEXT)  # the most context last: the first to go
+        # The loosest tier first, the least context first within it: the last are the first to go.
+        kept = sorted(decodes, key=lambda r: (-r.state.tpot_seconds, r.context))
         totals = list(accumulate((r.context + r.to_compute for r in kept), initial=0))
         first: dict[float, int] = {}  # each tier's first place in ``kept``: present while kept beyond it
         for index, r in enumerate(kept):
