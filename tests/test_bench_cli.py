@@ -125,3 +125,27 @@ def test_overhead_option_mistakes_are_one_line_errors(live, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_call_counts_as_admitted_in_its_last_state_as_in_the_simulator():
+    from sloserve_runtime.measure.bench import _note_admission
+    from sloserve_runtime.workload.programs import StageResult
+
+    def noted(outcome: dict) -> StageResult:
+        result = StageResult(0, "two-tiers", "interactive", 0.0, [], 128, 64, 500.0, 30.0)
+        _note_admission(result, outcome)
+        return result
+
+    admitted = noted({"admission": "admitted", "admission_reason": "admitted", "admission_changes": []})
+    assert not admitted.best_effort and admitted.admission == "admitted"
+    demoted = noted({
+        "admission": "admitted", "admission_reason": "admitted",
+        "admission_changes": [{"change": "demoted", "reason": "demoted to best effort: decode capacity: ..."}],
+    })  # fmt: skip
+    assert demoted.best_effort and demoted.admission.startswith("demoted to best effort")
+    promoted = noted({
+        "admission": "best-effort", "admission_reason": "TTFT: ...",
+        "admission_changes": [{"change": "promoted", "reason": "admitted: promoted from best effort (...)"}],
+    })  # fmt: skip
+    assert not promoted.best_effort
+    assert noted({"admission": None}).admission is None  # stock vLLM reports none

@@ -133,11 +133,18 @@ async def _stage_call(
 
 def _note_admission(result: StageResult, outcome: dict | None) -> None:
     """The scheduler's admission decision, from the ``slo`` outcome sloserve's last chunk carries
-    (none from a server without our scheduler, or with no decision for the call)."""
+    (none from a server without our scheduler, or with no decision for the call).
+
+    As the simulator records it, the call's last state counts: a call promoted later is admitted,
+    one demoted (or, as best effort, preempted) is not, with the reason of its last change.
+    """
     if not outcome or outcome.get("admission") is None:
         return
     result.admission = outcome.get("admission_reason") or outcome["admission"]
     result.best_effort = outcome["admission"] != "admitted"
+    for change in outcome.get("admission_changes") or []:
+        result.best_effort = change.get("change") != "promoted"
+        result.admission = change.get("reason") or result.admission
 
 
 async def _sse_lines(response: httpx.Response) -> AsyncIterator[str]:
