@@ -615,3 +615,17 @@ def test_first_tokens_are_judged_with_the_calibrated_margin():
     late = Planner(MODEL, max_budget=512, window_margin=0.1).admit(0.0, tight, [])
     assert not late.admitted
     assert late.reason.startswith("TTFT: first token predicted at 451 ms, target 430 ms")
+
+
+def test_a_step_planned_for_admitted_prompts_leaves_no_budget_to_start_best_effort():
+    """Whatever the admitted prompts leave of a step's budget would start a waiting best-effort
+    prompt in vLLM, and the step would outrun the bound their first tokens were promised on."""
+    planner = Planner(MODEL, max_budget=512, headroom=1.0)
+    loose, chunk = decoding("l", LOOSE), LiveRequest(state("p", LOOSE), to_compute=50, context=20)
+    # Bound 100 ms: 90 tokens would fit, but the decode and the prompt's last 50 need only 51.
+    assert planner.token_budget([loose, chunk]) == 51
+    # An admitted prompt that waits to start takes its share too: 1 + 50 + 30.
+    hold = planner.held_back([loose, chunk], admitted_waiting=True, waiting=[arriving("w", LOOSE, 30)])
+    assert planner.token_budget([loose, chunk], hold=hold) == 81
+    # With only decodes running, the leftover is best effort's, as before.
+    assert planner.token_budget([loose]) == 90

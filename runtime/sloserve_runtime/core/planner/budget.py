@@ -29,6 +29,8 @@ class Hold(NamedTuple):
     held: list[bool]  # per running request, in running order: True, it sits the step out
     admitted_waiting: bool  # an admitted request waits to start and could this step
     running: Running | None = None  # the running requests as sorted for the step (None: sort again)
+    # The prompt tokens the admitted requests that wait to start have left (None: not known).
+    waiting_tokens: int | None = None
 
 
 class Budget(Forecast):
@@ -90,6 +92,12 @@ class Budget(Forecast):
         fixed = verified_tokens + len(joining)
         prefix = chunk.context if chunk is not None else start_prefix if waiting else 0
         budget = fixed + self.step_time.chunk_budget(bound, fixed, requests, context, attended, prefix)
+        if chunk is not None or (admitted_waiting and hold.waiting_tokens is not None):
+            # A step planned for admitted prompts runs nothing else: vLLM would start waiting
+            # best-effort prompts on what they leave, and the step would outrun the bound their
+            # first tokens were promised on (one such step cost a promoted request 80 ms).
+            prompts = sum(r.to_compute for r in prefills_of(running) if not r.state.best_effort)
+            budget = min(budget, fixed + prompts + (hold.waiting_tokens or 0))
         # Admitted decodes always run: admission keeps them within the bound, and a step that
         # skipped one would break its TPOT for sure.
         return max(fixed, min(budget, self.max_budget), 1)
@@ -127,7 +135,8 @@ class Budget(Forecast):
             else:
                 joining = {id(r) for r in self._best_effort_joining(running, bound, step.best_effort)}
                 held = [r.state.best_effort and id(r) not in joining for r in running]
-        return Hold(held, admitted_waiting, step)
+        waiting_tokens = None if waiting is None else sum(r.to_compute for r in waiting)
+        return Hold(held, admitted_waiting, step, waiting_tokens)
 
     def _arrival_budget(
         self, running: Sequence[LiveRequest], held: list[bool], waiting: bool, start_prefix: int
