@@ -478,21 +478,29 @@ def test_preempted_requests_recompute_from_the_prefix_cache_alike(vllm_config, v
     assert computed < sum(sum(batch.values()) for batch in uncached_batches)
 
 
-def test_best_effort_gives_its_place_to_admitted_requests_alike(capped_config, clock):
-    """At vLLM's cap on running requests both sides preempt the same best-effort requests for the
-    same admitted arrivals, and refuse the same one for want of a place, step for step."""
+def run_with_notices(
+    vllm_config, clock: Clock, scenario: Scenario, batches: list[dict[str, int]] | None = None
+) -> tuple[Lockstep, dict[str, int], list[Notice]]:
+    """``run_to_completion`` with tagged requests, and the notices a front end would have read."""
     address = f"ipc://@sloserve-test-{uuid.uuid4().hex}"
     front_end = zmq.Context.instance().socket(zmq.PULL)  # where the middleware would read the notices
     front_end.bind(address)
-    lockstep = Lockstep(capped_config, clock, Scenario(SEQ_CAP, num_blocks=1024), notices=address)
+    lockstep = Lockstep(vllm_config, clock, scenario, notices=address)
     try:
-        seen = run_to_completion(lockstep)
+        seen = run_to_completion(lockstep, batches=batches)
         notices = []
         while front_end.poll(500):
             notices.append(Notice.from_bytes(front_end.recv()))
     finally:
         lockstep.scheduler.notices.close()
         front_end.close(linger=0)
+    return lockstep, seen, notices
+
+
+def test_best_effort_gives_its_place_to_admitted_requests_alike(capped_config, clock):
+    """At vLLM's cap on running requests both sides preempt the same best-effort requests for the
+    same admitted arrivals, and refuse the same one for want of a place, step for step."""
+    lockstep, seen, notices = run_with_notices(capped_config, clock, Scenario(SEQ_CAP, num_blocks=1024))
     assert seen["preemptions"] == 2  # be2 for a2, then be1 for a3
     _, decisions = lockstep.decisions()
     assert decisions["a4"][1].startswith("admitted: promoted from best effort (running requests: 4 admitted")
@@ -510,19 +518,8 @@ def test_best_effort_gives_its_place_to_admitted_requests_alike(capped_config, c
 def test_best_effort_queue_refuses_the_same_requests_alike(queue_config, clock):
     """With the best-effort queue full, both sides refuse the same arrivals and never schedule them;
     the front end hears of each refusal, and the two that wait are served."""
-    address = f"ipc://@sloserve-test-{uuid.uuid4().hex}"
-    front_end = zmq.Context.instance().socket(zmq.PULL)
-    front_end.bind(address)
-    lockstep = Lockstep(queue_config, clock, Scenario(QUEUE, num_blocks=1024), notices=address)
     batches: list[dict[str, int]] = []
-    try:
-        run_to_completion(lockstep, batches=batches)
-        notices = []
-        while front_end.poll(500):
-            notices.append(Notice.from_bytes(front_end.recv()))
-    finally:
-        lockstep.scheduler.notices.close()
-        front_end.close(linger=0)
+    lockstep, _, notices = run_with_notices(queue_config, clock, Scenario(QUEUE, num_blocks=1024), batches)
     refused = {notice.tag for notice in notices if notice.refused}
     assert refused == {"hopeless2", "hopeless3", "hopeless4"}
     assert all("best-effort queue full (2 waiting to start, at most 2)" in n.reason for n in notices if n.refused)
