@@ -32,7 +32,7 @@ def test_released_blocks_keep_their_full_blocks_until_claimed():
     assert kv.hit_tokens("program", limit=40) == 32  # whole blocks within the limit
     assert kv.hit_tokens("other", limit=1000) == 0
     assert kv.claim("b", "program", limit=40) == 32
-    assert kv.held["b"] == 2 and kv.free_blocks == 8
+    assert kv.blocks_of("b") == 2 and kv.free_blocks == 8
     assert kv.cached_blocks == 0  # the rest of the entry is gone with the claim
     assert kv.hit_tokens_total == 32
 

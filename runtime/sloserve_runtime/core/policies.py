@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from sloserve_runtime.core.calibration import StepTimeCalibration
 from sloserve_runtime.core.planner import ADMITTED, Decision, Hold, LiveRequest, Planner
+from sloserve_runtime.core.programs import CallShape, ProgramBook, expected_seconds, tightest
 from sloserve_runtime.core.slo_state import SLORequestState
 from sloserve_runtime.core.speculation import TierSpeculation
 from sloserve_runtime.core.step_time import StepTimeModel
@@ -90,10 +91,11 @@ class SchedulingPolicy(ABC):
         queue order, when one can start); vLLM would serve them all first."""
         return Hold([False] * len(running), admitted_waiting)
 
-    def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int) -> list[LiveRequest]:
+    def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int, kv_short: int = 0) -> list[LiveRequest]:
         """Running requests (in running order) to preempt before the step so that the
         ``admitted_waiting`` admitted requests that wait find a place under the engine's cap on
-        running requests; vLLM preempts only when KV memory runs out."""
+        running requests, and the first of them the ``kv_short`` tokens of KV it lacks; vLLM
+        preempts only when a running request's KV cannot grow."""
         return []
 
     def promote(self, now: float, candidates: Sequence[LiveRequest], live: Sequence[LiveRequest]) -> list[LiveRequest]:
@@ -105,6 +107,20 @@ class SchedulingPolicy(ABC):
     def spec_length(self, state: SLORequestState) -> int:
         """Tokens a decode of this request verifies this step; vLLM verifies every draft it has."""
         return self.max_spec_length
+
+    def finished(self, state: SLORequestState, now: float) -> bool:
+        """The request ended at ``now`` (done, aborted or refused). True: the engine holds its
+        prefix's KV from eviction for its program run's next call (until ``released_holds``
+        names the run); stock vLLM keeps nothing of it."""
+        return False
+
+    def released_holds(self, now: float) -> list[str]:
+        """The program runs whose held KV the engine frees now (their run ended or timed out)."""
+        return []
+
+    def midway(self, state: SLORequestState) -> bool:
+        """A later stage of a program run this policy let go on at its first (never refused)."""
+        return False
 
     def record_acceptance(self, state: SLORequestState, drafted: int, accepted: int) -> None:
         """The engine verified ``drafted`` drafts of this request and kept ``accepted``; stock vLLM learns nothing."""
@@ -150,11 +166,15 @@ class PlannerPolicy(DeadlinePolicy):
     promotion = "edf"  # how best-effort requests are promoted (``Planner.promotion``)
     demotion = True  # admitted decodes that no longer fit are given up to best effort (``demote``)
     window_reserve: float | None = 0.75  # window slack (``Planner.window_reserve``); None: one TPOT a step
+    # Program runs are admitted as a whole at their first stage, and their later stages keep
+    # their places (``admit``); False: every stage call is decided alone, as a flat request.
+    program_aware = True
 
     def __init__(
         self, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1, calibrate: bool = False
     ) -> None:
         super().__init__(step_time, max_budget, max_spec_length, calibrate)
+        self.programs = ProgramBook()
         self.speculation = TierSpeculation(step_time, max_spec_length)
         self.planner = Planner(
             step_time, max_budget, self.speculation if self.speculation.enabled else None,
@@ -185,10 +205,82 @@ class PlannerPolicy(DeadlinePolicy):
         return self.planner.token_budget(running, waiting, now, start_prefix, hold)
 
     def admit(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
-        decision = self.planner.admit(now, new, live)
+        call = new.state.program if self.program_aware else None
+        decision = self.planner.admit(now, new, live) if call is None else self._admit_stage(now, new, live)
         new.state.best_effort = not decision.admitted
         new.state.admission = decision.reason
         return decision
+
+    def _admit_stage(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
+        """A stage call of a program run: its run is decided at its first stage, as a whole.
+
+        A later stage of an admitted run is admitted by right, ahead of any new run (the place it
+        needs was reserved while its run waited); one of a run left best effort stays best effort.
+        A first stage is admitted only if, beside every promise and every reserved place, its
+        decode fits with the place its run's later stages will need, and the run's expected work
+        at its stages' pace ends by the program's deadline.
+        """
+        state, book = new.state, self.programs
+        call = state.program
+        shape = CallShape(
+            state.prompt_tokens, new.to_compute, state.first_token_deadline - state.arrival, state.tpot_seconds
+        )
+        expected = book.arrive(call, now, shape)
+        run = book.run_of(call)
+        if run is not None and run.admitted:
+            state.continues_run = True
+            return Decision(True, f"admitted: call {run.calls} of program run {call.run_id}, admitted at its first stage")
+        future = tightest(expected) if expected else None
+        decision = self.planner.admit(now, new, live, future)
+        if decision.admitted:
+            decision = self._kv_fits(new, live, expected)
+        deadline = call.deadline(now if run is None else run.first_arrival)
+        if decision.admitted and deadline is not None:
+            ends = now + expected_seconds(expected, self.planner.step_time.prefill_seconds)
+            if ends > deadline:
+                decision = Decision(
+                    False,
+                    f"program deadline: its {sum(s.calls for s in expected):.1f} expected calls after this one "
+                    f"end {ends - deadline:.1f} s after the run's deadline at their stages' pace",
+                )
+        if run is None:
+            book.decided(call, decision.admitted, now, expected)
+        elif decision.admitted:  # a run left best effort whose later call fits now: kept from here on
+            book.promoted(call)
+        return decision
+
+    def _kv_fits(self, new: LiveRequest, live: Sequence[LiveRequest], expected: tuple) -> Decision:
+        """The KV every admitted run will hold at once fits the engine: the admitted calls grown by
+        the output learnt for their stages, the next calls of the admitted runs between stages
+        (``ProgramBook.reserved_kv``), and the most the new run will hold at any of its calls.
+        Without it, a run's later call finds the blocks taken and its held context evicted, and
+        waits for KV past its first-token deadline."""
+        capacity = self.planner.kv_capacity_tokens
+        if capacity is None:
+            return ADMITTED
+        book = self.programs
+        need = sum(
+            r.context + r.to_compute
+            + (0 if r.state.program is None else max(0, round(book.output_of(r.state.program)) - r.state.output_tokens))
+            for r in live if not r.state.best_effort and r.state is not new.state
+        )  # fmt: skip
+        own = new.context + new.to_compute + round(book.output_of(new.state.program))
+        total = need + book.reserved_kv + max([own, *(stage.context for stage in expected)])
+        if total <= capacity:
+            return ADMITTED
+        return Decision(
+            False,
+            f"KV: admitted program runs would hold {total} tokens at once, over the engine's {capacity} "
+            f"({book.reserved_kv} kept for {sum(1 for run in book.runs.values() if run.reserved_tokens)} runs between stages)",
+        )
+
+    def finished(self, state: SLORequestState, now: float) -> bool:
+        if state.program is None or not self.program_aware:
+            return False
+        return self.programs.finish(state.program, now, state.output_tokens)
+
+    def released_holds(self, now: float) -> list[str]:
+        return self.programs.released(now) if self.program_aware else []
 
     def demote(self, running: Sequence[LiveRequest]) -> list[LiveRequest]:
         """The decodes ``Planner.overrun`` gives up, marked best effort with the reason."""
@@ -209,15 +301,24 @@ class PlannerPolicy(DeadlinePolicy):
     ) -> Hold:
         return self.planner.held_back(running, admitted_waiting, now, waiting)
 
-    def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int) -> list[LiveRequest]:
-        return self.planner.make_room(running, admitted_waiting)
+    def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int, kv_short: int = 0) -> list[LiveRequest]:
+        return self.planner.make_room(running, admitted_waiting, kv_short)
 
     def promote(self, now: float, candidates: Sequence[LiveRequest], live: Sequence[LiveRequest]) -> list[LiveRequest]:
         promoted = self.planner.promote(now, candidates, live)
         for request in promoted:
             request.state.best_effort = False
             request.state.admission = f"admitted: promoted from best effort ({request.state.admission})"
+            if self.program_aware:
+                self.programs.promoted(request.state.program)
         return promoted
+
+    def midway(self, state: SLORequestState) -> bool:
+        return self.program_aware and self._later_stage(state)
+
+    def _later_stage(self, state: SLORequestState) -> bool:
+        run = self.programs.run_of(state.program)
+        return run is not None and run.calls > 1
 
     def spec_length(self, state: SLORequestState) -> int:
         # Its tier's length, planned in ``token_budget`` (best effort too: a tier's drafts serve its TPOT).
@@ -225,6 +326,13 @@ class PlannerPolicy(DeadlinePolicy):
 
     def record_acceptance(self, state: SLORequestState, drafted: int, accepted: int) -> None:
         self.speculation.record(state.tpot_seconds, drafted, accepted)
+
+
+class StageLevelPolicy(PlannerPolicy):
+    """sloserve-stage: the planner deciding every stage call alone, blind to its program (an ablation)."""
+
+    name = "sloserve-stage"
+    program_aware = False
 
 
 class ArrivalAdmissionPolicy(PlannerPolicy):
@@ -302,6 +410,7 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {
     policy.name: policy
     for policy in (
         PlannerPolicy,
+        StageLevelPolicy,
         ArrivalAdmissionPolicy,
         StepBoundPolicy,
         KeepAdmittedPolicy,
@@ -338,19 +447,23 @@ def make_policy(
     calibrate: bool = False,
     max_yields: int | None = None,
     max_running: int | None = None,
+    kv_capacity_tokens: int | None = None,
 ) -> SchedulingPolicy:
     """The policy registered as ``name``, for an engine with this step-time model, token limit and
     speculation; with ``calibrate``, the model is refitted to the steps the engine reports.
     ``max_yields``: the planner's ``Planner.max_yields`` instead of its default (planner policies only).
     ``max_running``: the engine's cap on running requests (vLLM's ``max_num_seqs``; None: none),
     which a planner keeps its admitted requests within (``Planner.max_running``).
+    ``kv_capacity_tokens``: the engine's KV cache, which a planner keeps its admitted program runs
+    within (``Planner.kv_capacity_tokens``).
     """
     name = scheduler_name(name)
     if max_running is not None and max_running < 1:
         raise ValueError(f"max_running {max_running}: the engine must run at least one request")
     policy = POLICIES[name](step_time, max_budget, max_spec_length, calibrate)
-    if max_running is not None and isinstance(policy, PlannerPolicy):
+    if isinstance(policy, PlannerPolicy):
         policy.planner.max_running = max_running
+        policy.planner.kv_capacity_tokens = kv_capacity_tokens
     if max_yields is not None:
         if name not in PLANNER_POLICIES:
             planners = ", ".join(PLANNER_POLICIES)

@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from sloserve.slo import ATTAINMENT_WINDOW, SLO
+from sloserve_runtime.core.programs import ProgramCall
 from sloserve_runtime.core.step_time import StepTimeModel
 
 # Keys of the per-request dict that carries an SLO into the engine (vLLM's ``extra_args``,
@@ -32,13 +33,18 @@ BEST_EFFORT, REJECT = ADMISSION_MODES
 DEFAULT_MAX_QUEUED_BEST_EFFORT = 16
 
 
-def refusal(mode: str, queued_best_effort: int, max_queued_best_effort: int | None) -> str | None:
+def refusal(
+    mode: str, queued_best_effort: int, max_queued_best_effort: int | None, midway: bool = False
+) -> str | None:
     """Why a request the planner did not admit is refused (HTTP 429 from a server, no engine step);
     None: it is served as best effort.
 
     ``mode``: the request's admission mode; ``queued_best_effort``: the best-effort requests already
-    waiting to start.
+    waiting to start; ``midway``: a later stage of a program run that went on at its first: a run
+    is refused at its first stage, as a whole, never midway.
     """
+    if midway:
+        return None
     if mode == REJECT:
         return "reject mode"
     if max_queued_best_effort is not None and queued_best_effort >= max_queued_best_effort:
@@ -82,6 +88,9 @@ class SLORequestState:
     # Until it starts: the prompt tokens the engine's prefix cache is expected to hold for it (an
     # earlier call of its program left them), which its prefill will not compute.
     cached_tokens: int = 0
+    program: ProgramCall | None = None  # the program run it is a stage call of, if it says
+    # A later stage of a program run admitted at its first stage: the run's promise rests on it.
+    continues_run: bool = False
     # When its last output tokens came (up to one attainment window): the planner's window slack.
     token_times: deque[float] = field(default_factory=lambda: deque(maxlen=ATTAINMENT_WINDOW), repr=False)
 
@@ -93,6 +102,7 @@ class SLORequestState:
         arrival: float,
         prompt_tokens: int,
         step_time: StepTimeModel,
+        program: ProgramCall | None = None,
     ) -> SLORequestState:
         zero_load_ms = step_time.prefill_seconds(prompt_tokens) * 1000.0
         ttft_ms = slo.ttft_target_ms(zero_load_ms)
@@ -102,6 +112,7 @@ class SLORequestState:
             prompt_tokens=prompt_tokens,
             first_token_deadline=math.inf if ttft_ms is None else arrival + ttft_ms / 1000.0,
             tpot_seconds=math.inf if slo.tpot_ms is None else slo.tpot_ms / 1000.0,
+            program=program,
         )
 
     def token_deadline(self, index: int) -> float:
@@ -146,9 +157,10 @@ class SLORequestState:
         """Deadline of the next token, given how many output tokens exist already."""
         return self.token_deadline(output_tokens)
 
-    def waiting_key(self) -> tuple[bool, float, float]:
-        """Sort key among waiting requests: admitted first, earliest first-token deadline, then arrival."""
-        return (self.best_effort, self.first_token_deadline, self.arrival)
+    def waiting_key(self) -> tuple[bool, bool, float, float]:
+        """Sort key among waiting requests: admitted first, the later stages of admitted program runs
+        first among them, then earliest first-token deadline, then arrival."""
+        return (self.best_effort, not self.continues_run, self.first_token_deadline, self.arrival)
 
     def running_key(self, output_tokens: int) -> tuple[bool, float, float, float]:
         """Sort key among running requests: admitted first, tightest next deadline, tightest TPOT."""

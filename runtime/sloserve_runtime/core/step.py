@@ -45,6 +45,11 @@ class StepEngine(Protocol):
         requests is taken (0 while a place is free or nobody waits)."""
         ...
 
+    def admitted_kv_short(self) -> int:
+        """Tokens of KV the admitted request at the head of the waiting queue lacks to start (0: it
+        fits, or none waits)."""
+        ...
+
     def preempt(self, requests: list[LiveRequest]) -> None:
         """Send these running requests back to wait, as vLLM preempts for memory, and re-sort."""
         ...
@@ -108,9 +113,10 @@ def _promote(policy: SchedulingPolicy, engine: StepEngine, now: float) -> list[L
 
 def _make_room(policy: SchedulingPolicy, engine: StepEngine, running: list[LiveRequest]) -> list[LiveRequest]:
     waiting = engine.admitted_waiting_at_cap()
-    if waiting <= 0:
+    kv_short = engine.admitted_kv_short()
+    if waiting <= 0 and kv_short <= 0:
         return []
-    victims = policy.make_room(running, waiting)
+    victims = policy.make_room(running, waiting, kv_short)
     if victims:
         engine.preempt(victims)
     return victims

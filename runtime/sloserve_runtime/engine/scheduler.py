@@ -43,6 +43,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from sloserve_runtime.core.planner import Decision, LiveRequest
 from sloserve_runtime.core.policies import make_policy
+from sloserve_runtime.core.programs import ProgramCall
 from sloserve_runtime.core.slo_state import XARG_ADMISSION, XARG_ARRIVAL, SLORequestState, refusal, slo_from_xargs
 from sloserve_runtime.core.step import plan_step
 from sloserve_runtime.core.step_time import StepTimeModel
@@ -119,7 +120,12 @@ class SLOScheduler(RecordingScheduler):
             self.slo_config.policy, self.step_time, self.max_num_scheduled_tokens, max_spec_length,
             calibrate=self.slo_config.calibrate, max_yields=self.slo_config.max_yields,
             max_running=self.max_num_running_reqs,
+            kv_capacity_tokens=self.kv_cache_config.num_blocks * self.block_size,
         )  # fmt: skip
+        # Program runs whose context's KV blocks are held between their calls (a reference taken on
+        # each, so that vLLM does not evict them), and the requests that will take them over.
+        self.kv_holds: dict[str, list[Any]] = {}
+        self.hold_takers: dict[str, str] = {}  # request id -> the run whose held blocks it starts from
         self.slo_states: dict[str, SLORequestState] = {}
         self._logged_fit: tuple[tuple[float, float], int] | None = None  # the calibration last logged
         self.notices = NoticePublisher(self.slo_config.notices) if self.slo_config.notices else None
@@ -133,6 +139,8 @@ class SLOScheduler(RecordingScheduler):
         state.cached_tokens = self._cached_prefix(request)
         live = [self._live(other) for other in (*self.running, *self.waiting)]
         decision = self.slo_policy.admit(time.time(), self._live(request), live)
+        if state.program is not None and state.program.run_id in self.kv_holds:
+            self.hold_takers[request.request_id] = state.program.run_id
         refused = None if decision.admitted else self._refusal(request)
         super().add_request(request)
         if refused is not None:
@@ -140,6 +148,45 @@ class SLOScheduler(RecordingScheduler):
             self.finish_requests(request.request_id, RequestStatus.FINISHED_ABORTED)
             decision = Decision(False, f"{refused}; {decision.reason}")
         self._notify(request, decision, live, refused is not None)
+
+    def _free_request_blocks(self, request: Request) -> None:
+        """vLLM frees a finished request's blocks: the policy learns it ended, and where its program
+        run has calls to come, its blocks are held (a reference taken) until the run's next call
+        has started from them, or the run ends or times out."""
+        state = self.slo_states.get(request.request_id)
+        now = time.time()
+        if state is not None:
+            state.output_tokens = max(state.output_tokens, request.num_output_tokens)
+        if state is not None and self.slo_policy.finished(state, now):
+            self._hold(state.program.run_id, request)
+        super()._free_request_blocks(request)
+        for run_id in self.slo_policy.released_holds(now):
+            self._unhold(run_id)
+
+    def _hold(self, run_id: str, request: Request) -> None:
+        pool = self.kv_cache_manager.block_pool
+        blocks = [
+            block for group in self.kv_cache_manager.get_blocks(request.request_id).blocks for block in group
+            if not block.is_null and block.block_hash is not None and block.pool in (None, pool)
+        ]  # fmt: skip
+        self._unhold(run_id)
+        if blocks:
+            pool.touch(blocks)
+            self.kv_holds[run_id] = blocks
+
+    def _unhold(self, run_id: str) -> None:
+        blocks = self.kv_holds.pop(run_id, None)
+        if blocks:
+            self.kv_cache_manager.block_pool.free_blocks(blocks)
+
+    def _release_taken_holds(self) -> None:
+        """A held prefix goes back to vLLM's cache once the call that starts from it holds its own
+        reference (it is running), or that call ended first."""
+        for request_id, run_id in list(self.hold_takers.items()):
+            request = self.requests.get(request_id)
+            if request is None or request.num_computed_tokens > 0 or request.is_finished():
+                del self.hold_takers[request_id]
+                self._unhold(run_id)
 
     def _refusal(self, request: Request) -> str | None:
         """Why a request the planner did not admit is refused (``slo_state.refusal``); None: it runs
@@ -151,7 +198,7 @@ class SLOScheduler(RecordingScheduler):
         mode = (xargs or {}).get(XARG_ADMISSION) or self.slo_config.admission
         bound = self.slo_config.max_queued_best_effort
         queued = 0 if bound is None else sum(1 for r in self.waiting if self._state(r).best_effort)
-        return refusal(mode, queued, bound)
+        return refusal(mode, queued, bound, midway=self.slo_policy.midway(self._state(request)))
 
     def _notify(self, request: Request, decision: Decision, live: list[LiveRequest], refused: bool = False) -> None:
         """Tell the front end what was decided (requests sent through our middleware carry a tag)."""
@@ -230,8 +277,9 @@ class SLOScheduler(RecordingScheduler):
         slo = slo_from_xargs(xargs).merged_over(self.slo_config.default_slo)
         arrival = (xargs or {}).get(XARG_ARRIVAL) or request.arrival_time or time.time()
         return SLORequestState.create(
-            request.request_id, slo, float(arrival), request.num_prompt_tokens, self.step_time
-        )
+            request.request_id, slo, float(arrival), request.num_prompt_tokens, self.step_time,
+            ProgramCall.from_xargs(xargs),
+        )  # fmt: skip
 
     def _schedule_step(self, *args: Any, **kwargs: Any):  # noqa: ANN202 - vLLM's SchedulerOutput
         self._forget_finished()
@@ -249,6 +297,8 @@ class SLOScheduler(RecordingScheduler):
 
     def _after_output(self, now: float) -> None:
         """Note when each running request's new output tokens came: the planner's window slack."""
+        if self.hold_takers:
+            self._release_taken_holds()
         for request in self.running:
             state = self.slo_states.get(request.request_id)
             if state is not None and request.num_output_tokens > state.output_tokens:
@@ -330,6 +380,17 @@ class _StepView:
         if not s.waiting or len(s.running) < s.max_num_running_reqs:
             return 0
         return sum(1 for request in s.waiting if not s._state(request).best_effort)
+
+    def admitted_kv_short(self) -> int:
+        s = self.scheduler
+        if not s.waiting:
+            return 0
+        head = next(iter(s.waiting))  # admitted requests sort first
+        if s._state(head).best_effort:
+            return 0
+        # As vLLM's full-sequence check: the blocks its prefix cache holds are among the free ones.
+        free_tokens = s.kv_cache_manager.block_pool.get_num_free_blocks() * s.block_size
+        return max(0, head.num_tokens - free_tokens)
 
     def preempt(self, requests: list[LiveRequest]) -> None:
         """Preempted as vLLM preempts for memory, their blocks kept cached for when they resume."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from sloserve._reassemble import Reassembler
 from sloserve.slo import SLO, judge
+from sloserve_runtime.core.programs import ProgramCall
 from sloserve_runtime.core.slo_state import XARG_ADMISSION, slo_to_xargs
 from sloserve_runtime.core.step_time import StepTimeModel
 from sloserve_runtime.engine.notices import XARG_TAG, Notice
@@ -34,8 +35,10 @@ class Exchange:
         notice: asyncio.Future[Notice] | None = None,
         changes: list[Notice] | None = None,
         admission: str | None = None,
+        program: ProgramCall | None = None,
     ) -> None:
         self.slo = slo
+        self.program = program  # the program run it is a stage call of, if it says
         self.mode = admission  # the request's admission mode (None: the server's)
         self.tag = tag  # matches the scheduler's admission notice to this request
         self.notice = notice
@@ -63,6 +66,8 @@ class Exchange:
             xargs[XARG_TAG] = self.tag
         if self.mode is not None:
             xargs[XARG_ADMISSION] = self.mode
+        if self.program is not None:
+            xargs.update(self.program.to_xargs())
         body["vllm_xargs"] = xargs
         return body
 

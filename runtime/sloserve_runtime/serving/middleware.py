@@ -1,8 +1,10 @@
 """ASGI middleware in front of vLLM's OpenAI server: SLOs in, SLO outcomes out.
 
 In: the SLO of a request comes from the headers ``x-slo-ttft-ms`` / ``x-slo-tpot-ms`` or the body
-field ``"slo": {"ttft_ms": ..., "tpot_ms": ...}`` (the body wins), over the server's defaults.
-It is validated (HTTP 400 naming the field) and handed to the engine as ``vllm_xargs``.
+field ``"slo": {"ttft_ms": ..., "tpot_ms": ...}`` (the body wins), over the server's defaults;
+the program run a stage call belongs to from ``x-slo-program*`` headers or ``slo.program``
+(``requests.request_program``). They are validated (HTTP 400 naming the field) and handed to the
+engine as ``vllm_xargs``.
 
 Admission: the scheduler's decision on the request arrives as a notice (``engine/notices.py``) and is
 reported with the outcome. With the admission mode ``reject`` (``sloserve serve --admission
@@ -40,6 +42,7 @@ from sloserve_runtime.serving.requests import (
     BodyError,
     parse_body,
     request_admission,
+    request_program,
     request_slo,
     server_admission,
     server_default_slo,
@@ -85,6 +88,7 @@ class SLOMiddleware:
         try:
             slo = request_slo(headers, body).merged_over(self.default_slo)
             mode = request_admission(headers, body, self.default_admission)
+            program = request_program(headers, body)
         except SLOError as exc:
             await send_error(send, 400, str(exc), param=exc.field)
             return
@@ -92,7 +96,7 @@ class SLOMiddleware:
         notice = self.board.expect(tag) if self.board is not None else None
         changes = self.board.changes(tag) if self.board is not None else []
         exchange = Exchange(
-            slo, arrival, body, self.step_time, tag if notice is not None else None, notice, changes, mode
+            slo, arrival, body, self.step_time, tag if notice is not None else None, notice, changes, mode, program
         )
         new_raw = json.dumps(exchange.engine_body()).encode()
         new_headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]

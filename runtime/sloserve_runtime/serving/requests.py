@@ -7,20 +7,32 @@ import json
 import os
 from typing import Any
 
+import math
+
 from sloserve.slo import SLO, SLOError, parse_tpot, parse_ttft
+from sloserve_runtime.core.programs import ProgramCall
 from sloserve_runtime.core.slo_state import ADMISSION_MODES, BEST_EFFORT
 
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 HEADER_TTFT = "x-slo-ttft-ms"
 HEADER_TPOT = "x-slo-tpot-ms"
 HEADER_ADMISSION = "x-slo-admission"
+# The program run a stage call belongs to (``request_program``); the body field is ``slo.program``.
+HEADER_PROGRAM = "x-slo-program"  # the run's id (a replicated endpoint also keeps a run on one replica)
+HEADER_PROGRAM_NAME = "x-slo-program-name"
+HEADER_STAGE = "x-slo-stage"
+HEADER_PROGRAM_ARRIVAL = "x-slo-program-arrival"  # Unix time in seconds
+HEADER_PROGRAM_DEADLINE = "x-slo-program-deadline-ms"  # after the run's arrival
+HEADER_PROGRAM_REMAINING = "x-slo-program-remaining"  # comma-separated stage names; empty: none
+_PROGRAM_FIELDS = {"id", "name", "stage", "arrival", "deadline_ms", "remaining"}
+_MAX_NAME = 256
 # Server-wide defaults, set by `sloserve serve --slo-ttft-ms/--slo-tpot-ms` for this process.
 ENV_DEFAULT_TTFT = "SLOSERVE_SLO_TTFT_MS"
 ENV_DEFAULT_TPOT = "SLOSERVE_SLO_TPOT_MS"
 ENV_PROFILE = "SLOSERVE_PROFILE"
 ENV_ADMISSION = "SLOSERVE_ADMISSION"  # `sloserve serve --admission`: best-effort or reject
 ENV_NOTICES = "SLOSERVE_NOTICES"  # where the scheduler pushes admission notices (unset: none come)
-_BODY_FIELDS = {"ttft_ms", "tpot_ms", "admission"}
+_BODY_FIELDS = {"ttft_ms", "tpot_ms", "admission", "program"}
 
 
 class BodyError(ValueError):
@@ -58,7 +70,9 @@ def request_slo(headers: dict[str, str], body: dict[str, Any]) -> SLO:
             raise SLOError("slo", field, 'expected an object like {"ttft_ms": 300, "tpot_ms": 50}')
         unknown = sorted(set(field) - _BODY_FIELDS)
         if unknown:
-            raise SLOError(f"slo.{unknown[0]}", field[unknown[0]], "unknown field; use ttft_ms and tpot_ms")
+            raise SLOError(
+                f"slo.{unknown[0]}", field[unknown[0]], "unknown field; use ttft_ms, tpot_ms, admission and program"
+            )
         if field.get("ttft_ms") is not None:
             ttft_ms, ttft_slowdown = parse_ttft(field["ttft_ms"], "slo.ttft_ms")
         if field.get("tpot_ms") is not None:
@@ -85,3 +99,71 @@ def request_admission(headers: dict[str, str], body: dict[str, Any], default: st
 def server_admission() -> str:
     mode = os.environ.get(ENV_ADMISSION) or BEST_EFFORT
     return mode if mode in ADMISSION_MODES else BEST_EFFORT
+
+
+def request_program(headers: dict[str, str], body: dict[str, Any]) -> ProgramCall | None:
+    """The program run a stage call says it belongs to, from the headers and then the body field
+    ``slo.program`` (which wins field by field); None if it names no run. Raises SLOError.
+
+    Body: ``{"slo": {"program": {"id": "run-7", "name": "agent", "stage": "act", "arrival":
+    1765000000.5, "deadline_ms": 20000, "remaining": ["act", "respond"]}}``; headers
+    ``x-slo-program``, ``x-slo-program-name``, ``x-slo-stage``, ``x-slo-program-arrival``,
+    ``x-slo-program-deadline-ms`` and ``x-slo-program-remaining`` (comma-separated).
+    """
+    fields: dict[str, tuple[Any, str]] = {}
+    for name, header in (
+        ("id", HEADER_PROGRAM), ("name", HEADER_PROGRAM_NAME), ("stage", HEADER_STAGE),
+        ("arrival", HEADER_PROGRAM_ARRIVAL), ("deadline_ms", HEADER_PROGRAM_DEADLINE),
+        ("remaining", HEADER_PROGRAM_REMAINING),
+    ):  # fmt: skip
+        if header in headers:
+            value: Any = headers[header]
+            if name == "remaining":
+                value = [item.strip() for item in value.split(",") if item.strip()]
+            fields[name] = (value, f"header {header}")
+    slo = body.get("slo") if isinstance(body.get("slo"), dict) else {}
+    program = slo.get("program")
+    if program is not None:
+        if not isinstance(program, dict):
+            raise SLOError("slo.program", program, 'expected an object like {"id": "run-7", "stage": "act"}')
+        unknown = sorted(set(program) - _PROGRAM_FIELDS)
+        if unknown:
+            raise SLOError(
+                f"slo.program.{unknown[0]}", program[unknown[0]], f"unknown field; use {', '.join(sorted(_PROGRAM_FIELDS))}"
+            )
+        fields.update({name: (value, f"slo.program.{name}") for name, value in program.items() if value is not None})
+    if not fields:
+        return None
+    if "id" not in fields:
+        where = next(iter(fields.values()))[1]
+        raise SLOError(where, fields[next(iter(fields))][0], f"program fields need the run's id ({HEADER_PROGRAM} or slo.program.id)")
+    return ProgramCall(
+        run_id=_name(*fields["id"]),
+        name=_name(*fields["name"]) if "name" in fields else None,
+        stage=_name(*fields["stage"]) if "stage" in fields else None,
+        arrival=_positive(*fields["arrival"], "Unix time in seconds") if "arrival" in fields else None,
+        deadline_s=_positive(*fields["deadline_ms"], "milliseconds") / 1000.0 if "deadline_ms" in fields else None,
+        remaining=_names(*fields["remaining"]) if "remaining" in fields else None,
+    )
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > _MAX_NAME:
+        raise SLOError(where, value, f"expected a non-empty string of at most {_MAX_NAME} characters")
+    return value.strip()
+
+
+def _names(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise SLOError(where, value, 'expected a list of stage names, e.g. ["act", "respond"] ([] for none)')
+    return tuple(_name(item, where) for item in value)
+
+
+def _positive(value: Any, where: str, unit: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+        raise SLOError(where, value, f"expected a positive number ({unit})")
+    return number

@@ -58,7 +58,7 @@ class Cluster:
     def _replica(index: int, policy_name: str, config: SimConfig) -> Replica:
         policy = make_policy(
             policy_name, config.scheduler_step_time, config.batched_tokens, config.max_spec_length, config.calibrate,
-            max_running=config.max_num_seqs,
+            max_running=config.max_num_seqs, kv_capacity_tokens=config.kv_capacity_blocks * config.block_size,
         )  # fmt: skip
         # Policies without a planner still get one for routing: its feasibility is the router's estimate.
         if isinstance(policy, PlannerPolicy):

@@ -49,6 +49,8 @@ class Engine:
         # whose first-token deadline has not passed; pruned each step.
         self.unpromised: list[SimRequest] = []
         self.preemptions = 0  # requests sent back to recompute, over the whole run
+        # Program runs whose context's KV is held between their calls, and their cache key.
+        self.holds: dict[str, int] = {}
         self.rng = random.Random(seed)  # draws which drafts are accepted: a seed gives the same run
         # Draws the step noise (``SimConfig.step_noise``), apart from the drafts' draws, so a run
         # without noise is the run it was; ``noise`` is the last step's log error (None: no step yet).
@@ -71,9 +73,13 @@ class Engine:
         if decision.admitted:
             self.admitted[id(request)] = request
         else:
-            refused = refusal(self.config.admission, self._queued_best_effort(), self.config.max_queued_best_effort)
+            refused = refusal(
+                self.config.admission, self._queued_best_effort(), self.config.max_queued_best_effort,
+                midway=self.policy.midway(request.state),
+            )  # fmt: skip
             if refused is not None:
                 request.result.error = f"rejected (HTTP 429): {refused}; {decision.reason}"
+                self._finished(request, now)
                 return
             self.unpromised.append(request)
         self.waiting.push_back(request)
@@ -137,12 +143,24 @@ class Engine:
                         request.computed_tokens += 1
                 request.emit_token(now)
                 if request.finished:
-                    self.kv.release(request, request.program_index, request.computed_tokens)
                     self.admitted.pop(id(request), None)
+                    self._finished(request, now)
                     finished.append(request)
         if finished:
             self.running = [request for request in self.running if not request.finished]
         return finished
+
+    def _finished(self, request: SimRequest, now: float) -> None:
+        """The request ended: its blocks go back, its prefix held for its program run's next call
+        if the policy holds it, and the holds of runs that ended are freed to the cache."""
+        hold = self.policy.finished(request.state, now)
+        self.kv.release(request, request.program_index, request.computed_tokens, hold=hold)
+        if hold:
+            self.holds[request.state.program.run_id] = request.program_index
+        for run_id in self.policy.released_holds(now):
+            key = self.holds.pop(run_id, None)
+            if key is not None:
+                self.kv.unhold(key)
 
     # ---- the step pipeline's view of this engine (``core.step.StepEngine``) ----
 
@@ -179,6 +197,15 @@ class Engine:
             return 0
         return len(self.admitted) - sum(1 for request in self.running if not request.state.best_effort)
 
+    def admitted_kv_short(self) -> int:
+        if not self.admitted or not len(self.waiting):
+            return 0
+        head = self.waiting.peek()
+        if head.state.best_effort or self.kv.fits(head.num_tokens, head.program_index):
+            return 0
+        kv = self.kv
+        return (kv.blocks_for(head.num_tokens) - kv.free_blocks - kv.pinned.get(head.program_index, 0)) * kv.block_size
+
     def preempt(self, requests: list[LiveRequest]) -> None:
         victims = {id(view.state) for view in requests}
         for request in [request for request in self.running if id(request.state) in victims]:
@@ -194,7 +221,7 @@ class Engine:
 
     def admitted_can_start(self) -> list[LiveRequest] | None:
         head = self.waiting.peek()  # admitted requests sort first
-        if head.state.best_effort or not self.kv.fits(head.num_tokens):
+        if head.state.best_effort or not self.kv.fits(head.num_tokens, head.program_index):
             return None
         running = {id(request) for request in self.running}
         return [request.live() for key, request in self.admitted.items() if key not in running]
@@ -245,7 +272,7 @@ class Engine:
             request = self.waiting.peek()
             # vLLM's scheduler_reserve_full_isl (on by default): admit only if the whole sequence
             # to compute fits in free blocks, not just its first chunk.
-            if not self.kv.fits(request.num_tokens):
+            if not self.kv.fits(request.num_tokens, request.program_index):
                 return
             if request.computed_tokens == 0:  # vLLM looks up the prefix cache as a request starts
                 request.computed_tokens = self.kv.claim(request, request.program_index, request.cache_limit)

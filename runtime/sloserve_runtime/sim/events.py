@@ -38,13 +38,17 @@ class StageArrival(Event):
     stage_index: int  # which of its stages
 
     def handle(self, sim: Simulation) -> list[Event]:
-        request = sim.stages.start(self.program_index, self.stage_index, self.time)
-        if request is None:
-            return []
-        frontend = sim.stages.config.frontend_in_seconds
-        if frontend > 0:
-            return [EngineArrival(self.time + frontend, request)]
-        return EngineArrival(self.time, request).handle(sim)
+        events: list[Event] = []
+        for stage_index in sim.stages.group_of(self.program_index, self.stage_index):  # a fan-out goes at once
+            request = sim.stages.start(self.program_index, stage_index, self.time)
+            if request is None:
+                continue
+            frontend = sim.stages.config.frontend_in_seconds
+            if frontend > 0:
+                events.append(EngineArrival(self.time + frontend, request))
+            else:
+                events.extend(EngineArrival(self.time, request).handle(sim))
+        return events
 
 
 @dataclass(frozen=True)

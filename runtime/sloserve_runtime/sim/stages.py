@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+from sloserve_runtime.core.programs import ProgramCall
 from sloserve_runtime.core.slo_state import SLORequestState
 from sloserve_runtime.sim.config import SimConfig
 from sloserve_runtime.sim.request import SimRequest
-from sloserve_runtime.workload.programs import ProgramSpec, StageResult
+from sloserve_runtime.workload.programs import ProgramSpec, StageResult, call_groups
 
 
 class StageCalls:
     """Creates the request of each stage call when it arrives and records its ``StageResult``.
 
     Stages of a program are dependent: stage i+1 is sent ``delay_s`` after stage i's last token
-    reached the client.
+    reached the client. Parallel stages (a fan-out) are sent together, and the stage after them
+    once the last of them has ended; a program whose call was refused sends nothing more.
     """
 
     def __init__(self, trace: list[ProgramSpec], config: SimConfig) -> None:
         self.trace = trace
         self.config = config
         self._results: list[list[StageResult]] = [[] for _ in trace]
+        self._open: dict[int, int] = {}  # calls of each program's current group still to end
+        self._refused: set[int] = set()  # programs with a refused call: they stop there
+
+    def group_of(self, program_index: int, stage_index: int) -> range:
+        """The calls sent together with this one (itself alone unless it starts a fan-out)."""
+        return next(group for group in call_groups(self.trace[program_index].stages) if stage_index in group)
 
     def start(self, program_index: int, stage_index: int, arrival: float) -> SimRequest | None:
         """The request for a stage call arriving now; None if the engine would reject it."""
@@ -40,10 +48,13 @@ class StageCalls:
         )
         self._results[program_index].append(result)
         if result.error is not None:
+            self._refused.add(program_index)
             return None
+        self._open[program_index] = self._open.get(program_index, 0) + 1
         state = SLORequestState.create(
-            f"{program_index}/{stage_index}", stage.slo, arrival, stage.prompt_tokens, step_time
-        )
+            f"{program_index}/{stage_index}", stage.slo, arrival, stage.prompt_tokens, step_time,
+            self._program_call(program, stage_index),
+        )  # fmt: skip
         return SimRequest(
             program_index, stage_index, state, stage.output_tokens, result, stage.prompt_tokens,
             shared_prefix_tokens=stage.shared_prefix_tokens, frontend_out=self.config.frontend_out_seconds,
@@ -52,8 +63,13 @@ class StageCalls:
     def next_stage(self, request: SimRequest, finished_at: float) -> tuple[float, int] | None:
         """(send time, stage index) of the program's next stage call, or None after the last: the
         client sends it once it has read the last token (``finished_at`` is the engine's time)."""
-        stages = self.trace[request.program_index].stages
-        following = request.stage_index + 1
+        index = request.program_index
+        self._open[index] -= 1
+        if self._open[index] > 0 or index in self._refused:
+            return None  # the join waits for the rest of the group; a refused call ends the program
+        del self._open[index]
+        stages = self.trace[index].stages
+        following = self.group_of(index, request.stage_index).stop
         if following >= len(stages):
             return None
         return finished_at + request.frontend_out + stages[following].delay_s, following
@@ -61,6 +77,20 @@ class StageCalls:
     def results(self) -> list[StageResult]:
         """All results, program by program in trace order, stages in program order."""
         return [result for program_results in self._results for result in program_results]
+
+    def _program_call(self, program: ProgramSpec, stage_index: int) -> ProgramCall | None:
+        """What the call tells the server of its program run, as the SDK does: its run, program and
+        stage, the run's arrival and deadline. A flat request (one stage) tells nothing. Which
+        stages come next the server learns from earlier runs, as it must for a loop's turns."""
+        if len(program.stages) == 1 and program.deadline_s is None:
+            return None
+        return ProgramCall(
+            run_id=str(program.program_id),
+            name=program.kind,
+            stage=program.stages[stage_index].name,
+            arrival=program.arrival_s,
+            deadline_s=program.deadline_s,
+        )
 
     def _rejection(self, prompt_tokens: int, output_tokens: int) -> str | None:
         # vLLM rejects a request that cannot fit its max_model_len, which is at most the KV capacity.

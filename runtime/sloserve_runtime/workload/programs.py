@@ -23,6 +23,20 @@ class StageSpec:
     # call's prompt and output (a program that carries its context), or a fixed prefix every call of
     # the program starts with. A prefix cache may skip computing them.
     shared_prefix_tokens: int = 0
+    # Sent together with the call before it (a fan-out, as ``asyncio.gather`` sends its calls): the
+    # next call that is not waits until every call of the group has ended (the join).
+    parallel: bool = False
+
+
+def call_groups(stages: tuple[StageSpec, ...]) -> list[range]:
+    """The program's calls in the groups it sends at once: a call and the parallel ones after it."""
+    groups: list[range] = []
+    start = 0
+    for index in range(1, len(stages) + 1):
+        if index == len(stages) or not stages[index].parallel:
+            groups.append(range(start, index))
+            start = index
+    return groups
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,7 @@ class ProgramSpec:
     arrival_s: float  # seconds from the start of the trace
     kind: str  # which class of the scenario it belongs to, e.g. "chatbot" in "mixed"
     stages: tuple[StageSpec, ...]
+    deadline_s: float | None = None  # the whole program is due this long after it arrives (None: no deadline)
 
 
 @dataclass

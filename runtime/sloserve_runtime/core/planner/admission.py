@@ -41,6 +41,14 @@ class _Decoders(NamedTuple):
     def plus(self, r: LiveRequest) -> _Decoders:
         return _Decoders(self.tiers | {r.state.tpot_seconds}, self.count + 1, self.context + r.context + r.to_compute)
 
+    def growing(self, r: LiveRequest, future: tuple[float, int] | None) -> _Decoders:
+        """With ``r`` holding its place through its program's later stages (``future``: their
+        tightest TPOT and most context), where it is a program's first stage."""
+        if future is None:
+            return self
+        tpot, context = future
+        return _Decoders(self.tiers | {tpot}, self.count, self.context + max(0, context - r.context - r.to_compute))
+
 
 class _Path(NamedTuple):
     """One way through the promotion DP: the requests taken, and where the forward simulation stands."""
@@ -60,20 +68,35 @@ def _keep(paths: dict[tuple[int, ...], _Path], key: tuple[int, ...], path: _Path
 class Admission(Forecast):
     """Who may be promised their SLO, at arrival and later."""
 
-    def admit(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
-        """Whether ``new`` can join the admitted requests in ``live`` without breaking any promise."""
+    def admit(
+        self,
+        now: float,
+        new: LiveRequest,
+        live: Sequence[LiveRequest],
+        future: tuple[float, int] | None = None,
+    ) -> Decision:
+        """Whether ``new`` can join the admitted requests in ``live`` without breaking any promise.
+
+        ``future``: where ``new`` is a program's first stage, the tightest TPOT and most context of
+        the stages its run is expected to call after it, in the place it takes now.
+        """
         admitted = [r for r in live if not r.state.best_effort and r.state is not new.state]
-        decision = self._check(now, new, admitted)
-        return decision
+        return self._check(now, new, admitted, future=future)
 
     def _check(
-        self, now: float, new: LiveRequest, admitted: list[LiveRequest], decoders: _Decoders | None = None
+        self,
+        now: float,
+        new: LiveRequest,
+        admitted: list[LiveRequest],
+        decoders: _Decoders | None = None,
+        future: tuple[float, int] | None = None,
     ) -> Decision:
         """The forward-EDF check: ``new``'s decode fits beside the admitted ones and every first token is on time.
 
-        ``decoders``: the admitted requests' ``_Decoders``, if the caller keeps them as running totals.
+        ``decoders``: the admitted requests' ``_Decoders``, if the caller keeps them as running
+        totals; ``future``: as ``admit``.
         """
-        with_new = (_Decoders.of(admitted) if decoders is None else decoders).plus(new)
+        with_new = (_Decoders.of(admitted) if decoders is None else decoders).plus(new).growing(new, future)
         if self.speculation is None:
             return self._feasible(now, new, admitted, with_new)
         with self.speculation.planning(with_new.count, with_new.context):  # the decodes there will be once it runs
@@ -175,7 +198,8 @@ class Admission(Forecast):
         the engine cannot keep beside the others, and a looser tier that fits once it is gone
         must not pay for it (a loose decode given up sits out whole steps, where a tight one it
         made room for would have run on). Within a tier, those with the most context go first:
-        each costs the most step time, so the fewest are lost.
+        each costs the most step time, so the fewest are lost. A later stage of an admitted
+        program run goes last of all: giving it up loses the work its run has already had.
         """
         decodes = admitted_decodes_of(running)
         if not decodes:
@@ -187,7 +211,7 @@ class Admission(Forecast):
         # The most decodes that still fit, by bisection on running totals (fewer decodes, less
         # context and no tighter tier always fit better): a crowded engine may give up many.
         # The loosest tier first, the least context first within it: the last are the first to go.
-        kept = sorted(decodes, key=lambda r: (-r.state.tpot_seconds, r.context))
+        kept = sorted(decodes, key=lambda r: (not r.state.continues_run, -r.state.tpot_seconds, r.context))
         totals = list(accumulate((r.context + r.to_compute for r in kept), initial=0))
         first: dict[float, int] = {}  # each tier's first place in ``kept``: present while kept beyond it
         for index, r in enumerate(kept):
@@ -203,7 +227,12 @@ class Admission(Forecast):
             fit, over = (middle, over) if fits(middle) else (fit, middle)
         return kept[fit:][::-1], overrun
 
-    def promote(self, now: float, candidates: Sequence[LiveRequest], live: Sequence[LiveRequest]) -> list[LiveRequest]:
+    def promote(
+        self,
+        now: float,
+        candidates: Sequence[LiveRequest],
+        live: Sequence[LiveRequest],
+    ) -> list[LiveRequest]:
         """The best-effort ``candidates`` (no output yet, in first-token-deadline order) that can be promised now.
 
         Admission decides at arrival; a request refused then may fit later, when decodes finish or

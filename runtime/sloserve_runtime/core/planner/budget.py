@@ -238,17 +238,24 @@ class Budget(Forecast):
             joining.append(r)
         return joining
 
-    def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int) -> list[LiveRequest]:
+    def make_room(
+        self, running: Sequence[LiveRequest], admitted_waiting: int, kv_short: int = 0
+    ) -> list[LiveRequest]:
         """The best-effort running requests (in ``running``, running order) to preempt so that the
         ``admitted_waiting`` admitted requests that wait can start: with the engine at its cap on
         running requests (``max_running``) they would wait for a request to finish, however much
-        budget a step had. Best effort is preempted first: the last in running order go, at most
-        one for each admitted request that wants a place. vLLM keeps a preempted request's blocks
-        cached, so it resumes from what was computed unless they are evicted first.
+        budget a step had; and with the KV cache full (``kv_short``: the tokens of KV the first of
+        them lacks) they would wait for blocks, past their first-token deadline. Best effort is
+        preempted first: the last in running order go, at most one for each admitted request
+        that wants a place, and as many as free the KV it lacks. vLLM keeps a preempted
+        request's blocks cached, so it resumes from what was computed unless they are evicted first.
         """
-        if self.max_running is None or admitted_waiting <= 0:
-            return []
-        wanted = admitted_waiting - max(0, self.max_running - len(running))
-        if wanted <= 0:
-            return []
-        return best_effort_of(running)[::-1][:wanted]
+        victims = best_effort_of(running)[::-1]
+        wanted = 0
+        if self.max_running is not None and admitted_waiting > 0:
+            wanted = max(0, admitted_waiting - max(0, self.max_running - len(running)))
+        freed = sum(r.context for r in victims[:wanted])
+        while kv_short > freed and wanted < len(victims):
+            freed += victims[wanted].context
+            wanted += 1
+        return victims[:wanted]

@@ -69,3 +69,6 @@ class Planner(Budget, Admission):
     # the admitted requests within it, and best-effort requests give their places up to admitted
     # ones (``make_room``). None: no cap.
     max_running: int | None = None
+    # The engine's KV cache in tokens: a program run is admitted only if the KV that the admitted
+    # runs will hold at once fits it (``PlannerPolicy._kv_fits``). None: not checked.
+    kv_capacity_tokens: int | None = None

@@ -32,7 +32,7 @@ SCENARIOS_DIR = Path(__file__).parent
 # What `--scenario all` runs: the six of SLOs-Serve and the burst.
 ALL_SCENARIOS = ("chatbot", "coding", "summarization", "mixed", "tool-calling", "reasoning", "burst")
 # Every scenario that can be named: also `chat-ttft`, for the server-default TTFT promise.
-SCENARIO_NAMES = (*ALL_SCENARIOS, "chat-ttft", "overload", "two-tiers")
+SCENARIO_NAMES = (*ALL_SCENARIOS, "agentic", "chat-ttft", "overload", "two-tiers")
 
 
 class _Include(BaseModel):

@@ -65,6 +65,11 @@ class StageClass(_Spec):
     repeat: dict[PositiveInt, PositiveFloat] | None = Field(
         None, description="how many times the stage runs in a row: {count: weight}; unset = once"
     )
+    fanout: dict[PositiveInt, PositiveFloat] | None = Field(
+        None,
+        description="how many calls of the stage go at once (a fan-out, each with its own new tokens), "
+        "the next stage reading all their outputs: {count: weight}; unset = one",
+    )
 
     @field_validator("ttft")
     @classmethod
@@ -88,11 +93,10 @@ class StageClass(_Spec):
         return dataclasses.replace(slo, **scaled)
 
     def repeats(self, rng: np.random.Generator) -> int:
-        if self.repeat is None:
-            return 1
-        counts = list(self.repeat)
-        weights = np.array([self.repeat[count] for count in counts])
-        return counts[rng.choice(len(counts), p=weights / weights.sum())]
+        return _draw(rng, self.repeat)
+
+    def branches(self, rng: np.random.Generator) -> int:
+        return _draw(rng, self.fanout)
 
     def delay(self, rng: np.random.Generator) -> float:
         return self.delay_s.sample(rng) if isinstance(self.delay_s, LogNormal) else self.delay_s
@@ -115,16 +119,33 @@ class ProgramClass(_Spec):
         calls: list[StageSpec] = []
         for stage in self.stages:
             for _ in range(stage.repeats(rng)):
-                prompt = context + stage.prompt.tokens(rng, length_scale)
-                output = stage.output.tokens(rng, length_scale)
-                if max_model_len is not None:
-                    prompt, output = _fit(prompt, output, max_model_len)
-                delay = stage.delay(rng) if calls else 0.0  # the first call starts when the program arrives
-                # The context leads the prompt; a fitted prompt may keep only part of it.
-                shared = min(context, prompt)
-                calls.append(StageSpec(stage.name, prompt, output, stage.slo(slo_scale), delay, shared))
-                context = prompt + output if self.accumulate else prefix
+                read = 0  # what the calls of this group add to the context
+                for branch in range(stage.branches(rng)):
+                    prompt = context + stage.prompt.tokens(rng, length_scale)
+                    output = stage.output.tokens(rng, length_scale)
+                    if max_model_len is not None:
+                        prompt, output = _fit(prompt, output, max_model_len)
+                    if branch == 0:  # the first call starts when the program arrives; a group's calls go at once
+                        delay = stage.delay(rng) if calls else 0.0
+                    # The context leads the prompt; a fitted prompt may keep only part of it.
+                    shared = min(context, prompt)
+                    calls.append(
+                        StageSpec(stage.name, prompt, output, stage.slo(slo_scale), delay, shared, parallel=branch > 0)
+                    )
+                    read += prompt - shared + output
+                # The next call reads them all (one call: its prompt and output, as they were fitted).
+                joined = prompt + output if read == prompt - shared + output else context + read
+                context = joined if self.accumulate else prefix
         return tuple(calls)
+
+
+def _draw(rng: np.random.Generator, counts: dict[int, float] | None) -> int:
+    """A count drawn from ``{count: weight}`` (1 when unset)."""
+    if counts is None:
+        return 1
+    values = list(counts)
+    weights = np.array([counts[value] for value in values])
+    return values[rng.choice(len(values), p=weights / weights.sum())]
 
 
 def _fit(prompt: int, output: int, max_model_len: int) -> tuple[int, int]:

@@ -1,0 +1,333 @@
+"""Program runs as the planner sees them: which run a stage call belongs to, what the server has
+learnt of each program's stages, and the work an admitted run is still expected to bring.
+
+A program run is admitted or not as a whole, at its first stage (``PlannerPolicy.admit``): its later
+stages are then admitted by right, and while it waits between stages (a tool runs, the client
+reads) its context's KV is held and the KV its next stage needs is reserved
+(``ProgramBook.reserved_kv``), so that a new run's first stage does not take it. Imports no vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+# Keys of the flat ``extra_args`` entries (``vllm_xargs`` over HTTP) that carry a call's program.
+XARG_PROGRAM_RUN = "slo_program_run"
+XARG_PROGRAM_NAME = "slo_program_name"
+XARG_PROGRAM_STAGE = "slo_program_stage"
+XARG_PROGRAM_ARRIVAL = "slo_program_arrival"
+XARG_PROGRAM_DEADLINE = "slo_program_deadline_s"
+XARG_PROGRAM_REMAINING = "slo_program_remaining"
+# A run that brings no call for this long after its last one ended is over: its reservation and
+# any KV held for it are released (a client that stopped, or a tool that hangs).
+DEFAULT_HOLD_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ProgramCall:
+    """What a stage call says of the program run it belongs to (the wire's program fields)."""
+
+    run_id: str  # the run, unique per client (the SDK sends ``<session>-<n>``)
+    name: str | None = None  # the program: what the server learns its stages' lengths under
+    stage: str | None = None  # this call's stage
+    arrival: float | None = None  # when the run arrived (wall-clock seconds; None: its first call's arrival)
+    deadline_s: float | None = None  # the whole run is due this long after its arrival (None: no deadline)
+    # Stage names still expected after this call, one per call (a stage called twice more is named
+    # twice); None: unknown, the server uses what it has learnt of the program's earlier runs.
+    remaining: tuple[str, ...] | None = None
+
+    def deadline(self, first_arrival: float) -> float | None:
+        """When the whole run is due (wall-clock seconds), given when its first call arrived."""
+        if self.deadline_s is None:
+            return None
+        return (first_arrival if self.arrival is None else self.arrival) + self.deadline_s
+
+    def to_xargs(self) -> dict[str, str | float | list[str]]:
+        xargs: dict[str, str | float | list[str]] = {XARG_PROGRAM_RUN: self.run_id}
+        for key, value in (
+            (XARG_PROGRAM_NAME, self.name),
+            (XARG_PROGRAM_STAGE, self.stage),
+            (XARG_PROGRAM_ARRIVAL, self.arrival),
+            (XARG_PROGRAM_DEADLINE, self.deadline_s),
+        ):
+            if value is not None:
+                xargs[key] = value
+        if self.remaining is not None:
+            xargs[XARG_PROGRAM_REMAINING] = list(self.remaining)  # empty: none left; absent: unknown
+        return xargs
+
+    @classmethod
+    def from_xargs(cls, xargs: dict | None) -> ProgramCall | None:
+        xargs = xargs or {}
+        run_id = xargs.get(XARG_PROGRAM_RUN)
+        if not run_id:
+            return None
+        remaining = xargs.get(XARG_PROGRAM_REMAINING)
+        if remaining is not None:
+            remaining = tuple(str(name) for name in remaining)
+        deadline, arrival = xargs.get(XARG_PROGRAM_DEADLINE), xargs.get(XARG_PROGRAM_ARRIVAL)
+        return cls(
+            run_id=str(run_id),
+            name=xargs.get(XARG_PROGRAM_NAME),
+            stage=xargs.get(XARG_PROGRAM_STAGE),
+            arrival=None if arrival is None else float(arrival),
+            deadline_s=None if deadline is None else float(deadline),
+            remaining=remaining,
+        )
+
+
+class CallShape(NamedTuple):
+    """What the engine knows of a stage call as it arrives."""
+
+    prompt_tokens: int
+    new_tokens: int  # those its prefill computes: the rest its program left in the prefix cache
+    ttft_seconds: float  # its first token is due this long after it arrives (inf: no target)
+    tpot_seconds: float  # inf: no target
+
+
+@dataclass
+class StageStats:
+    """What the server has seen of one stage of one program: running means over its calls."""
+
+    calls: int = 0
+    runs: int = 0  # runs that called it at least once (its loop turns: calls / runs)
+    prompt_tokens: float = 0.0
+    new_tokens: float = 0.0
+    ttft_seconds: float = math.inf
+    tpot_seconds: float = math.inf
+    output_tokens: float = 0.0
+    outputs_seen: int = 0
+    gap_seconds: float = 0.0  # mean wait before a call, after the run's previous call ended
+    gaps_seen: int = 0
+    order: float = 0.0  # mean position of its first call in a run: the stages' learnt order
+
+    @property
+    def turns(self) -> float:
+        return self.calls / self.runs if self.runs else 1.0
+
+    def add_call(self, shape: CallShape) -> None:
+        self.calls += 1
+        self.prompt_tokens += (shape.prompt_tokens - self.prompt_tokens) / self.calls
+        self.new_tokens += (shape.new_tokens - self.new_tokens) / self.calls
+        self.ttft_seconds, self.tpot_seconds = shape.ttft_seconds, shape.tpot_seconds
+
+    def add_gap(self, seconds: float) -> None:
+        self.gaps_seen += 1
+        self.gap_seconds += (seconds - self.gap_seconds) / self.gaps_seen
+
+    def add_output(self, output_tokens: int) -> None:
+        self.outputs_seen += 1
+        self.output_tokens += (output_tokens - self.output_tokens) / self.outputs_seen
+
+
+class ExpectedStage(NamedTuple):
+    """A stage call a run is still expected to make, as the server forecasts it."""
+
+    name: str
+    calls: float  # how many such calls (a loop's remaining turns may be fractional on average)
+    prompt_tokens: int
+    new_tokens: int  # of which its prefill computes these
+    output_tokens: int  # 0: not yet seen
+    ttft_seconds: float
+    tpot_seconds: float
+    gap_seconds: float  # the wait before each call (a tool's run time)
+    seen: int  # the earlier calls the forecast rests on (0: a guess from the current call)
+
+    @property
+    def context(self) -> int:
+        """The KV it holds by its last token."""
+        return self.prompt_tokens + self.output_tokens
+
+
+@dataclass
+class RunState:
+    """One program run, as the book keeps it."""
+
+    call: ProgramCall
+    admitted: bool  # decided at its first stage (a promotion or a later call that fits admits it too)
+    calls: int = 0  # stage calls so far
+    stage_calls: dict[str, int] = field(default_factory=dict)
+    live: int = 0  # its calls in the engine now
+    last_end: float | None = None  # when its last call ended (None: one is in the engine)
+    last_active: float = 0.0
+    first_arrival: float = 0.0  # when its first call arrived
+    # Its calls still to come, as forecast at its last call. A run whose forecast is empty is
+    # kept until it times out all the same: a later call of it is still a later stage.
+    expected: tuple[ExpectedStage, ...] = ()
+    reserved_tokens: int = 0  # KV kept for its next call while it waits between stages (``reserved_kv``)
+    held: bool = False  # its prefix's KV is held from eviction until its next call (``hold``)
+
+
+class ProgramBook:
+    """The runs in flight on one engine, and what it has learnt of each program's stages.
+
+    Fed by the engine (``arrive`` for each tagged call, ``finish`` when it ends) and read by the
+    planner (``run_of``, ``reserved_kv``). A run ends when its call that says no call follows
+    ends, or ``hold_timeout`` after its last call with none since; ``released`` hands the engine
+    the runs whose held KV it may free.
+    """
+
+    def __init__(self, hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S) -> None:
+        self.hold_timeout = hold_timeout
+        # Least recently active first, so that expiry looks at the front only.
+        self.runs: OrderedDict[str, RunState] = OrderedDict()
+        self.stats: dict[tuple[str, str], StageStats] = {}
+        self.reserved_kv = 0  # KV tokens the admitted runs between stages will need for their next call
+        self._ended_holds: list[str] = []  # runs whose hold ended, for the engine to free
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def run_of(self, call: ProgramCall | None) -> RunState | None:
+        return None if call is None else self.runs.get(call.run_id)
+
+    def expected(self, call: ProgramCall, shape: CallShape, calls_so_far: dict[str, int]) -> tuple[ExpectedStage, ...]:
+        """The calls expected after this one, each with the lengths learnt for its stage (a stage
+        never seen is forecast from this call, ``seen`` 0): the stages the call names, or else
+        the program's stages after this one in their learnt order; and, unless named, this
+        stage's loop turns left by the mean its earlier runs made."""
+        learnt = {stage: stats for (program, stage), stats in self.stats.items() if program == call.name}
+
+        def forecast(name: str, calls: float) -> ExpectedStage:
+            stats = learnt.get(name)
+            if stats is None or not stats.calls:
+                return ExpectedStage(name, calls, shape.prompt_tokens, shape.new_tokens, 0, shape.ttft_seconds,
+                                     shape.tpot_seconds, 0.0, 0)  # fmt: skip
+            return ExpectedStage(
+                name, calls, round(stats.prompt_tokens), round(stats.new_tokens), round(stats.output_tokens),
+                stats.ttft_seconds, stats.tpot_seconds, stats.gap_seconds, stats.calls,
+            )  # fmt: skip
+
+        ahead: list[ExpectedStage] = []
+        current = learnt.get(call.stage) if call.stage is not None else None
+        if current is not None and (call.remaining is None or call.stage not in call.remaining):
+            loop_left = current.turns - calls_so_far.get(call.stage, 0) - 1
+            if loop_left >= 0.5:
+                ahead.append(forecast(call.stage, loop_left))
+        if call.remaining is not None:
+            counts: dict[str, int] = {}
+            for name in call.remaining:
+                counts[name] = counts.get(name, 0) + 1
+            return (*ahead, *(forecast(name, count) for name, count in counts.items()))
+        if current is not None:
+            for name, stats in sorted(learnt.items(), key=lambda item: item[1].order):
+                if stats.order > current.order and name != call.stage:
+                    ahead.append(forecast(name, stats.turns))
+        return tuple(ahead)
+
+    def output_of(self, call: ProgramCall) -> float:
+        """The mean output learnt for the call's stage (0: none seen)."""
+        stats = self.stats.get((call.name, call.stage)) if call.name is not None and call.stage is not None else None
+        return 0.0 if stats is None else stats.output_tokens
+
+    def arrive(self, call: ProgramCall, now: float, shape: CallShape) -> tuple[ExpectedStage, ...]:
+        """A call of ``call``'s run arrived: learn its lengths; the calls its run still expects."""
+        self.expire(now)
+        run = self.runs.get(call.run_id)
+        calls_so_far = {} if run is None else run.stage_calls
+        if call.name is not None and call.stage is not None:
+            stats = self.stats.setdefault((call.name, call.stage), StageStats())
+            if call.stage not in calls_so_far:
+                stats.runs += 1
+                position = 0 if run is None else run.calls
+                stats.order += (position - stats.order) / stats.runs
+            stats.add_call(shape)
+            if run is not None and run.last_end is not None:
+                stats.add_gap(now - run.last_end)
+        expected = self.expected(call, shape, calls_so_far)
+        if run is not None:
+            self._unreserve(run)
+            run.held = False  # its call takes the held prefix (or it was evicted before)
+            run.calls += 1
+            run.stage_calls[call.stage or ""] = run.stage_calls.get(call.stage or "", 0) + 1
+            run.live += 1
+            run.last_end, run.last_active, run.expected = None, now, expected
+            self.runs.move_to_end(call.run_id)
+        return expected
+
+    def decided(self, call: ProgramCall, admitted: bool, now: float, expected: tuple[ExpectedStage, ...]) -> None:
+        """The first call of a run was decided: the run is admitted (or not) as a whole."""
+        self.runs[call.run_id] = RunState(
+            call, admitted, calls=1, stage_calls={call.stage or "": 1}, live=1, last_active=now,
+            first_arrival=now, expected=expected,
+        )  # fmt: skip
+
+    def promoted(self, call: ProgramCall | None) -> None:
+        """A call of a run left best effort was admitted (promoted, or a later call that fits): the
+        run is kept from here on."""
+        run = self.run_of(call)
+        if run is not None:
+            run.admitted = True
+
+    def finish(self, call: ProgramCall, now: float, output_tokens: int) -> bool:
+        """A call of the run ended at ``now`` with ``output_tokens`` tokens: learn its output.
+
+        True: the engine should hold the call's prefix for the run's next call (an admitted run
+        with calls still expected; the run is over if the call said no call follows).
+        """
+        if call.name is not None and call.stage is not None:
+            stats = self.stats.get((call.name, call.stage))
+            if stats is not None and output_tokens > 0:
+                stats.add_output(output_tokens)
+        run = self.runs.get(call.run_id)
+        if run is None:
+            return False
+        run.live = max(0, run.live - 1)
+        run.last_active = now
+        self.runs.move_to_end(call.run_id)
+        if run.live:
+            return False
+        run.last_end = now
+        if call.remaining == ():  # the client says no call follows: the run is over
+            self._end(call.run_id)
+            return False
+        if not run.admitted or not run.expected:
+            return False
+        upcoming = max(run.expected, key=lambda stage: stage.context)
+        run.reserved_tokens = upcoming.context
+        self.reserved_kv += run.reserved_tokens
+        run.held = True
+        return True
+
+    def expire(self, now: float) -> None:
+        """End the runs whose hold timed out (``hold_timeout`` with none of their calls in the engine)."""
+        while self.runs:
+            run_id, run = next(iter(self.runs.items()))
+            if run.live or now - run.last_active <= self.hold_timeout:
+                break
+            self._end(run_id)
+
+    def released(self, now: float) -> list[str]:
+        """The runs whose held KV the engine may free now (ended or timed out since last asked)."""
+        self.expire(now)
+        ended, self._ended_holds = self._ended_holds, []
+        return ended
+
+    def _end(self, run_id: str) -> None:
+        run = self.runs.pop(run_id)
+        self._unreserve(run)
+        if run.held:
+            self._ended_holds.append(run_id)
+
+    def _unreserve(self, run: RunState) -> None:
+        self.reserved_kv -= run.reserved_tokens
+        run.reserved_tokens = 0
+
+
+def tightest(stages: Sequence[ExpectedStage]) -> tuple[float, int]:
+    """The tightest TPOT and the most context among ``stages`` (the one place they take in turn)."""
+    return min(stage.tpot_seconds for stage in stages), max(stage.context for stage in stages)
+
+
+def expected_seconds(stages: Sequence[ExpectedStage], prefill_seconds: Callable[[int], float]) -> float:
+    """How long ``stages`` take at their promised pace: each call's wait, its prefill on an idle
+    engine and each output token at its TPOT (a stage without one: at none)."""
+    total = 0.0
+    for stage in stages:
+        per_token = 0.0 if math.isinf(stage.tpot_seconds) else stage.tpot_seconds
+        total += stage.calls * (stage.gap_seconds + prefill_seconds(stage.new_tokens) + per_token * stage.output_tokens)
+    return total
