@@ -9,6 +9,7 @@ from typing import Any
 
 import networkx as nx
 
+from sloserve.slo import parse_duration
 from sloserve.stage import Stage
 from sloserve.tools import Tool
 
@@ -26,6 +27,15 @@ class Program:
     examples: list[tuple[Any, ...]]  # inputs `sloserve run` uses when given none
     graph: nx.DiGraph | None = None  # stage dependencies, when known ahead (edge: before -> after)
     stages: dict[str, Stage] = field(default_factory=dict)  # the stages named in the graph
+    deadline_ms: float | None = None  # the whole run is due this long after it starts (None: no deadline)
+
+    def remaining_after(self, stage: str) -> tuple[str, ...] | None:
+        """The stages the declared graph still expects after ``stage``, in a topological order, each
+        once (a loop's further turns it cannot know: the server learns them); None without a graph."""
+        if self.graph is None or stage not in self.graph:
+            return None
+        after = nx.descendants(self.graph, stage)
+        return tuple(name for name in nx.topological_sort(self.graph) if name in after)
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return await self.fn(*args, **kwargs)
@@ -38,7 +48,7 @@ class App:
 
         app = App("reasoning")
 
-        @app.program(examples=["Why is the sky blue?"])
+        @app.program(examples=["Why is the sky blue?"], deadline="20s")
         async def solve(question: str) -> str:
             return await answer(question, await think(question))
     """
@@ -55,8 +65,14 @@ class App:
         name: str | None = None,
         examples: Sequence[Any] = (),
         graph: Mapping[Stage, Sequence[Stage]] | None = None,
+        deadline: str | float | None = None,
     ) -> Any:
-        """Register an entry program. ``graph`` maps each stage to the stages it depends on."""
+        """Register an entry program. ``graph`` maps each stage to the stages it depends on;
+        ``deadline`` ("20s", "1500ms") is an end-to-end objective for each run, beside its stages'.
+
+        Raises ``SLOError`` for a deadline that is not a positive duration.
+        """
+        deadline_ms = parse_duration(deadline, "deadline")
 
         def register(function: Callable[..., Any]) -> Program:
             if not inspect.iscoroutinefunction(function):
@@ -65,6 +81,7 @@ class App:
                 fn=function,
                 name=name or function.__name__,
                 examples=[item if isinstance(item, tuple) else (item,) for item in examples],
+                deadline_ms=deadline_ms,
             )
             if graph is not None:
                 program.graph, program.stages = build_graph(program.name, graph)

@@ -23,6 +23,7 @@ from sloserve.tools import Tool, ToolCall
 
 PROGRAM_HEADER = "x-slo-program"  # which program run a stage call belongs to
 
+
 @dataclass
 class RequestRecord:
     """One LLM request of a stage call, as measured by the client."""
@@ -37,6 +38,9 @@ class RequestRecord:
     prompt_tokens: int
     completion_tokens: int
     tool_calls: list[str] = field(default_factory=list)  # names of the tools the model called
+    run_arrival: float = 0.0  # when its program run started (Unix seconds)
+    end: float = 0.0  # when its last chunk came (Unix seconds)
+    deadline_ms: float | None = None  # its program's end-to-end deadline
 
 
 @dataclass
@@ -45,6 +49,7 @@ class _ProgramRun:
     run_id: int
     session: Session
     called: list[str] = field(default_factory=list)  # stage names, in call order
+    arrival: float = field(default_factory=time.time)  # when the run started (Unix seconds)
 
     @property
     def key(self) -> str:
@@ -61,6 +66,20 @@ class _ProgramRun:
             )
         self.called.append(stage.name)
         return LLM(self.session, self, stage)
+
+    def program_field(self, stage: Stage) -> dict[str, Any]:
+        """The call's ``slo.program`` body field: its run, program and stage, the run's arrival and
+        deadline, and the stages the declared graph expects after this one (the server learns
+        the rest, such as a loop's turns, from earlier runs)."""
+        field_: dict[str, Any] = {
+            "id": self.key, "name": self.program.name, "stage": stage.name, "arrival": self.arrival,
+        }  # fmt: skip
+        if self.program.deadline_ms is not None:
+            field_["deadline_ms"] = self.program.deadline_ms
+        remaining = self.program.remaining_after(stage.name)
+        if remaining is not None:
+            field_["remaining"] = list(remaining)
+        return field_
 
 
 class LLM:
@@ -111,7 +130,7 @@ class LLM:
             messages=messages,
             stream=True,
             stream_options={"include_usage": True},
-            extra_body={"slo": self.stage.slo.to_json()},
+            extra_body={"slo": {**self.stage.slo.to_json(), "program": self.run.program_field(self.stage)}},
             extra_headers={PROGRAM_HEADER: self.run.key},
             **params,
         )
@@ -150,6 +169,9 @@ class LLM:
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),
                 tool_calls=[call["function"]["name"] for call in message.get("tool_calls") or []],
+                run_arrival=self.run.arrival,
+                end=time.time(),
+                deadline_ms=self.run.program.deadline_ms,
             )
         )
 
@@ -180,6 +202,7 @@ class Session:
         self.model = model or ""
         self.tools = tools or {}
         self.records: list[RequestRecord] = []
+        self.failures: dict[int, str] = {}  # run id -> the error that ended the run
         self._run_ids = itertools.count()
         self.session_id = uuid.uuid4().hex[:12]
 
@@ -193,9 +216,14 @@ class Session:
         await self.client.close()
 
     async def run(self, program: Program, *args: Any, **kwargs: Any) -> Any:
-        """Run one program; its stage calls are recorded under a fresh run id."""
-        token = current_run.set(_ProgramRun(program, next(self._run_ids), self))
+        """Run one program; its stage calls are recorded under a fresh run id (and the error that
+        ended it, if one did, in ``failures``)."""
+        run = _ProgramRun(program, next(self._run_ids), self)
+        token = current_run.set(run)
         try:
             return await program(*args, **kwargs)
+        except Exception as exc:
+            self.failures[run.run_id] = type(exc).__name__
+            raise
         finally:
             current_run.reset(token)

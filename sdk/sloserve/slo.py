@@ -108,6 +108,11 @@ def parse_ttft(value: object, field: str = "ttft") -> tuple[float | None, float 
 
 def parse_tpot(value: object, field: str = "tpot") -> float | None:
     """Parse a TPOT target in ms; accepts 50, '50ms' or '0.05s'."""
+    return parse_duration(value, field)
+
+
+def parse_duration(value: object, field: str) -> float | None:
+    """Parse a duration in ms (a TPOT, a program's deadline); accepts 50, '50ms', '20s'."""
     if value is None:
         return None
     number, unit = _split(field, value)

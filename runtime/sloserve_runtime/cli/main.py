@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -21,11 +23,11 @@ from sloserve.slo import SLO, SLOError, parse_tpot, parse_ttft
 from sloserve_runtime.cli import bench, measure, simulate
 from sloserve_runtime.cli.app_loader import AppFileError, load_app, pick_program
 from sloserve_runtime.cli.measure import MeasureError
-from sloserve_runtime.cli.runner import program_inputs, run_program
+from sloserve_runtime.cli.runner import Runs, program_inputs, run_program, runs_at_rate
 from sloserve_runtime.core.policies import PLANNER_POLICIES, POLICIES, scheduler_name
 from sloserve_runtime.core.slo_state import ADMISSION_MODES, DEFAULT_MAX_QUEUED_BEST_EFFORT, REJECT
 from sloserve_runtime.core.step_time import resolve_profile
-from sloserve_runtime.measure.report import program_attainment, stage_table
+from sloserve_runtime.measure.report import losses_table, run_outcomes, stage_table, wasted_tokens
 from sloserve_runtime.serving import server
 from sloserve_runtime.serving.model import ModelConversionError
 
@@ -209,24 +211,40 @@ def run(
         str | None, typer.Option(help="Use this OpenAI-compatible endpoint instead of an embedded engine.")
     ] = None,
     program: Annotated[str | None, typer.Option(help="Which program to run, if the app has several.")] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Program runs in flight at once.")] = 1,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Program runs in flight at once (a closed loop; default 1).")
+    ] = None,
     requests: Annotated[int | None, typer.Option(min=1, help="Program runs in all (default: one per example).")] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(help="Start program runs at this rate per second, however many are in flight (an open loop)."),
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="With --rate: start runs for this many seconds (rate x duration runs).")
+    ] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for --endpoint.")] = None,
     replicas: ReplicasOption = 1,
     router: RouterOption = "slo",
     ray_address: RayAddressOption = None,
 ) -> None:
-    """Run an app's program on the embedded engine (or --endpoint) and print a per-stage SLO table."""
+    """Run an app's program on the embedded engine (or --endpoint) and print a per-stage SLO table.
+
+    With --rate R --duration S, runs arrive at R per second for S seconds whatever the engine does,
+    and the report adds program attainment, where runs lost their objective and the work
+    computed for runs that missed anyway.
+    """
     try:
+        count = _run_count(requests, rate, duration, concurrency)
         app = load_app(app_file)
         chosen = pick_program(app, program, app_file)
-        inputs = program_inputs(chosen, app_args or [], requests)
+        inputs = program_inputs(chosen, app_args or [], count)
+        drive = {"concurrency": concurrency or 1, "rate": rate}
         if endpoint is not None:
-            _run_and_report(app, chosen, inputs, endpoint, concurrency, api_key, model)
+            _run_and_report(app, chosen, inputs, endpoint, drive, api_key, model)
             return
         options = server.ServerOptions(model=model, port=server.free_port())
         if replicas > 1 or ray_address is not None:
-            _run_replicated(app, chosen, inputs, options, concurrency, replicas, router, ray_address)
+            _run_replicated(app, chosen, inputs, options, drive, replicas, router, ray_address)
             return
         started = time.monotonic()
         with console.status("Starting the embedded engine (about half a minute)..."):
@@ -235,11 +253,33 @@ def run(
             with console.status("Warming the engine up (untimed requests)..."):
                 running.warm_up()
             console.print(f"Engine ready in {time.monotonic() - started:.0f}s at {running.url}")
-            _run_and_report(app, chosen, inputs, running.url, concurrency, None, running.served_model)
+            _run_and_report(app, chosen, inputs, running.url, drive, None, running.served_model)
         finally:
             running.stop()
     except USER_ERRORS as exc:
         raise _fail(str(exc)) from None
+
+
+def _run_count(requests: int | None, rate: float | None, duration: float | None, concurrency: int | None) -> int | None:
+    """How many runs `sloserve run` starts (None: one per example); a clear error for options
+    that do not go together."""
+    if rate is None:
+        if duration is not None:
+            raise _fail("--duration needs --rate: runs arrive at the rate for that long")
+        return requests
+    if rate <= 0 or not math.isfinite(rate):
+        raise _fail(f"--rate {rate:g}: give a positive number of program runs per second")
+    if concurrency is not None:
+        raise _fail("--concurrency runs a closed loop, --rate an open one: give one of them")
+    if duration is not None and requests is not None:
+        raise _fail("give --duration or --requests with --rate, not both")
+    if duration is not None:
+        if duration <= 0 or not math.isfinite(duration):
+            raise _fail(f"--duration {duration:g}: give a positive number of seconds")
+        return runs_at_rate(rate, duration)
+    if requests is None:
+        raise _fail("--rate needs --duration (seconds of arrivals) or --requests (runs in all)")
+    return requests
 
 
 @cli.command()
@@ -274,7 +314,7 @@ def profile(
     console.print(f"Wrote {out}")
 
 
-def _run_replicated(app, chosen, inputs, options, concurrency, replicas, router, ray_address) -> None:  # noqa: ANN001
+def _run_replicated(app, chosen, inputs, options, drive, replicas, router, ray_address) -> None:  # noqa: ANN001
     from sloserve_runtime.cluster.deployment import replicated
     from sloserve_runtime.cluster.replicas import ReplicaError
 
@@ -287,34 +327,65 @@ def _run_replicated(app, chosen, inputs, options, concurrency, replicas, router,
             with console.status("Warming the replicas up (untimed requests)..."):
                 server.warm_up(running.url, running.served_model)
             console.print(f"{replicas} replicas ready in {time.monotonic() - started:.0f}s behind {running.url}")
-            _run_and_report(app, chosen, inputs, running.url, concurrency, None, running.served_model)
+            _run_and_report(app, chosen, inputs, running.url, drive, None, running.served_model)
     except ReplicaError as exc:
         raise _fail(str(exc)) from None
 
 
-def _run_and_report(app, chosen, inputs, base_url, concurrency, api_key, model) -> None:  # noqa: ANN001
+# Beyond this many runs the report shows counts, not every run's input and output.
+SHOWN_RUNS = 8
+
+
+def _run_and_report(app, chosen, inputs, base_url, drive, api_key, model) -> None:  # noqa: ANN001
     import openai
 
     try:
-        results, records = asyncio.run(
-            run_program(app, chosen, inputs, base_url, concurrency, api_key=api_key, model=model, console=console)
+        runs: Runs = asyncio.run(
+            run_program(
+                app,
+                chosen,
+                inputs,
+                base_url,
+                drive["concurrency"],
+                api_key=api_key,
+                model=model,
+                console=console,
+                rate=drive["rate"],
+            )  # fmt: skip
         )
     except openai.APIConnectionError as exc:
         raise _fail(f"cannot reach the endpoint {base_url}: {exc}") from None
-    table = Table(title=f"{app.name}: {chosen.name}", show_lines=True)
-    table.add_column("input", overflow="fold")
-    table.add_column("output", overflow="fold")
-    for result in results:
-        shown = " ".join(map(str, result.inputs))
-        output = f"[red]{type(result.error).__name__}: {result.error}[/]" if result.error else str(result.output)
-        table.add_row(shown, output)
-    console.print(table)
-    console.print(stage_table(records))
-    met, total = program_attainment(records)
-    console.print(f"Program attainment: {met}/{total} runs met every stage's SLO")
+    results = runs.results
+    if len(results) <= SHOWN_RUNS:
+        table = Table(title=f"{app.name}: {chosen.name}", show_lines=True)
+        table.add_column("input", overflow="fold")
+        table.add_column("output", overflow="fold")
+        for result in results:
+            shown = " ".join(map(str, result.inputs))
+            output = f"[red]{type(result.error).__name__}: {result.error}[/]" if result.error else str(result.output)
+            table.add_row(shown, output)
+        console.print(table)
+    console.print(stage_table(runs.records))
+    outcomes = run_outcomes(runs.records, runs.failures)
+    met = sum(outcome.met for outcome in outcomes)
+    deadline = f" and ended within {chosen.deadline_ms / 1000:g} s" if chosen.deadline_ms is not None else ""
+    console.print(f"Program attainment: {met}/{len(outcomes)} runs met every stage's SLO{deadline}")
+    if drive["rate"] is not None:
+        wasted, computed = wasted_tokens(outcomes)
+        share = f" ({wasted / computed:.0%})" if computed else ""
+        console.print(
+            f"Offered {drive['rate']:g} runs/s for {runs.seconds:.0f} s: {met / runs.seconds:.2f} runs/s met their "
+            f"objectives; wasted work {wasted} of {computed} tokens{share} went to runs that missed anyway"
+        )
+    losses = losses_table(outcomes)
+    if losses is not None:
+        console.print(losses)
     failed = [result for result in results if result.error]
-    if failed:
+    if failed and drive["rate"] is None:
         raise _fail(f"{len(failed)} of {len(results)} program runs raised an error (shown above)")
+    if failed:
+        kinds = ", ".join(f"{name} x{count}" for name, count in Counter(runs.failures.values()).most_common())
+        console.print(f"{len(failed)} of {len(results)} runs ended in an error ({kinds}); counted as missed")
 
 
 def _measuring(command):  # noqa: ANN001, ANN202 - wraps a typer command

@@ -229,7 +229,9 @@ class PlannerPolicy(DeadlinePolicy):
         run = book.run_of(call)
         if run is not None and run.admitted:
             state.continues_run = True
-            return Decision(True, f"admitted: call {run.calls} of program run {call.run_id}, admitted at its first stage")
+            return Decision(
+                True, f"admitted: call {run.calls} of program run {call.run_id}, admitted at its first stage"
+            )
         future = tightest(expected) if expected else None
         decision = self.planner.admit(now, new, live, future)
         if decision.admitted:
@@ -271,7 +273,7 @@ class PlannerPolicy(DeadlinePolicy):
         return Decision(
             False,
             f"KV: admitted program runs would hold {total} tokens at once, over the engine's {capacity} "
-            f"({book.reserved_kv} kept for {sum(1 for run in book.runs.values() if run.reserved_tokens)} runs between stages)",
+            f"({book.reserved_kv} kept for the next calls of admitted runs between stages)",
         )
 
     def finished(self, state: SLORequestState, now: float) -> bool:

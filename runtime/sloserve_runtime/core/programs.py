@@ -46,6 +46,18 @@ class ProgramCall:
             return None
         return (first_arrival if self.arrival is None else self.arrival) + self.deadline_s
 
+    def to_body(self) -> dict[str, str | float | list[str]]:
+        """The call's ``slo.program`` body field, as any client sends it."""
+        body: dict[str, str | float | list[str]] = {"id": self.run_id}
+        for key, value in (("name", self.name), ("stage", self.stage), ("arrival", self.arrival)):
+            if value is not None:
+                body[key] = value
+        if self.deadline_s is not None:
+            body["deadline_ms"] = self.deadline_s * 1000.0
+        if self.remaining is not None:
+            body["remaining"] = list(self.remaining)
+        return body
+
     def to_xargs(self) -> dict[str, str | float | list[str]]:
         xargs: dict[str, str | float | list[str]] = {XARG_PROGRAM_RUN: self.run_id}
         for key, value in (

@@ -33,9 +33,7 @@ BEST_EFFORT, REJECT = ADMISSION_MODES
 DEFAULT_MAX_QUEUED_BEST_EFFORT = 16
 
 
-def refusal(
-    mode: str, queued_best_effort: int, max_queued_best_effort: int | None, midway: bool = False
-) -> str | None:
+def refusal(mode: str, queued_best_effort: int, max_queued_best_effort: int | None, midway: bool = False) -> str | None:
     """Why a request the planner did not admit is refused (HTTP 429 from a server, no engine step);
     None: it is served as best effort.
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from sloserve_runtime.core.step_time import StepTimeModel
 from sloserve_runtime.serving.requests import HEADER_ADMISSION
-from sloserve_runtime.workload.programs import ProgramSpec, StageResult, StageSpec
+from sloserve_runtime.workload.programs import ProgramSpec, StageResult, StageSpec, call_groups, program_call
 
 VOCAB_RANGE = (100, 20_000)  # token ids drawn for synthetic prompts
 
@@ -95,6 +95,9 @@ async def _stage_call(
     }
     if run.send_slo:
         body["slo"] = stage.slo.to_json()
+        call = program_call(program, index, f"{run.salt:x}-{program.program_id}", run.start + program.arrival_s)
+        if call is not None:
+            body["slo"]["program"] = call.to_body()
     zero_load_ms = run.step_time.prefill_seconds(stage.prompt_tokens) * 1000.0
     result = StageResult(
         program_id=program.program_id,
@@ -162,18 +165,30 @@ async def _sse_lines(response: httpx.Response) -> AsyncIterator[str]:
 
 async def _program(run: _Run, program: ProgramSpec) -> list[StageResult]:
     await asyncio.sleep(max(0.0, run.start + program.arrival_s - time.time()))
-    results = []
-    sent_and_got: list[int] = []  # the previous call's prompt and output: what later calls may lead with
-    for index, stage in enumerate(program.stages):
-        if stage.delay_s:
-            await asyncio.sleep(stage.delay_s)
-        shared = sent_and_got[: stage.shared_prefix_tokens]
-        prompt = synthetic_prompt(program.program_id, index, stage.prompt_tokens, run.salt, shared)
-        result, output_ids = await _stage_call(run, program, index, stage, prompt)
-        results.append(result)
-        if result.error:
+    results: list[StageResult] = []
+    sent_and_got: list[int] = []  # the previous calls' prompt and output: what later calls may lead with
+    for group in call_groups(program.stages):  # a fan-out's calls go at once; the next waits for all
+        delay = program.stages[group.start].delay_s
+        if delay:
+            await asyncio.sleep(delay)
+        prompts = []
+        for index in group:
+            stage = program.stages[index]
+            shared = sent_and_got[: stage.shared_prefix_tokens]
+            prompts.append(synthetic_prompt(program.program_id, index, stage.prompt_tokens, run.salt, shared))
+        calls = await asyncio.gather(
+            *(
+                _stage_call(run, program, index, program.stages[index], prompt)
+                for index, prompt in zip(group, prompts, strict=True)
+            )
+        )
+        results.extend(result for result, _ in calls)
+        if any(result.error for result, _ in calls):
             break  # a later stage depends on this one's output
-        sent_and_got = prompt + output_ids
+        # The next call reads the first call's prompt and every call's new tokens and output.
+        sent_and_got = prompts[0] + calls[0][1]
+        for index, prompt, (_, output_ids) in zip(group[1:], prompts[1:], calls[1:], strict=True):
+            sent_and_got += prompt[program.stages[index].shared_prefix_tokens :] + output_ids
     return results
 
 

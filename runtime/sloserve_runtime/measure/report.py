@@ -1,10 +1,11 @@
-"""Per-stage SLO tables for `sloserve run`."""
+"""Per-stage SLO tables and program outcomes for `sloserve run`."""
 
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from rich.table import Table
 
@@ -44,9 +45,66 @@ def stage_table(records: Sequence[RequestRecord]) -> Table:
     return table
 
 
-def program_attainment(records: Sequence[RequestRecord]) -> tuple[int, int]:
-    """(programs whose every stage call met its SLO, programs run)."""
-    runs: dict[int, bool] = {}
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one program run fared: met, or where it first lost its objective."""
+
+    run_id: int
+    met: bool
+    lost_at: str | None  # e.g. "act: TTFT", "respond: TPOT", "deadline", "error: RateLimitError"
+    tokens: int  # prompt and completion tokens the server computed for it
+
+
+def run_outcomes(records: Sequence[RequestRecord], errors: dict[int, str] | None = None) -> list[RunOutcome]:
+    """Each run's outcome from its calls' records (``errors``: run id -> the error that ended it).
+
+    A run met its objectives when every stage call met its SLO, it raised no error, and it ended
+    within its program's deadline, if it has one.
+    """
+    errors = errors or {}
+    by_run: dict[int, list[RequestRecord]] = defaultdict(list)
     for record in records:
-        runs[record.run_id] = runs.get(record.run_id, True) and record.outcome.met
-    return sum(runs.values()), len(runs)
+        by_run[record.run_id].append(record)
+    outcomes = []
+    for run_id in sorted(set(by_run) | set(errors)):
+        calls = sorted(by_run.get(run_id, []), key=lambda record: record.end)
+        lost_at = next((f"{call.stage}: {_missed(call)}" for call in calls if not call.outcome.met), None)
+        if lost_at is None and run_id in errors:
+            lost_at = f"error: {errors[run_id]}"
+        if lost_at is None and calls and calls[0].deadline_ms is not None:
+            if (calls[-1].end - calls[0].run_arrival) * 1000 > calls[0].deadline_ms:
+                lost_at = "deadline"
+        tokens = sum(call.prompt_tokens + call.completion_tokens for call in calls)
+        outcomes.append(RunOutcome(run_id, lost_at is None, lost_at, tokens))
+    return outcomes
+
+
+def _missed(record: RequestRecord) -> str:
+    outcome = record.outcome
+    if outcome.ttft_ms is None:
+        return "no output"
+    return "TTFT" if not outcome.ttft_met else "TPOT"
+
+
+def program_attainment(records: Sequence[RequestRecord]) -> tuple[int, int]:
+    """(programs whose every stage call met its SLO, and their deadline, programs run)."""
+    outcomes = run_outcomes(records)
+    return sum(outcome.met for outcome in outcomes), len(outcomes)
+
+
+def wasted_tokens(outcomes: Sequence[RunOutcome]) -> tuple[int, int]:
+    """(tokens computed for runs that missed anyway, tokens computed in all)."""
+    return sum(outcome.tokens for outcome in outcomes if not outcome.met), sum(outcome.tokens for outcome in outcomes)
+
+
+def losses_table(outcomes: Sequence[RunOutcome]) -> Table | None:
+    """Where the runs that missed first lost their objective, most common first; None if none missed."""
+    lost = Counter(outcome.lost_at for outcome in outcomes if not outcome.met)
+    if not lost:
+        return None
+    table = Table(title="Where runs lost their objective (first miss of each run)")
+    table.add_column("first miss", no_wrap=True)
+    table.add_column("runs", justify="right")
+    for where, count in lost.most_common():
+        table.add_row(str(where), str(count))
+    return table

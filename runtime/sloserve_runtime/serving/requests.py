@@ -4,10 +4,9 @@ and the server's defaults, validated with errors that name the field."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
-
-import math
 
 from sloserve.slo import SLO, SLOError, parse_tpot, parse_ttft
 from sloserve_runtime.core.programs import ProgramCall
@@ -129,14 +128,15 @@ def request_program(headers: dict[str, str], body: dict[str, Any]) -> ProgramCal
         unknown = sorted(set(program) - _PROGRAM_FIELDS)
         if unknown:
             raise SLOError(
-                f"slo.program.{unknown[0]}", program[unknown[0]], f"unknown field; use {', '.join(sorted(_PROGRAM_FIELDS))}"
-            )
+                f"slo.program.{unknown[0]}", program[unknown[0]],
+                f"unknown field; use {', '.join(sorted(_PROGRAM_FIELDS))}",
+            )  # fmt: skip
         fields.update({name: (value, f"slo.program.{name}") for name, value in program.items() if value is not None})
     if not fields:
         return None
     if "id" not in fields:
-        where = next(iter(fields.values()))[1]
-        raise SLOError(where, fields[next(iter(fields))][0], f"program fields need the run's id ({HEADER_PROGRAM} or slo.program.id)")
+        value, where = next(iter(fields.values()))
+        raise SLOError(where, value, f"program fields need the run's id ({HEADER_PROGRAM} or slo.program.id)")
     return ProgramCall(
         run_id=_name(*fields["id"]),
         name=_name(*fields["name"]) if "name" in fields else None,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from sloserve_runtime.core.programs import ProgramCall
 from sloserve_runtime.core.slo_state import SLORequestState
 from sloserve_runtime.sim.config import SimConfig
 from sloserve_runtime.sim.request import SimRequest
-from sloserve_runtime.workload.programs import ProgramSpec, StageResult, call_groups
+from sloserve_runtime.workload.programs import ProgramSpec, StageResult, call_groups, program_call
 
 
 class StageCalls:
@@ -53,7 +52,7 @@ class StageCalls:
         self._open[program_index] = self._open.get(program_index, 0) + 1
         state = SLORequestState.create(
             f"{program_index}/{stage_index}", stage.slo, arrival, stage.prompt_tokens, step_time,
-            self._program_call(program, stage_index),
+            program_call(program, stage_index, str(program.program_id), program.arrival_s),
         )  # fmt: skip
         return SimRequest(
             program_index, stage_index, state, stage.output_tokens, result, stage.prompt_tokens,
@@ -77,20 +76,6 @@ class StageCalls:
     def results(self) -> list[StageResult]:
         """All results, program by program in trace order, stages in program order."""
         return [result for program_results in self._results for result in program_results]
-
-    def _program_call(self, program: ProgramSpec, stage_index: int) -> ProgramCall | None:
-        """What the call tells the server of its program run, as the SDK does: its run, program and
-        stage, the run's arrival and deadline. A flat request (one stage) tells nothing. Which
-        stages come next the server learns from earlier runs, as it must for a loop's turns."""
-        if len(program.stages) == 1 and program.deadline_s is None:
-            return None
-        return ProgramCall(
-            run_id=str(program.program_id),
-            name=program.kind,
-            stage=program.stages[stage_index].name,
-            arrival=program.arrival_s,
-            deadline_s=program.deadline_s,
-        )
 
     def _rejection(self, prompt_tokens: int, output_tokens: int) -> str | None:
         # vLLM rejects a request that cannot fit its max_model_len, which is at most the KV capacity.

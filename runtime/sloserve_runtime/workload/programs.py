@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sloserve.slo import SLO
+from sloserve_runtime.core.programs import ProgramCall
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,19 @@ class StageResult:
     admission: str | None = None  # the scheduler's admission decision, where it reports one
     best_effort: bool = False  # not admitted: served from leftover budget
     request_id: str | None = None  # the server's id for the call (the stream's "id"), where there is one
+
+
+def program_call(program: ProgramSpec, stage_index: int, run_id: str, arrival: float) -> ProgramCall | None:
+    """What a stage call of ``program`` tells the server of its run (``arrival``: the run's, on the
+    server's clock), as the SDK does: its run, program and stage, the run's arrival and deadline.
+    Which stages come next the server learns from earlier runs, as it must for a loop's turns.
+    A flat request (one stage, no deadline) tells nothing."""
+    if len(program.stages) == 1 and program.deadline_s is None:
+        return None
+    return ProgramCall(
+        run_id=run_id,
+        name=program.kind,
+        stage=program.stages[stage_index].name,
+        arrival=arrival,
+        deadline_s=program.deadline_s,
+    )

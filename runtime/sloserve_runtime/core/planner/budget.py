@@ -238,9 +238,7 @@ class Budget(Forecast):
             joining.append(r)
         return joining
 
-    def make_room(
-        self, running: Sequence[LiveRequest], admitted_waiting: int, kv_short: int = 0
-    ) -> list[LiveRequest]:
+    def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int, kv_short: int = 0) -> list[LiveRequest]:
         """The best-effort running requests (in ``running``, running order) to preempt so that the
         ``admitted_waiting`` admitted requests that wait can start: with the engine at its cap on
         running requests (``max_running``) they would wait for a request to finish, however much

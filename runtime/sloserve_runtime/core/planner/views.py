@@ -68,7 +68,8 @@ def prefill_order(r: LiveRequest) -> tuple[bool, bool, float, float]:
     """The forward simulation's prefill order: those under way first (vLLM serves running requests
     before waiting ones), then by first-token deadline. A waiting request whose prefix the cache
     holds has that much context, but is not under way."""
-    return (r.context <= r.state.cached_tokens, not r.state.continues_run, r.state.first_token_deadline, r.state.arrival)
+    state = r.state
+    return (r.context <= state.cached_tokens, not state.continues_run, state.first_token_deadline, state.arrival)
 
 
 class Running(NamedTuple):
