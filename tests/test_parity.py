@@ -34,6 +34,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 from sloserve.slo import SLO
 from sloserve_runtime.core.policies import make_policy
+from sloserve_runtime.core.programs import ProgramCall
 from sloserve_runtime.core.slo_state import SLORequestState, slo_to_xargs
 from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel
 from sloserve_runtime.engine import scheduler as scheduler_module
@@ -589,3 +590,51 @@ def test_the_stock_scheduler_with_a_step_log_decides_as_vllm_does(stock_config, 
         assert steps < 2000
     assert not recording.has_unfinished_requests()
     assert steps > len(specs)
+
+
+def test_a_program_runs_context_is_held_between_its_calls_and_released(vllm_config_cached, clock):
+    """vLLM's blocks of a finished call whose program run has calls to come are held (a reference
+    taken, out of the free queue) until the run's next call has started from them; a call that
+    says no call follows leaves nothing held."""
+    scheduler = make_scheduler(vllm_config_cached, num_blocks=64)
+    hasher = block_hasher(vllm_config_cached)
+    pool = scheduler.kv_cache_manager.block_pool
+    block_size = scheduler.block_size
+    prompt = [100 + k % 900 for k in range(3 * block_size)]  # 3 full blocks, then 4 output tokens
+
+    def program_request(name: str, tokens: list[int], remaining: tuple[str, ...]) -> Request:
+        call = ProgramCall("run-1", "agent", "act", arrival=NOW, remaining=remaining)
+        xargs = slo_to_xargs(SLO.parse("60s", None), clock.now) | call.to_xargs()
+        params = SamplingParams(max_tokens=4, ignore_eos=True, extra_args=xargs)
+        return Request(name, tokens, params, None, arrival_time=clock.now, block_hasher=hasher)
+
+    def serve(request: Request) -> int:
+        """Run the request to its end; the tokens its first step computed."""
+        scheduler.add_request(request)
+        first = None
+        while request.request_id in scheduler.requests:
+            output = scheduler.schedule()
+            ids = list(output.num_scheduled_tokens)
+            first = first or output.num_scheduled_tokens.get(request.request_id)
+            scheduler.update_from_output(output, forward_pass(scheduler.requests, ids))
+            clock.now += 0.05
+        return first
+
+    first = program_request("first", prompt, remaining=("act",))
+    serve(first)
+    held = scheduler.kv_holds["run-1"]
+    assert len(held) == 3  # every full block it computed
+    assert all(block.ref_cnt == 1 for block in held)  # ours alone: vLLM cannot evict them
+    # Other requests cycle through every free block meanwhile: held blocks are not among them.
+    for index in range(4):
+        other = [5000 + 1000 * index + k % 997 for k in range(MAX_MODEL_LEN - 200)]
+        params = SamplingParams(max_tokens=2, ignore_eos=True, extra_args=slo_to_xargs(SLO.parse("60s", None)))
+        serve(Request(f"other-{index}", other, params, None, arrival_time=clock.now, block_hasher=hasher))
+    assert all(block.ref_cnt == 1 and block.block_hash is not None for block in held)
+    free_before = pool.get_num_free_blocks()
+
+    follow_up = program_request("second", prompt + [SAMPLED] * 4 + [7, 8, 9], remaining=())
+    assert serve(follow_up) == 7  # it started from the held blocks: only its new tokens computed
+    assert "run-1" not in scheduler.kv_holds and not scheduler.hold_takers
+    assert pool.get_num_free_blocks() > free_before  # released back to vLLM's cache
+    assert not scheduler.slo_policy.programs.runs  # the run said it was over

@@ -46,3 +46,27 @@ def test_run_on_the_embedded_engine_starts_and_stops_it(engine):
     assert "Engine ready" in result.stdout
     assert "reasoning: solve" in result.stdout and "Per-stage SLOs" in result.stdout
     assert engine_processes() == before, "the embedded engine must not outlive `sloserve run`"
+
+
+def test_run_drives_an_app_at_a_rate_and_reports_programs(engine):
+    result = run_cli(
+        "run", "examples/agents/app.py", "--endpoint", engine.base_url, "--rate", "2", "--duration", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Per-stage SLOs" in result.stdout and "act" in result.stdout
+    assert "/4 runs met every stage's SLO" in result.stdout
+    assert "Offered 2 runs/s" in result.stdout and "wasted work" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--duration", "5"], "--duration needs --rate"),
+     (["--rate", "2", "--concurrency", "2", "--duration", "3"], "closed loop"),
+     (["--rate", "0", "--duration", "3"], "positive number of program runs"),
+     (["--rate", "2"], "--rate needs --duration")],
+)  # fmt: skip
+def test_run_rate_options_that_do_not_go_together_say_so(options, message):
+    result = run_cli("run", "examples/agents/app.py", "--endpoint", "http://127.0.0.1:9/v1", *options)
+    assert result.returncode == 2  # a usage error, as typer's own
+    assert message in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr

@@ -171,7 +171,7 @@ class RunState:
     # kept until it times out all the same: a later call of it is still a later stage.
     expected: tuple[ExpectedStage, ...] = ()
     reserved_tokens: int = 0  # KV kept for its next call while it waits between stages (``reserved_kv``)
-    held: bool = False  # its prefix's KV is held from eviction until its next call (``hold``)
+    held: bool = False  # its context's KV was held between calls: the engine frees what is left at its end
 
 
 class ProgramBook:
@@ -253,7 +253,6 @@ class ProgramBook:
         expected = self.expected(call, shape, calls_so_far)
         if run is not None:
             self._unreserve(run)
-            run.held = False  # its call takes the held prefix (or it was evicted before)
             run.calls += 1
             run.stage_calls[call.stage or ""] = run.stage_calls.get(call.stage or "", 0) + 1
             run.live += 1
@@ -299,11 +298,22 @@ class ProgramBook:
             return False
         if not run.admitted or not run.expected:
             return False
+        run.expected = tuple(self._refreshed(call.name, stage) for stage in run.expected)
         upcoming = max(run.expected, key=lambda stage: stage.context)
         run.reserved_tokens = upcoming.context
         self.reserved_kv += run.reserved_tokens
         run.held = True
         return True
+
+    def _refreshed(self, program: str | None, stage: ExpectedStage) -> ExpectedStage:
+        """``stage`` forecast again with what its stage's calls have taught since (its output, say)."""
+        stats = self.stats.get((program, stage.name)) if program is not None else None
+        if stats is None or not stats.calls:
+            return stage
+        return stage._replace(
+            prompt_tokens=round(stats.prompt_tokens), new_tokens=round(stats.new_tokens),
+            output_tokens=round(stats.output_tokens), gap_seconds=stats.gap_seconds, seen=stats.calls,
+        )  # fmt: skip
 
     def expire(self, now: float) -> None:
         """End the runs whose hold timed out (``hold_timeout`` with none of their calls in the engine)."""

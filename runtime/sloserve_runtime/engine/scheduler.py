@@ -153,7 +153,7 @@ class SLOScheduler(RecordingScheduler):
         """vLLM frees a finished request's blocks: the policy learns it ended, and where its program
         run has calls to come, its blocks are held (a reference taken) until the run's next call
         has started from them, or the run ends or times out."""
-        state = self.slo_states.get(request.request_id)
+        state = self.slo_states.get(request.request_id) if request.is_finished() else None  # not a preemption
         now = time.time()
         if state is not None:
             state.output_tokens = max(state.output_tokens, request.num_output_tokens)

@@ -157,6 +157,10 @@ class Engine:
         self.kv.release(request, request.program_index, request.computed_tokens, hold=hold)
         if hold:
             self.holds[request.state.program.run_id] = request.program_index
+        self.release_holds(now)
+
+    def release_holds(self, now: float) -> None:
+        """Free to the cache the held prefixes of the runs that ended or timed out by ``now``."""
         for run_id in self.policy.released_holds(now):
             key = self.holds.pop(run_id, None)
             if key is not None:

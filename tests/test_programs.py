@@ -1,0 +1,240 @@
+"""Programs, not requests: runs admitted as a whole, their later stages kept, their context held."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sloserve import App, stage
+from sloserve.slo import SLO
+from sloserve_runtime.cli.measure import resolve_profile
+from sloserve_runtime.core.planner import LiveRequest
+from sloserve_runtime.core.policies import make_policy
+from sloserve_runtime.core.programs import DEFAULT_HOLD_TIMEOUT_S, CallShape, ProgramBook, ProgramCall, expected_seconds
+from sloserve_runtime.core.slo_state import SLORequestState
+from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel
+from sloserve_runtime.sim import SimConfig, simulate
+from sloserve_runtime.sim.loop import Simulation
+from sloserve_runtime.workload.scenarios import load_scenario
+
+# 10 ms a step plus 0.1 ms a token, 512 tokens a step.
+MODEL = StepTimeModel("programs-test", (LinearPiece(per_token=0.0001, constant=0.010),), max_num_batched_tokens=512)
+LOOSE = SLO(ttft_ms=5000, tpot_ms=200)
+
+
+def call(run: str, stage: str, prompt: int, now: float, remaining=None, deadline_s=None) -> LiveRequest:
+    """A stage call of program "agent" arriving at ``now``, nothing of it computed."""
+    program = ProgramCall(run, "agent", stage, arrival=None, deadline_s=deadline_s, remaining=remaining)
+    state = SLORequestState.create(f"{run}/{stage}/{now}", LOOSE, now, prompt, MODEL, program)
+    return LiveRequest(state, to_compute=prompt, context=0)
+
+
+def test_an_admitted_runs_next_stage_keeps_the_place_a_new_run_would_take():
+    """The KV an admitted run between stages will need stays its own: a new run's first stage
+    that would take it is not admitted, and the run's next call is admitted by right."""
+    policy = make_policy("sloserve", MODEL, 512, kv_capacity_tokens=1000)
+    first = call("A", "act", 300, now=0.0, remaining=("act",))
+    assert policy.admit(0.0, first, []).admitted
+    first.state.output_tokens = 100
+    assert policy.finished(first.state, 1.0)  # its context is held for its next call
+    assert policy.programs.reserved_kv == 400  # the next call: its learnt prompt and output
+
+    newcomer = call("B", "act", 700, now=1.1, remaining=("act",))
+    decision = policy.admit(1.1, newcomer, [])
+    assert not decision.admitted and decision.reason.startswith("KV:"), decision.reason
+    assert newcomer.state.best_effort
+
+    later = call("A", "act", 450, now=1.5, remaining=())
+    decision = policy.admit(1.5, later, [newcomer])
+    assert decision.admitted and "call 2 of program run A" in decision.reason
+    assert later.state.continues_run
+
+    # The same state under the stage-level planner: the newcomer takes the place.
+    blind = make_policy("sloserve-stage", MODEL, 512, kv_capacity_tokens=1000)
+    blind.admit(0.0, call("A", "act", 300, now=0.0, remaining=("act",)), [])
+    assert blind.admit(1.1, call("B", "act", 700, now=1.1, remaining=("act",)), []).admitted
+
+
+def test_a_later_stage_goes_before_new_runs_first_stages_in_the_queue():
+    policy = make_policy("sloserve", MODEL, 512)
+    policy.admit(0.0, call("A", "act", 100, now=0.0), [])
+    policy.finished(call("A", "act", 100, now=0.0).state, 0.5)
+    newcomer = call("B", "act", 100, now=0.6)
+    policy.admit(0.6, newcomer, [])
+    later = call("A", "act", 100, now=0.7)  # its first-token deadline is after the newcomer's
+    policy.admit(0.7, later, [newcomer])
+    assert later.state.first_token_deadline > newcomer.state.first_token_deadline
+    queue = sorted([newcomer.state, later.state], key=policy.waiting_key)
+    assert queue == [later.state, newcomer.state]
+
+
+@pytest.fixture(scope="module")
+def h200() -> SimConfig:
+    return SimConfig.from_profile(resolve_profile("h200-opt13b-measured", "--profile"))
+
+
+def _runs(results):
+    runs: dict[int, list] = {}
+    for result in results:
+        runs.setdefault(result.program_id, []).append(result)
+    return runs
+
+
+def test_an_admitted_run_is_never_made_best_effort_midway(h200):
+    """Past capacity, a run admitted at its first stage keeps every later stage admitted; the
+    stage-level planner, deciding each call alone, gives some of them up."""
+    trace = load_scenario("tool-calling").trace(rate=3.0, num_programs=150, seed=3)
+
+    def midway(policy: str) -> int:
+        runs = _runs(simulate(trace, policy, h200.step_time, h200))
+        return sum(result.best_effort for calls in runs.values() if not calls[0].best_effort for result in calls[1:])
+
+    assert midway("sloserve") == 0
+    assert midway("sloserve-stage") > 0
+
+
+def test_graph_gives_the_stages_to_come_and_the_book_their_expected_work():
+    @stage(ttft="3x", tpot="50ms")
+    async def plan(llm, task: str) -> str: ...
+
+    @stage(ttft="3x", tpot="50ms")
+    async def act(llm, task: str) -> str: ...
+
+    @stage(ttft="3x", tpot="100ms")
+    async def respond(llm, task: str) -> str: ...
+
+    app = App("graph-test")
+
+    @app.program(graph={plan: [], act: [plan], respond: [act]}, deadline="20s")
+    async def agent(task: str) -> str: ...
+
+    assert agent.deadline_ms == 20_000
+    assert agent.remaining_after("plan") == ("act", "respond")
+    assert agent.remaining_after("respond") == ()
+
+    book = ProgramBook()
+    lengths = {"plan": (200, 50, 0.05), "act": (400, 30, 0.05), "respond": (600, 120, 0.1)}
+    now = 0.0
+    for name, (prompt, output, tpot) in lengths.items():  # an earlier run teaches the lengths
+        remaining = agent.remaining_after(name)
+        program = ProgramCall("earlier", "graph-test", name, remaining=remaining)
+        book.arrive(program, now, CallShape(prompt, prompt, 0.5, tpot))
+        if name == "plan":
+            book.decided(program, True, now, ())
+        book.finish(program, now + 1.0, output)
+        now += 1.5
+    first = ProgramCall("next", "graph-test", "plan", remaining=agent.remaining_after("plan"))
+    expected = book.expected(first, CallShape(200, 200, 0.5, 0.05), {})
+    assert [(s.name, s.prompt_tokens, s.output_tokens, s.tpot_seconds) for s in expected] == [
+        ("act", 400, 30, 0.05), ("respond", 600, 120, 0.1),
+    ]  # fmt: skip
+    assert all(s.seen == 1 and s.gap_seconds == pytest.approx(0.5) for s in expected)
+    seconds = expected_seconds(expected, MODEL.prefill_seconds)
+    assert seconds == pytest.approx(
+        2 * 0.5 + MODEL.prefill_seconds(400) + MODEL.prefill_seconds(600) + 30 * 0.05 + 120 * 0.1
+    )
+
+
+def test_a_run_that_cannot_end_by_its_deadline_is_refused_at_its_first_stage():
+    policy = make_policy("sloserve", MODEL, 512)
+    # An earlier run teaches that two more calls of 100 tokens at 200 ms a token follow.
+    policy.admit(0.0, call("A", "act", 100, now=0.0, remaining=("act", "act")), [])
+    done = call("A", "act", 100, now=0.0, remaining=("act", "act")).state
+    done.output_tokens = 100
+    policy.finished(done, 1.0)
+    assert not policy.admit(2.0, call("B", "act", 100, now=2.0, remaining=("act", "act"), deadline_s=10.0), []).admitted
+    assert policy.admit(2.0, call("C", "act", 100, now=2.0, remaining=("act", "act"), deadline_s=60.0), []).admitted
+
+
+def test_a_run_ends_when_its_client_says_so_or_when_its_hold_times_out():
+    book = ProgramBook(hold_timeout=5.0)
+    ended = ProgramCall("done", "agent", "act", remaining=())
+    book.arrive(ended, 0.0, CallShape(100, 100, 1.0, 0.05))
+    book.decided(ended, True, 0.0, ())
+    assert not book.finish(ended, 1.0, 10)  # nothing to hold: the run is over
+    assert "done" not in book.runs
+
+    going = ProgramCall("going", "agent", "act", remaining=("act",))
+    expected = book.arrive(going, 0.0, CallShape(100, 100, 1.0, 0.05))
+    book.decided(going, True, 0.0, expected)
+    assert book.finish(going, 1.0, 10)  # held for its next call
+    assert book.released(5.9) == [] and book.reserved_kv > 0
+    assert book.released(6.1) == ["going"] and book.reserved_kv == 0 and not book.runs
+
+
+def test_held_context_is_released_after_a_thousand_programs(h200):
+    """Every held prefix goes back to the cache once its run ends or times out: no KV, run or
+    reservation is left behind."""
+    trace = load_scenario("tool-calling").trace(rate=2.0, num_programs=1000, seed=5)
+    simulation = Simulation(trace, "sloserve", h200)
+    results = simulation.run()
+    engine, book = simulation.engine, simulation.engine.policy.programs
+    assert engine.kv.hit_tokens_total > 0 and len(results) > 3000
+    end = max(t for result in results for t in result.token_times)
+    # Only the runs that ended in the last hold timeout are still kept.
+    recent = {r.program_id for r in results if r.token_times and r.token_times[-1] > end - DEFAULT_HOLD_TIMEOUT_S - 1}
+    assert len(book.runs) <= len(recent)
+    engine.release_holds(end + DEFAULT_HOLD_TIMEOUT_S + 1)
+    assert not book.runs and book.reserved_kv == 0
+    assert not engine.holds and not engine.kv.pinned
+    assert not engine.kv.shared and not engine.kv.held
+    assert engine.kv.free_blocks == engine.kv.capacity_blocks
+
+
+def test_a_fan_out_sends_its_calls_together_and_the_join_after_the_last(h200):
+    trace = load_scenario("agentic").trace(rate=0.2, num_programs=20, seed=2)
+    results = simulate(trace, "sloserve", h200.step_time, h200)
+    for program in trace:
+        calls = [r for r in results if r.program_id == program.program_id]
+        research = [r for r in calls if r.stage == "research"]
+        answer = next(r for r in calls if r.stage == "answer")
+        assert 2 <= len(research) <= 4
+        assert len({r.arrival for r in research}) == 1  # sent at once
+        assert answer.arrival >= max(r.token_times[-1] for r in research)
+    assert math.isfinite(sum(len(r.token_times) for r in results))
+
+
+# ---- on the real engine: program fields from any client ----
+
+
+def test_program_fields_from_a_plain_openai_client(engine):
+    """The body field and the headers both name the run: its second call is admitted as a later
+    stage of the run admitted at its first."""
+    import openai
+
+    client = openai.OpenAI(base_url=engine.base_url, api_key="unused")
+    question = [{"role": "user", "content": "Name a colour."}]
+    first = client.chat.completions.create(
+        model=engine.model, messages=question, max_tokens=4,
+        extra_body={"slo": {"ttft_ms": "30s", "program": {"id": "plain-1", "name": "quiz", "stage": "ask",
+                                                           "remaining": ["ask"]}}},
+    )  # fmt: skip
+    assert first.model_extra["slo"]["admission"] == "admitted"
+    second = client.chat.completions.create(
+        model=engine.model, messages=question, max_tokens=4,
+        extra_headers={"x-slo-program": "plain-1", "x-slo-program-name": "quiz", "x-slo-stage": "ask",
+                       "x-slo-program-remaining": "", "x-slo-ttft-ms": "30000"},
+    )  # fmt: skip
+    reason = second.model_extra["slo"]["admission_reason"]
+    assert "call 2 of program run plain-1" in reason, reason
+
+
+@pytest.mark.parametrize(
+    ("program", "param"),
+    [({"id": "x", "deadline_ms": "soon"}, "slo.program.deadline_ms"),
+     ({"stage": "act"}, "slo.program.stage"),
+     ({"id": "x", "remaining": "act"}, "slo.program.remaining"),
+     ({"id": "x", "turns": 3}, "slo.program.turns")],
+)  # fmt: skip
+def test_a_malformed_program_field_gets_400_naming_it(engine, program, param):
+    import openai
+
+    client = openai.OpenAI(base_url=engine.base_url, api_key="unused")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=engine.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+            extra_body={"slo": {"program": program}},
+        )  # fmt: skip
+    assert caught.value.body["param"] == param, caught.value.body
+    assert param in caught.value.body["message"]
