@@ -238,3 +238,33 @@ def test_a_malformed_program_field_gets_400_naming_it(engine, program, param):
         )  # fmt: skip
     assert caught.value.body["param"] == param, caught.value.body
     assert param in caught.value.body["message"]
+
+
+def test_a_reasoning_generation_moves_to_its_answer_tier_when_its_thinking_ends(h200):
+    """In the simulator, one generation: planned at the thinking TPOT until its thinking tokens,
+    at the answer's after, and judged on both."""
+    from sloserve_runtime.sim.engine import Engine
+    from sloserve_runtime.workload.programs import ProgramSpec, StageSpec
+
+    slo = SLO.parse("3x", "100ms", thinking_tpot="50ms")
+    trace = [ProgramSpec(0, 0.0, "reasoning", (StageSpec("reason", 100, 40, slo, thinking_tokens=30),))]
+    simulation = Simulation(trace, "sloserve", h200)
+    tiers = []
+    original = Engine.complete
+
+    def watch(self, batch, now):  # the tier each step planned the request in
+        tiers.extend(request.state.tpot_seconds for request in batch.requests)
+        return original(self, batch, now)
+
+    Engine.complete = watch
+    try:
+        (result,) = simulation.run()
+    finally:
+        Engine.complete = original
+    assert tiers[0] == 0.05 and tiers[-1] == 0.1
+    assert tiers.index(0.1) == 30  # the step after the 30th token: its prefill step and 29 decodes before
+    assert result.thinking_tokens == 30
+    from sloserve_runtime.measure.summary import summarize
+
+    summary = summarize([result], max(result.token_times))
+    assert summary.attainment == 1.0

@@ -144,14 +144,23 @@ def test_tool_calling_loops_then_answers_with_a_growing_context():
             assert after.prompt_tokens > before.prompt_tokens + before.output_tokens
 
 
-def test_reasoning_thinks_then_answers_over_the_thinking():
+def test_reasoning_thinks_then_answers_in_one_generation():
     trace = load_scenario("reasoning").trace(rate=1.0, num_programs=200, seed=11)
     for program in trace:
-        think, answer = program.stages
-        assert (think.name, answer.name) == ("think", "answer")
-        assert (think.slo, answer.slo) == (SLO(ttft_slowdown=3, tpot_ms=50), SLO(ttft_slowdown=3, tpot_ms=100))
-        assert answer.prompt_tokens > think.prompt_tokens + think.output_tokens
-    assert np.mean([program.stages[0].output_tokens for program in trace]) > 2000  # thinking is long
+        (call,) = program.stages
+        assert call.name == "reason"
+        assert call.slo == SLO(ttft_slowdown=3, tpot_ms=100, thinking_tpot_ms=50)
+        assert 0 < call.thinking_tokens < call.output_tokens  # it thinks, then answers
+    assert np.mean([program.stages[0].thinking_tokens for program in trace]) > 2000  # thinking is long
+    fitted = load_scenario("reasoning").trace(rate=1.0, num_programs=50, seed=11, max_model_len=2048)
+    assert all(0 < c.thinking_tokens < c.output_tokens and c.prompt_tokens + c.output_tokens <= 2048
+               for p in fitted for c in p.stages)  # fmt: skip
+
+
+def test_a_reasoning_stage_needs_both_its_thinking_lengths_and_tpot():
+    with pytest.raises(ValidationError, match="thinking"):
+        StageClass(name="s", prompt={"mean": 10, "std": 1}, output={"mean": 10, "std": 1}, ttft="3x",
+                   tpot="50ms", thinking_tpot="20ms")  # fmt: skip
 
 
 def test_a_stage_with_an_unparsable_slo_is_rejected():

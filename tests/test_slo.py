@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sloserve.slo import SLO, SLOError, judge, parse_tpot, parse_ttft
+from sloserve.slo import SLO, SLOError, ThinkingSpan, judge, parse_tpot, parse_ttft
 
 
 @pytest.mark.parametrize(
@@ -78,3 +78,27 @@ def test_short_outputs_judge_the_whole_tail():
 def test_no_tokens_fails_a_ttft_target():
     assert not judge(0.0, [], ttft_target_ms=100, tpot_target_ms=None).met
     assert judge(0.0, [], ttft_target_ms=None, tpot_target_ms=None).met
+
+
+def test_a_reasoning_generation_is_judged_in_two_phases():
+    # 4 thinking tokens 20 ms apart, then 3 answer tokens 90 ms apart.
+    times = [0.1, 0.12, 0.14, 0.16, 0.25, 0.34, 0.43]
+    outcome = judge(0.0, times, 200, 100, thinking_tpot_ms=25, thinking_tokens=4)
+    assert outcome.met and outcome.thinking.tokens == 4 and outcome.answer.tokens == 3
+    assert outcome.thinking.tpot_ms == pytest.approx(20) and outcome.answer.tpot_ms == pytest.approx(90)
+    # Judged on one TPOT, the answer's pace breaks the thinking's 25 ms...
+    assert not judge(0.0, times, 200, 25).met
+    # ...and a thinking that never ended is judged on the thinking TPOT throughout.
+    assert not judge(0.0, times, 200, 100, thinking_tpot_ms=25).tpot_met
+    assert judge(0.0, times, 200, 100, thinking_tpot_ms=25, thinking_tokens=4).to_json()["thinking"]["tokens"] == 4
+
+
+def test_thinking_span_finds_the_end_of_the_thinking_in_a_stream():
+    span = ThinkingSpan()
+    for text in ["<think>", "sky", " scatters", "</", "think>", "Blue", "."]:
+        span.add(text)
+    assert span.end == 5 and span.chunks == 7
+    parsed = ThinkingSpan()  # a reasoning parser splits the stream: the end is its last reasoning delta
+    for content, reasoning in [(None, "sky"), (None, " scatters"), ("Blue", None), (".", None)]:
+        parsed.add(content, reasoning)
+    assert parsed.end == 2

@@ -17,9 +17,9 @@ from openai import AsyncOpenAI
 from sloserve._context import StageCallError, current_run
 from sloserve._reassemble import Reassembler
 from sloserve.app import Program
-from sloserve.slo import SLO, Outcome, judge
+from sloserve.slo import SLO, Outcome, ThinkingSpan, judge
 from sloserve.stage import Stage
-from sloserve.tools import Tool, ToolCall
+from sloserve.tools import Tool, ToolCall, calls_schema, parse_calls
 
 PROGRAM_HEADER = "x-slo-program"  # which program run a stage call belongs to
 
@@ -106,10 +106,19 @@ class LLM:
         if not tools:
             raise StageCallError(f"stage {self.stage.name!r} asked for a tool turn, but the app has no tools")
         by_name = {tool.name: tool for tool in tools}
+        # The call streams as text, held to the calls' schema, and is parsed here: its first token
+        # is seen when the engine makes it, and the turn is judged on the tokens of the whole call,
+        # which is what the agent waits for. (With vLLM's required tool choice nothing streams
+        # until its parser has the function's name, and the client would judge a later token.)
+        extra_body = {**(params.pop("extra_body", None) or {}), "structured_outputs": {"json": calls_schema(tools)}}
         message = await self.complete(
-            messages, tools=[tool.openai_schema() for tool in tools], tool_choice="required", **params
+            messages,
+            tools=[tool.openai_schema() for tool in tools],
+            tool_choice="none",
+            extra_body=extra_body,
+            **params,
         )
-        calls = message.get("tool_calls") or []
+        calls = message.get("tool_calls") or parse_calls(message.get("content") or "")
         messages.append({"role": "assistant", "content": message.get("content") or "", "tool_calls": calls})
         results = []
         for call in calls:
@@ -124,26 +133,35 @@ class LLM:
         """Send one streamed chat request; return the assembled assistant message as a dict."""
         if self.stage.max_tokens is not None:
             params.setdefault("max_tokens", self.stage.max_tokens)
+        # The caller's own extra fields (a structured-output pattern, say) go beside the SLO's.
+        extra_body = {
+            **(params.pop("extra_body", None) or {}),
+            "slo": {**self.stage.slo.to_json(), "program": self.run.program_field(self.stage)},
+        }
         arrival = time.time()
         stream = await self.session.client.chat.completions.create(
             model=self.session.model,
             messages=messages,
             stream=True,
             stream_options={"include_usage": True},
-            extra_body={"slo": {**self.stage.slo.to_json(), "program": self.run.program_field(self.stage)}},
+            extra_body=extra_body,
             extra_headers={PROGRAM_HEADER: self.run.key},
             **params,
         )
-        assembled, token_times, server_outcome = Reassembler(), [], None
+        assembled, token_times, server_outcome, span = Reassembler(), [], None, ThinkingSpan()
         async for chunk in stream:
             data = chunk.model_dump(exclude_unset=True)
             if any(_has_output(choice) for choice in data.get("choices") or []):
                 token_times.append(time.time())
+                delta = data["choices"][0].get("delta") or {}
+                # A tool call's delta is output too: it counts as a token of the answer.
+                span.add(delta.get("content") or str(delta.get("tool_calls") or ""),
+                         delta.get("reasoning_content") or delta.get("reasoning"))  # fmt: skip
             assembled.add(data)
             server_outcome = (chunk.model_extra or {}).get("slo", server_outcome)
         choices = assembled.response()["choices"]
         message = choices[0]["message"] if choices else {"role": "assistant", "content": ""}
-        self._record(arrival, token_times, assembled, server_outcome, message)
+        self._record(arrival, token_times, assembled, server_outcome, message, span.end)
         return message
 
     def _record(
@@ -153,6 +171,7 @@ class LLM:
         assembled: Reassembler,
         server: dict | None,
         message: dict[str, Any],
+        thinking_tokens: int | None = None,
     ) -> None:
         slo = self.stage.slo
         ttft_target = (server or {}).get("ttft_target_ms", slo.ttft_ms)
@@ -164,7 +183,14 @@ class LLM:
                 run_id=self.run.run_id,
                 slo=slo,
                 ttft_target_ms=ttft_target,
-                outcome=judge(arrival, token_times, ttft_target, slo.tpot_ms),
+                outcome=judge(
+                    arrival,
+                    token_times,
+                    ttft_target,
+                    slo.tpot_ms,
+                    thinking_tpot_ms=slo.thinking_tpot_ms,
+                    thinking_tokens=thinking_tokens,
+                ),  # fmt: skip
                 server_outcome=server,
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),

@@ -52,12 +52,15 @@ def stage(
     tpot: str | float | None = None,
     max_tokens: int | None = None,
     name: str | None = None,
+    thinking_tpot: str | float | None = None,
 ) -> Stage | Callable[[StageFn], Stage]:
     """Declare a stage with its SLO: ``ttft`` ("300ms", "2s", "3x" slowdown) and ``tpot`` ("50ms").
 
+    A reasoning stage may set ``thinking_tpot`` too: its one generation keeps that pace until the
+    model ends its thinking (``</think>``), and ``tpot`` for the answer after; both are judged.
     Raises ``SLOError`` at decoration time for a value that is not a valid SLO.
     """
-    slo = SLO.parse(ttft, tpot)
+    slo = SLO.parse(ttft, tpot, thinking_tpot)
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
         raise ValueError(f"invalid max_tokens={max_tokens!r}: must be a positive integer")
 

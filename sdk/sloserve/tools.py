@@ -55,6 +55,39 @@ class Tool:
         return result if isinstance(result, str) else json.dumps(result)
 
 
+def calls_schema(tools: list[Tool]) -> dict[str, Any]:
+    """JSON schema of one or more calls of ``tools``: what a tool turn's reply must be (the shape
+    vLLM holds a required tool choice to, written out so the call streams as text)."""
+    choices = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "enum": [tool.name]},
+                "parameters": tool.arguments.model_json_schema(),
+            },
+            "required": ["name", "parameters"],
+        }
+        for tool in tools
+    ]
+    return {"type": "array", "minItems": 1, "items": {"anyOf": choices}}
+
+
+def parse_calls(text: str) -> list[dict[str, Any]]:
+    """The calls in a tool turn's reply (``calls_schema``), in the OpenAI ``tool_calls`` format."""
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return []
+    calls = []
+    for index, item in enumerate(items if isinstance(items, list) else []):
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            arguments = json.dumps(item.get("parameters") or {})
+            calls.append(
+                {"id": f"call_{index}", "type": "function", "function": {"name": item["name"], "arguments": arguments}}
+            )
+    return calls
+
+
 @dataclass(frozen=True)
 class ToolCall:
     """One tool call the model made, and what the tool returned."""

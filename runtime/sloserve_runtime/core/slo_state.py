@@ -18,6 +18,7 @@ from sloserve_runtime.core.step_time import StepTimeModel
 XARG_TTFT_MS = "slo_ttft_ms"
 XARG_TTFT_SLOWDOWN = "slo_ttft_slowdown"
 XARG_TPOT_MS = "slo_tpot_ms"
+XARG_THINKING_TPOT_MS = "slo_thinking_tpot_ms"
 XARG_ARRIVAL = "slo_arrival"
 XARG_ADMISSION = "slo_admission"  # the request's admission mode, as the front end resolved it
 # What happens to a request the planner cannot promise its SLO: served from leftover budget
@@ -56,6 +57,7 @@ def slo_to_xargs(slo: SLO, arrival: float | None = None) -> dict[str, float]:
         XARG_TTFT_MS: slo.ttft_ms,
         XARG_TTFT_SLOWDOWN: slo.ttft_slowdown,
         XARG_TPOT_MS: slo.tpot_ms,
+        XARG_THINKING_TPOT_MS: slo.thinking_tpot_ms,
         XARG_ARRIVAL: arrival,
     }
     return {key: value for key, value in xargs.items() if value is not None}
@@ -67,6 +69,7 @@ def slo_from_xargs(xargs: dict | None) -> SLO:
         ttft_ms=xargs.get(XARG_TTFT_MS),
         ttft_slowdown=xargs.get(XARG_TTFT_SLOWDOWN),
         tpot_ms=xargs.get(XARG_TPOT_MS),
+        thinking_tpot_ms=xargs.get(XARG_THINKING_TPOT_MS),
     )
 
 
@@ -89,6 +92,9 @@ class SLORequestState:
     program: ProgramCall | None = None  # the program run it is a stage call of, if it says
     # A later stage of a program run admitted at its first stage: the run's promise rests on it.
     continues_run: bool = False
+    # A reasoning generation: it runs at the thinking TPOT (``tpot_seconds``) until it ends its
+    # thinking (``end_thinking``), then at this one. None: one tier throughout.
+    answer_tpot_seconds: float | None = None
     # When its last output tokens came (up to one attainment window): the planner's window slack.
     token_times: deque[float] = field(default_factory=lambda: deque(maxlen=ATTAINMENT_WINDOW), repr=False)
 
@@ -104,14 +110,35 @@ class SLORequestState:
     ) -> SLORequestState:
         zero_load_ms = step_time.prefill_seconds(prompt_tokens) * 1000.0
         ttft_ms = slo.ttft_target_ms(zero_load_ms)
+        tpot_seconds = math.inf if slo.tpot_ms is None else slo.tpot_ms / 1000.0
+        thinking = slo.thinking_tpot_ms is not None
         return cls(
             request_id=request_id,
             arrival=arrival,
             prompt_tokens=prompt_tokens,
             first_token_deadline=math.inf if ttft_ms is None else arrival + ttft_ms / 1000.0,
-            tpot_seconds=math.inf if slo.tpot_ms is None else slo.tpot_ms / 1000.0,
+            tpot_seconds=slo.thinking_tpot_ms / 1000.0 if thinking else tpot_seconds,
             program=program,
+            answer_tpot_seconds=tpot_seconds if thinking else None,
         )
+
+    @property
+    def thinking(self) -> bool:
+        """A reasoning generation still in its thinking tier."""
+        return self.answer_tpot_seconds is not None
+
+    def end_thinking(self, output_tokens: int) -> None:
+        """The generation ended its thinking with its ``output_tokens``-th token: its later tokens
+        are due at the answer's TPOT after that token's deadline, and its windows start afresh."""
+        answer = self.answer_tpot_seconds
+        if answer is None:
+            return
+        due = self.token_deadline(output_tokens)
+        self.answer_tpot_seconds = None
+        self.tpot_seconds = answer
+        if math.isfinite(due) and math.isfinite(answer):
+            self.first_token_deadline = due - output_tokens * answer
+        self.token_times.clear()
 
     def token_deadline(self, index: int) -> float:
         """Deadline of output token ``index`` (0 is the first token): d0 + index * TPOT."""

@@ -33,6 +33,9 @@ XARG_TAG = "slo_tag"  # the key of the request's tag in ``vllm_xargs``
 # requests once its SLO fits, demoted to best effort when its decode outgrows its TPOT, preempted
 # so that an admitted request gets its place at the engine's cap on running requests.
 PROMOTED, DEMOTED, PREEMPTED = CHANGES = ("promoted", "demoted", "preempted")
+# Not a change of admission: a reasoning generation ended its thinking and runs in its answer's
+# tier from then on (``Notice.change``; reported beside the admission changes, not among them).
+ANSWERING = "answering"
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class Notice:
     admitted: bool  # after a change: whether the request is admitted now
     reason: str
     retry_after_s: float = 0.0  # when the engine expects room again (meaningful when not admitted)
-    change: str = ""  # one of CHANGES; "": the decision at arrival
+    change: str = ""  # one of CHANGES, or ANSWERING; "": the decision at arrival
     # Refused at arrival (reject mode, or the best-effort queue full): the engine dropped it before
     # any step, and the front end answers HTTP 429.
     refused: bool = False

@@ -49,7 +49,8 @@ from sloserve_runtime.core.step import plan_step
 from sloserve_runtime.core.step_time import StepTimeModel
 from sloserve_runtime.engine.config import SLOConfig
 from sloserve_runtime.engine.lifecycle import die_with_server
-from sloserve_runtime.engine.notices import DEMOTED, PREEMPTED, PROMOTED, XARG_TAG, Notice, NoticePublisher
+from sloserve_runtime.engine.notices import ANSWERING, DEMOTED, PREEMPTED, PROMOTED, XARG_TAG, Notice, NoticePublisher
+from sloserve_runtime.engine.reasoning import ThinkingEnd
 from sloserve_runtime.engine.recorder import StepLog, StepRecorder, emitted_tokens
 
 # Under vLLM's logger, so the engine's log shows our lines in its own format.
@@ -130,6 +131,7 @@ class SLOScheduler(RecordingScheduler):
         self._logged_fit: tuple[tuple[float, float], int] | None = None  # the calibration last logged
         self.notices = NoticePublisher(self.slo_config.notices) if self.slo_config.notices else None
         self.step_view = _StepView(self)
+        self.thinking_end = ThinkingEnd(self.structured_output_manager)
 
     def _step_sinks(self) -> list[Callable[[dict[str, Any]], None]]:
         return super()._step_sinks() + ([self._observe_step] if self.slo_config.calibrate else [])
@@ -219,6 +221,16 @@ class SLOScheduler(RecordingScheduler):
         if tag is not None:
             self.notices.publish(Notice(tag, not state.best_effort, reason, change=change))
 
+    def _end_thinking(self, state: SLORequestState, output_tokens: int) -> None:
+        """A reasoning generation ended its thinking: it runs in its answer's tier from now on."""
+        thinking_ms = state.tpot_seconds * 1000
+        state.end_thinking(output_tokens)
+        reason = (
+            f"thinking ended after {output_tokens} tokens: TPOT {thinking_ms:g} ms, "
+            f"then {state.tpot_seconds * 1000:g} ms for the answer"
+        )
+        self._notify_change(state, ANSWERING, reason)
+
     def _tag(self, request: Request) -> str | None:
         """The middleware's tag of the request, if notices go to a front end that waits for them."""
         xargs = request.sampling_params.extra_args if request.sampling_params else None
@@ -303,6 +315,8 @@ class SLOScheduler(RecordingScheduler):
             state = self.slo_states.get(request.request_id)
             if state is not None and request.num_output_tokens > state.output_tokens:
                 state.record_output(now, request.num_output_tokens)
+                if state.thinking and self.thinking_end.ended(request.output_token_ids):
+                    self._end_thinking(state, request.num_output_tokens)
 
     # ---- speculative decoding per tier ----
 

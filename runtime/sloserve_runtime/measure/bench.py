@@ -109,6 +109,8 @@ async def _stage_call(
         output_tokens=stage.output_tokens,
         ttft_target_ms=stage.slo.ttft_target_ms(zero_load_ms),
         tpot_target_ms=stage.slo.tpot_ms,
+        thinking_tpot_ms=stage.slo.thinking_tpot_ms,
+        program_due=None if program.deadline_s is None else run.start + program.arrival_s + program.deadline_s,
     )
     try:
         async with run.client.stream("POST", "/completions", json=body) as response:

@@ -149,7 +149,10 @@ def _completed(result: StageResult) -> bool:
 
 
 def _judged(result: StageResult) -> Outcome:
-    return judge(result.arrival, result.token_times, result.ttft_target_ms, result.tpot_target_ms)
+    return judge(
+        result.arrival, result.token_times, result.ttft_target_ms, result.tpot_target_ms,
+        thinking_tpot_ms=result.thinking_tpot_ms, thinking_tokens=result.thinking_tokens,
+    )  # fmt: skip
 
 
 def _good_for_goodput(result: StageResult, outcome: Outcome) -> bool:
@@ -159,9 +162,13 @@ def _good_for_goodput(result: StageResult, outcome: Outcome) -> bool:
 
 
 def _program_attainment(results: Sequence[StageResult], met: Sequence[bool]) -> float:
+    """Programs whose every call met its SLO and, with a deadline, whose calls all ended by it."""
     programs: dict[int, bool] = {}
     for result, call_met in zip(results, met, strict=True):
-        programs[result.program_id] = programs.get(result.program_id, True) and call_met
+        on_time = result.program_due is None or (
+            bool(result.token_times) and result.token_times[-1] <= result.program_due
+        )
+        programs[result.program_id] = programs.get(result.program_id, True) and call_met and on_time
     return _fraction(sum(programs.values()), len(programs))
 
 

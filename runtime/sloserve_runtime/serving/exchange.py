@@ -10,11 +10,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sloserve._reassemble import Reassembler
-from sloserve.slo import SLO, judge
+from sloserve.slo import SLO, ThinkingSpan, judge
 from sloserve_runtime.core.programs import ProgramCall
 from sloserve_runtime.core.slo_state import XARG_ADMISSION, slo_to_xargs
 from sloserve_runtime.core.step_time import StepTimeModel
-from sloserve_runtime.engine.notices import XARG_TAG, Notice
+from sloserve_runtime.engine.notices import ANSWERING, XARG_TAG, Notice
 from sloserve_runtime.serving import metrics as slo_metrics
 from sloserve_runtime.serving.requests import HEADER_TPOT, HEADER_TTFT
 
@@ -52,6 +52,7 @@ class Exchange:
         options = body.get("stream_options") or {}
         self.client_wants_usage = self.client_streams and bool(options.get("include_usage"))
         self.token_times: list[float] = []
+        self.thinking = ThinkingSpan()  # where a reasoning generation ends its thinking, in its stream
         self.reassembler = Reassembler()
         self.status = 200
         self.buffer = b""
@@ -87,9 +88,13 @@ class Exchange:
             return slo_metrics.UNKNOWN
         return slo_metrics.ADMITTED if decision.admitted else slo_metrics.BEST_EFFORT
 
+    def admission_changes(self) -> list[Notice]:
+        """What changed of its admission after arrival (a reasoning tier switch is not such a change)."""
+        return [notice for notice in self.changes if notice.change != ANSWERING]
+
     def count(self) -> None:
         """Count this completion in the Prometheus metrics, once it has ended."""
-        changes = [notice.change for notice in self.changes]
+        changes = [notice.change for notice in self.admission_changes()]
         if self.rejected or not self.token_times:
             slo_metrics.record(self.slo, self.admission(), None, None, changes)
             return
@@ -149,6 +154,7 @@ class Exchange:
         chunk = json.loads(data)
         if _carries_output(chunk):
             self.token_times.append(time.time())
+            self.thinking.add(*_delta_texts(chunk))
         self.reassembler.add(chunk)
         if not self.client_streams:
             return []
@@ -175,9 +181,12 @@ class Exchange:
     def outcome(self) -> dict[str, Any]:
         prompt_tokens = self.reassembler.prompt_tokens
         ttft_target = self.slo.ttft_target_ms(self.step_time.prefill_seconds(prompt_tokens) * 1000.0)
-        result = judge(self.arrival, self.token_times, ttft_target, self.slo.tpot_ms)
+        result = judge(
+            self.arrival, self.token_times, ttft_target, self.slo.tpot_ms,
+            thinking_tpot_ms=self.slo.thinking_tpot_ms, thinking_tokens=self.thinking.end,
+        )  # fmt: skip
         decision = self.decision()
-        return {
+        outcome = {
             "ttft_target_ms": None if ttft_target is None else round(ttft_target, 3),
             "ttft_slowdown": self.slo.ttft_slowdown,
             "tpot_target_ms": self.slo.tpot_ms,
@@ -185,8 +194,15 @@ class Exchange:
             "admission": None if decision is None else _ADMISSION_WORDS[decision.admitted],
             "admission_reason": None if decision is None else decision.reason,
             # After arrival, in the order they happened: promoted, demoted, preempted, and why.
-            "admission_changes": [{"change": notice.change, "reason": notice.reason} for notice in self.changes],
+            "admission_changes": [
+                {"change": notice.change, "reason": notice.reason} for notice in self.admission_changes()
+            ],
         }
+        if result.thinking is not None:
+            # When the engine moved it to its answer's tier, as the scheduler saw its tokens.
+            switched = [notice.reason for notice in self.changes if notice.change == ANSWERING]
+            outcome["thinking"]["engine"] = switched[0] if switched else None
+        return outcome
 
     async def _send_reassembled(self, send: Send) -> None:
         if self.reassembler.error is not None:
@@ -201,6 +217,14 @@ class Exchange:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+def _delta_texts(chunk: dict[str, Any]) -> tuple[str, str]:
+    """The chunk's answer text (content, a completion's text, a tool call) and its reasoning text."""
+    choice = (chunk.get("choices") or [{}])[0]
+    delta = choice.get("delta") or {}
+    content = choice.get("text") or delta.get("content") or str(delta.get("tool_calls") or "")
+    return content, delta.get("reasoning_content") or delta.get("reasoning") or ""
 
 
 def _carries_output(chunk: dict[str, Any]) -> bool:

@@ -15,6 +15,7 @@ from sloserve_runtime.core.slo_state import ADMISSION_MODES, BEST_EFFORT
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 HEADER_TTFT = "x-slo-ttft-ms"
 HEADER_TPOT = "x-slo-tpot-ms"
+HEADER_THINKING_TPOT = "x-slo-thinking-tpot-ms"  # a reasoning generation's TPOT while it thinks
 HEADER_ADMISSION = "x-slo-admission"
 # The program run a stage call belongs to (``request_program``); the body field is ``slo.program``.
 HEADER_PROGRAM = "x-slo-program"  # the run's id (a replicated endpoint also keeps a run on one replica)
@@ -31,7 +32,7 @@ ENV_DEFAULT_TPOT = "SLOSERVE_SLO_TPOT_MS"
 ENV_PROFILE = "SLOSERVE_PROFILE"
 ENV_ADMISSION = "SLOSERVE_ADMISSION"  # `sloserve serve --admission`: best-effort or reject
 ENV_NOTICES = "SLOSERVE_NOTICES"  # where the scheduler pushes admission notices (unset: none come)
-_BODY_FIELDS = {"ttft_ms", "tpot_ms", "admission", "program"}
+_BODY_FIELDS = {"ttft_ms", "tpot_ms", "thinking_tpot_ms", "admission", "program"}
 
 
 class BodyError(ValueError):
@@ -63,6 +64,7 @@ def request_slo(headers: dict[str, str], body: dict[str, Any]) -> SLO:
     """The SLO a request asks for (headers, then the body field); raises SLOError."""
     ttft_ms, ttft_slowdown = parse_ttft(headers.get(HEADER_TTFT), f"header {HEADER_TTFT}")
     tpot_ms = parse_tpot(headers.get(HEADER_TPOT), f"header {HEADER_TPOT}")
+    thinking_tpot_ms = parse_tpot(headers.get(HEADER_THINKING_TPOT), f"header {HEADER_THINKING_TPOT}")
     field = body.get("slo")
     if field is not None:
         if not isinstance(field, dict):
@@ -70,13 +72,17 @@ def request_slo(headers: dict[str, str], body: dict[str, Any]) -> SLO:
         unknown = sorted(set(field) - _BODY_FIELDS)
         if unknown:
             raise SLOError(
-                f"slo.{unknown[0]}", field[unknown[0]], "unknown field; use ttft_ms, tpot_ms, admission and program"
+                f"slo.{unknown[0]}",
+                field[unknown[0]],
+                "unknown field; use ttft_ms, tpot_ms, thinking_tpot_ms, admission and program",
             )
         if field.get("ttft_ms") is not None:
             ttft_ms, ttft_slowdown = parse_ttft(field["ttft_ms"], "slo.ttft_ms")
         if field.get("tpot_ms") is not None:
             tpot_ms = parse_tpot(field["tpot_ms"], "slo.tpot_ms")
-    return SLO(ttft_ms=ttft_ms, ttft_slowdown=ttft_slowdown, tpot_ms=tpot_ms)
+        if field.get("thinking_tpot_ms") is not None:
+            thinking_tpot_ms = parse_tpot(field["thinking_tpot_ms"], "slo.thinking_tpot_ms")
+    return SLO(ttft_ms=ttft_ms, ttft_slowdown=ttft_slowdown, tpot_ms=tpot_ms, thinking_tpot_ms=thinking_tpot_ms)
 
 
 def request_admission(headers: dict[str, str], body: dict[str, Any], default: str) -> str:

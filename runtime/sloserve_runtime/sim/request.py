@@ -28,6 +28,7 @@ class SimRequest:
     # preempted): what the prefix cache may hold for it.
     shared_prefix_tokens: int = 0
     frontend_out: float = 0.0  # seconds from the engine emitting a token to the client reading it
+    thinking_tokens: int = 0  # a reasoning generation ends its thinking with this output token (0: none)
 
     def live(self) -> LiveRequest:
         """The planner's view of this request."""
@@ -61,4 +62,7 @@ class SimRequest:
         client reads it ``frontend_out`` later (the planner's windows count the engine's time)."""
         self.result.token_times.append(now + self.frontend_out)
         self.num_tokens += 1
-        self.state.record_output(now, len(self.result.token_times))
+        count = len(self.result.token_times)
+        self.state.record_output(now, count)
+        if self.thinking_tokens and count == self.thinking_tokens:
+            self.state.end_thinking(count)  # as the engine's scheduler sees the end of the thinking

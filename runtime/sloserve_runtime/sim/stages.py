@@ -44,6 +44,9 @@ class StageCalls:
             ttft_target_ms=stage.slo.ttft_target_ms(zero_load_ms),
             tpot_target_ms=stage.slo.tpot_ms,
             error=self._rejection(stage.prompt_tokens, stage.output_tokens),
+            thinking_tpot_ms=stage.slo.thinking_tpot_ms,
+            thinking_tokens=stage.thinking_tokens or None,
+            program_due=None if program.deadline_s is None else program.arrival_s + program.deadline_s,
         )
         self._results[program_index].append(result)
         if result.error is not None:
@@ -57,6 +60,7 @@ class StageCalls:
         return SimRequest(
             program_index, stage_index, state, stage.output_tokens, result, stage.prompt_tokens,
             shared_prefix_tokens=stage.shared_prefix_tokens, frontend_out=self.config.frontend_out_seconds,
+            thinking_tokens=stage.thinking_tokens,
         )  # fmt: skip
 
     def next_stage(self, request: SimRequest, finished_at: float) -> tuple[float, int] | None:

@@ -27,6 +27,9 @@ class StageSpec:
     # Sent together with the call before it (a fan-out, as ``asyncio.gather`` sends its calls): the
     # next call that is not waits until every call of the group has ended (the join).
     parallel: bool = False
+    # Of its output, the tokens it thinks before it answers (a reasoning generation whose SLO has
+    # a thinking TPOT); 0: none.
+    thinking_tokens: int = 0
 
 
 def call_groups(stages: tuple[StageSpec, ...]) -> list[range]:
@@ -68,6 +71,9 @@ class StageResult:
     admission: str | None = None  # the scheduler's admission decision, where it reports one
     best_effort: bool = False  # not admitted: served from leftover budget
     request_id: str | None = None  # the server's id for the call (the stream's "id"), where there is one
+    thinking_tpot_ms: float | None = None  # a reasoning generation's TPOT while it thinks
+    thinking_tokens: int | None = None  # its tokens through the end of its thinking, where known
+    program_due: float | None = None  # when its whole program is due (same clock as token_times)
 
 
 def program_call(program: ProgramSpec, stage_index: int, run_id: str, arrival: float) -> ProgramCall | None:

@@ -1,8 +1,8 @@
 """The benchmark scenarios of SLOs-Serve as data files, and loading them by name.
 
 >>> trace = load_scenario("reasoning").trace(rate=2.0, num_programs=100, seed=0)
->>> [stage.name for stage in trace[0].stages]
-['think', 'answer']
+>>> [(stage.name, stage.thinking_tokens > 0) for stage in trace[0].stages]
+[('reason', True)]
 """
 
 from __future__ import annotations

@@ -56,9 +56,15 @@ class StageClass(_Spec):
 
     name: str = Field(description="stage name recorded in each StageSpec, e.g. 'think'")
     prompt: LogNormal = Field(description="prompt tokens this call adds to the program's context")
-    output: LogNormal = Field(description="tokens the call generates")
+    output: LogNormal = Field(description="tokens the call generates (a reasoning call: its answer's)")
+    thinking: LogNormal | None = Field(
+        None, description="a reasoning call: the tokens it thinks before its answer, in the same generation"
+    )
     ttft: str | float = Field(description="TTFT target: a slowdown like '3x' or ms like '300ms'")
     tpot: str | float | None = Field(None, description="TPOT target in ms, e.g. '50ms'; unset: none")
+    thinking_tpot: str | float | None = Field(
+        None, description="a reasoning call's TPOT target while it thinks; the answer's is tpot"
+    )
     delay_s: NonNegativeFloat | LogNormal = Field(
         0.0, description="wait before the call (a tool's run time); a program's first call never waits"
     )
@@ -77,18 +83,26 @@ class StageClass(_Spec):
         parse_ttft(value)
         return value
 
-    @field_validator("tpot")
+    @field_validator("tpot", "thinking_tpot")
     @classmethod
     def _tpot_parses(cls, value: str | float | None) -> str | float | None:
         parse_tpot(value)
         return value
 
+    @model_validator(mode="after")
+    def _thinking_has_its_tpot(self) -> StageClass:
+        if (self.thinking is None) != (self.thinking_tpot is None):
+            raise ValueError("a reasoning stage gives both thinking (its lengths) and thinking_tpot, or neither")
+        return self
+
     def slo(self, slo_scale: float) -> SLO:
         """The stage's SLO with its targets in ms stretched by ``slo_scale``; a TTFT slowdown stays,
         since it is already relative to the profile's own prefill time."""
-        slo = SLO.parse(self.ttft, self.tpot)
+        slo = SLO.parse(self.ttft, self.tpot, self.thinking_tpot)
         scaled = {
-            name: getattr(slo, name) * slo_scale for name in ("ttft_ms", "tpot_ms") if getattr(slo, name) is not None
+            name: getattr(slo, name) * slo_scale
+            for name in ("ttft_ms", "tpot_ms", "thinking_tpot_ms")
+            if getattr(slo, name) is not None
         }
         return dataclasses.replace(slo, **scaled)
 
@@ -123,14 +137,29 @@ class ProgramClass(_Spec):
                 for branch in range(stage.branches(rng)):
                     prompt = context + stage.prompt.tokens(rng, length_scale)
                     output = stage.output.tokens(rng, length_scale)
+                    thinking = 0 if stage.thinking is None else stage.thinking.tokens(rng, length_scale)
                     if max_model_len is not None:
-                        prompt, output = _fit(prompt, output, max_model_len)
+                        answer = output
+                        prompt, output = _fit(prompt, thinking + answer, max_model_len)
+                        thinking = min(thinking * output // (thinking + answer), output - 1) if thinking else 0
+                        output = output if thinking else min(output, answer)
+                    else:
+                        output += thinking
                     if branch == 0:  # the first call starts when the program arrives; a group's calls go at once
                         delay = stage.delay(rng) if calls else 0.0
                     # The context leads the prompt; a fitted prompt may keep only part of it.
                     shared = min(context, prompt)
                     calls.append(
-                        StageSpec(stage.name, prompt, output, stage.slo(slo_scale), delay, shared, parallel=branch > 0)
+                        StageSpec(
+                            stage.name,
+                            prompt,
+                            output,
+                            stage.slo(slo_scale),
+                            delay,
+                            shared,
+                            parallel=branch > 0,
+                            thinking_tokens=thinking,
+                        )  # fmt: skip
                     )
                     read += prompt - shared + output
                 # The next call reads them all (one call: its prompt and output, as they were fitted).
