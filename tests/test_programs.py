@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -268,3 +269,29 @@ def test_a_reasoning_generation_moves_to_its_answer_tier_when_its_thinking_ends(
 
     summary = summarize([result], max(result.token_times))
     assert summary.attainment == 1.0
+
+
+def test_the_engine_switches_a_reasoning_generation_to_its_answer_tier(engine):
+    """On the real engine: the default model held to a thinking span in tags; the scheduler moves
+    the generation to its answer's tier where the stream shows the thinking ended, and the
+    response judges both phases."""
+    import openai
+
+    client = openai.OpenAI(base_url=engine.base_url, api_key="unused")
+    response = client.chat.completions.create(
+        model=engine.model, messages=[{"role": "user", "content": "Why is the sky blue?"}], max_tokens=100,
+        temperature=0,
+        extra_body={"slo": {"ttft_ms": "30s", "thinking_tpot_ms": 900, "tpot_ms": 1500},
+                    "structured_outputs": {"regex": r"<think>[a-z ,.]{20,120}</think>[A-Za-z ,.]{8,80}"}},
+    )  # fmt: skip
+    outcome = response.model_extra["slo"]
+    thinking, answer = outcome["thinking"], outcome["answer"]
+    assert "</think>" in response.choices[0].message.content
+    assert thinking["tokens"] > 0 and answer["tokens"] > 0
+    assert (thinking["tpot_target_ms"], answer["tpot_target_ms"]) == (900, 1500)
+    switched = re.match(r"thinking ended after (\d+) tokens: TPOT 900 ms, then 1500 ms", thinking["engine"])
+    assert switched, thinking["engine"]
+    # The engine saw the end one step after the stream did at most (the marker's last token).
+    assert abs(int(switched[1]) - thinking["tokens"]) <= 1
+    assert outcome["met"] == (outcome["ttft_met"] and thinking["tpot_met"] and answer["tpot_met"])
+    assert outcome["admission_changes"] == []  # a tier switch is not a change of admission

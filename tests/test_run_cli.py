@@ -16,7 +16,7 @@ def engine_processes() -> set[int]:
 
 @pytest.mark.parametrize(
     ("app", "stages", "title"),
-    [("examples/reasoning/app.py", ("think", "answer"), "reasoning: solve"),
+    [("examples/reasoning/app.py", ("reason",), "reasoning: solve"),
      ("examples/agents/app.py", ("act", "respond"), "agents: agent")],
 )  # fmt: skip
 def test_run_prints_results_and_stage_table(engine, app, stages, title):

@@ -15,7 +15,7 @@ app = App("reasoning")
 THINK_THEN_ANSWER = r"<think>[A-Za-z0-9 ,.']{40,240}</think>[A-Za-z0-9 ,.']{8,160}"
 
 
-@stage(ttft="3x", thinking_tpot="150ms", tpot="300ms", max_tokens=160)
+@stage(ttft="2s", thinking_tpot="150ms", tpot="300ms", max_tokens=160)
 async def reason(llm, question: str) -> str:
     """Thinking streams to the user as it is produced (tight TPOT); the answer after it may be slower."""
     messages = [

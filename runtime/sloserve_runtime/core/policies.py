@@ -169,6 +169,7 @@ class PlannerPolicy(DeadlinePolicy):
     # Program runs are admitted as a whole at their first stage, and their later stages keep
     # their places (``admit``); False: every stage call is decided alone, as a flat request.
     program_aware = True
+    hold_context = True  # a program run's context KV is held between its calls (``finished``)
 
     def __init__(
         self, step_time: StepTimeModel, max_budget: int, max_spec_length: int = 1, calibrate: bool = False
@@ -233,7 +234,7 @@ class PlannerPolicy(DeadlinePolicy):
                 True, f"admitted: call {run.calls} of program run {call.run_id}, admitted at its first stage"
             )
         future = tightest(expected) if expected else None
-        decision = self.planner.admit(now, new, live, future)
+        decision = self.planner.admit(now, new, live, future, self._reserved_decodes())
         if decision.admitted:
             decision = self._kv_fits(new, live, expected)
         deadline = call.deadline(now if run is None else run.first_arrival)
@@ -250,6 +251,11 @@ class PlannerPolicy(DeadlinePolicy):
         elif decision.admitted:  # a run left best effort whose later call fits now: kept from here on
             book.promoted(call)
         return decision
+
+    def _reserved_decodes(self) -> tuple[frozenset[float], int, int]:
+        """The decodes the admitted runs between stages will bring back: (tiers, count, context)."""
+        book = self.programs
+        return frozenset(book.reserved_tiers), book.reserved_calls, book.reserved_kv
 
     def _kv_fits(self, new: LiveRequest, live: Sequence[LiveRequest], expected: tuple) -> Decision:
         """The KV every admitted run will hold at once fits the engine: the admitted calls grown by
@@ -279,7 +285,7 @@ class PlannerPolicy(DeadlinePolicy):
     def finished(self, state: SLORequestState, now: float) -> bool:
         if state.program is None or not self.program_aware:
             return False
-        return self.programs.finish(state.program, now, state.output_tokens)
+        return self.programs.finish(state.program, now, state.output_tokens) and self.hold_context
 
     def released_holds(self, now: float) -> list[str]:
         return self.programs.released(now) if self.program_aware else []
@@ -335,6 +341,13 @@ class StageLevelPolicy(PlannerPolicy):
 
     name = "sloserve-stage"
     program_aware = False
+
+
+class NoHoldPolicy(PlannerPolicy):
+    """sloserve-nohold: the program-aware planner without holding a run's context between its calls (an ablation)."""
+
+    name = "sloserve-nohold"
+    hold_context = False
 
 
 class ArrivalAdmissionPolicy(PlannerPolicy):
@@ -413,6 +426,7 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {
     for policy in (
         PlannerPolicy,
         StageLevelPolicy,
+        NoHoldPolicy,
         ArrivalAdmissionPolicy,
         StepBoundPolicy,
         KeepAdmittedPolicy,

@@ -10,7 +10,7 @@ reads) its context's KV is held and the KV its next stage needs is reserved
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -171,6 +171,7 @@ class RunState:
     # kept until it times out all the same: a later call of it is still a later stage.
     expected: tuple[ExpectedStage, ...] = ()
     reserved_tokens: int = 0  # KV kept for its next call while it waits between stages (``reserved_kv``)
+    reserved_tpot: float | None = None  # the tightest TPOT of its calls to come, while it waits
     held: bool = False  # its context's KV was held between calls: the engine frees what is left at its end
 
 
@@ -189,6 +190,8 @@ class ProgramBook:
         self.runs: OrderedDict[str, RunState] = OrderedDict()
         self.stats: dict[tuple[str, str], StageStats] = {}
         self.reserved_kv = 0  # KV tokens the admitted runs between stages will need for their next call
+        # Their next calls' TPOTs (seconds), as a multiset: the decodes they will bring back.
+        self.reserved_tiers: Counter[float] = Counter()
         self._ended_holds: list[str] = []  # runs whose hold ended, for the engine to free
 
     def __len__(self) -> int:
@@ -301,7 +304,9 @@ class ProgramBook:
         run.expected = tuple(self._refreshed(call.name, stage) for stage in run.expected)
         upcoming = max(run.expected, key=lambda stage: stage.context)
         run.reserved_tokens = upcoming.context
+        run.reserved_tpot = min(stage.tpot_seconds for stage in run.expected)
         self.reserved_kv += run.reserved_tokens
+        self.reserved_tiers[run.reserved_tpot] += 1
         run.held = True
         return True
 
@@ -336,8 +341,17 @@ class ProgramBook:
             self._ended_holds.append(run_id)
 
     def _unreserve(self, run: RunState) -> None:
+        if run.reserved_tpot is not None:
+            self.reserved_tiers[run.reserved_tpot] -= 1
+            if not self.reserved_tiers[run.reserved_tpot]:
+                del self.reserved_tiers[run.reserved_tpot]
         self.reserved_kv -= run.reserved_tokens
-        run.reserved_tokens = 0
+        run.reserved_tokens, run.reserved_tpot = 0, None
+
+    @property
+    def reserved_calls(self) -> int:
+        """The admitted runs between stages: each will bring a call back."""
+        return sum(self.reserved_tiers.values())
 
 
 def tightest(stages: Sequence[ExpectedStage]) -> tuple[float, int]:

@@ -84,6 +84,9 @@ class Summary:
     best_effort: int = 0
     best_effort_completed: int = 0
     by_stage: dict[str, StageSummary] = field(default_factory=dict)  # keyed "kind/stage"
+    # Wasted work: the share of the tokens sent and generated (prompts and outputs) that belonged
+    # to programs that missed anyway.
+    wasted_work: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +121,7 @@ def summarize(results: Sequence[StageResult], duration_s: float) -> Summary:
         best_effort=sum(result.best_effort for result in results),
         best_effort_completed=sum(result.best_effort and _completed(result) for result in results),
         by_stage=_by_stage(results, outcomes),
+        wasted_work=_wasted_work(results, met),
     )
 
 
@@ -161,15 +165,27 @@ def _good_for_goodput(result: StageResult, outcome: Outcome) -> bool:
     return outcome.ttft_met and mean_tpot_ok
 
 
-def _program_attainment(results: Sequence[StageResult], met: Sequence[bool]) -> float:
-    """Programs whose every call met its SLO and, with a deadline, whose calls all ended by it."""
+def _program_outcomes(results: Sequence[StageResult], met: Sequence[bool]) -> dict[int, bool]:
+    """Per program: every call met its SLO and, with a deadline, all of them ended by it."""
     programs: dict[int, bool] = {}
     for result, call_met in zip(results, met, strict=True):
         on_time = result.program_due is None or (
             bool(result.token_times) and result.token_times[-1] <= result.program_due
         )
         programs[result.program_id] = programs.get(result.program_id, True) and call_met and on_time
+    return programs
+
+
+def _program_attainment(results: Sequence[StageResult], met: Sequence[bool]) -> float:
+    programs = _program_outcomes(results, met)
     return _fraction(sum(programs.values()), len(programs))
+
+
+def _wasted_work(results: Sequence[StageResult], met: Sequence[bool]) -> float:
+    """The share of prompt and output tokens that went to programs that missed their objectives."""
+    kept = _program_outcomes(results, met)
+    tokens = [result.prompt_tokens + len(result.token_times) for result in results]
+    return _fraction(sum(t for t, r in zip(tokens, results, strict=True) if not kept[r.program_id]), sum(tokens))
 
 
 def _by_kind(results: Sequence[StageResult], met: Sequence[bool]) -> dict[str, KindSummary]:

@@ -24,7 +24,8 @@ def _summary_row(summary: Summary) -> list[str]:
         return "-" if value is None else f"{value:.0f}"
 
     return [
-        f"{100 * summary.program_attainment:.1f}%", f"{100 * summary.attainment:.1f}%",
+        f"{100 * summary.program_attainment:.1f}%", f"{100 * summary.wasted_work:.0f}%",
+        f"{100 * summary.attainment:.1f}%",
         f"{summary.goodput_rps:.2f}", ms(summary.ttft_ms.p50), ms(summary.ttft_ms.p90), ms(summary.ttft_ms.p99),
         ms(summary.tpot_ms.p50), ms(summary.tpot_ms.p90), f"{summary.output_throughput_tps:.0f}",
         "-" if summary.admitted_attainment is None else f"{100 * summary.admitted_attainment:.1f}%",
@@ -33,7 +34,7 @@ def _summary_row(summary: Summary) -> list[str]:
 
 
 SUMMARY_COLUMNS = (
-    "attain", "req attain", "goodput/s", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p90", "tok/s",
+    "attain", "wasted", "req attain", "goodput/s", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p90", "tok/s",
     "admitted attain", "best effort done",
 )  # fmt: skip
 
@@ -85,6 +86,7 @@ def json_entry(scenario: str, label: str, measurement: Measurement, detailed: bo
         "rate": rate,
         "attainment": summary.program_attainment,
         "request_attainment": summary.attainment,
+        "wasted_work": summary.wasted_work,
         "capacity_rps": measurement.capacity_rps,
         "replicas": measurement.replicas,
         "router": measurement.router,

@@ -41,6 +41,12 @@ class _Decoders(NamedTuple):
     def plus(self, r: LiveRequest) -> _Decoders:
         return _Decoders(self.tiers | {r.state.tpot_seconds}, self.count + 1, self.context + r.context + r.to_compute)
 
+    def reserving(self, tiers: frozenset[float], count: int, context: int) -> _Decoders:
+        """With the decodes that admitted program runs between stages will bring back."""
+        if not count:
+            return self
+        return _Decoders(self.tiers | tiers, self.count + count, self.context + context)
+
     def growing(self, r: LiveRequest, future: tuple[float, int] | None) -> _Decoders:
         """With ``r`` holding its place through its program's later stages (``future``: their
         tightest TPOT and most context), where it is a program's first stage."""
@@ -74,14 +80,20 @@ class Admission(Forecast):
         new: LiveRequest,
         live: Sequence[LiveRequest],
         future: tuple[float, int] | None = None,
+        reserved: tuple[frozenset[float], int, int] | None = None,
     ) -> Decision:
         """Whether ``new`` can join the admitted requests in ``live`` without breaking any promise.
 
         ``future``: where ``new`` is a program's first stage, the tightest TPOT and most context of
-        the stages its run is expected to call after it, in the place it takes now.
+        the stages its run is expected to call after it, in the place it takes now. ``reserved``:
+        the decodes (tiers, count, context) that admitted program runs between stages will bring
+        back, counted in the decode check beside those in the engine.
         """
         admitted = [r for r in live if not r.state.best_effort and r.state is not new.state]
-        return self._check(now, new, admitted, future=future)
+        decoders = _Decoders.of(admitted)
+        if reserved is not None:
+            decoders = decoders.reserving(*reserved)
+        return self._check(now, new, admitted, decoders, future=future)
 
     def _check(
         self,
