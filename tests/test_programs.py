@@ -295,3 +295,17 @@ def test_the_engine_switches_a_reasoning_generation_to_its_answer_tier(engine):
     assert abs(int(switched[1]) - thinking["tokens"]) <= 1
     assert outcome["met"] == (outcome["ttft_met"] and thinking["tpot_met"] and answer["tpot_met"])
     assert outcome["admission_changes"] == []  # a tier switch is not a change of admission
+
+
+def test_wasted_work_counts_the_tokens_of_programs_that_missed():
+    from sloserve_runtime.measure.summary import summarize
+    from sloserve_runtime.workload.programs import StageResult
+
+    def call(program: int, first_token: float) -> StageResult:
+        times = [first_token + 0.01 * k for k in range(10)]
+        return StageResult(program, "agent", "act", 0.0, times, 90, 10, ttft_target_ms=500, tpot_target_ms=50)
+
+    met, missed = [call(0, 0.1), call(0, 0.2)], [call(1, 0.1), call(1, 0.9)]  # 0.9 s: its TTFT missed
+    summary = summarize([*met, *missed], 2.0)
+    assert summary.program_attainment == 0.5
+    assert summary.wasted_work == pytest.approx(0.5)  # both of program 1's calls: half of all tokens

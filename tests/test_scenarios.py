@@ -174,3 +174,21 @@ def test_invalid_trace_arguments_are_rejected():
         scenario.trace(rate=0.0, num_programs=10)
     with pytest.raises(ValueError, match="max_model_len=1"):
         scenario.trace(rate=1.0, num_programs=10, max_model_len=1)
+
+
+def test_an_apps_own_scenario_file_loads_by_its_path(tmp_path):
+    path = tmp_path / "my-agent.yaml"
+    path.write_text(
+        "name: my-agent\ndescription: an app's own workload\nlengths_source: recorded from its runs\n"
+        "classes:\n  - name: agent\n    stages:\n"
+        "      - {name: act, prompt: {mean: 300, std: 50}, output: {mean: 40, std: 10}, ttft: 1s, tpot: 150ms,"
+        " repeat: {2: 1}}\n"
+        "      - {name: respond, prompt: {mean: 100, std: 10}, output: {mean: 60, std: 10}, ttft: 5x, tpot: 300ms}\n"
+    )
+    trace = load_scenario(str(path)).trace(rate=1.0, num_programs=5)
+    assert [stage.name for stage in trace[0].stages] == ["act", "act", "respond"]
+    with pytest.raises(ValueError, match="No such file"):
+        load_scenario(str(tmp_path / "missing.yaml"))
+    (tmp_path / "bad.yaml").write_text("classes: 3\n")
+    with pytest.raises(ValueError, match="classes must be a list"):
+        load_scenario(str(tmp_path / "bad.yaml"))

@@ -1,4 +1,10 @@
-"""Agents: a tool-calling loop with a tight TTFT, then a final answer that may be slower."""
+"""Agents: a tool-calling loop with a tight TTFT, then a final answer that may be slower.
+
+Each ``act`` turn's tool call streams as text held to the tools' schemas, so its TTFT and TPOT
+are those of the call the agent waits for (``LLM.tool_turn``). Every call tells the server its
+run: the run is admitted as a whole at its first turn, its later turns by right, and its
+context stays cached between turns.
+"""
 
 from sloserve import App, stage
 from tools import calculate, search
@@ -31,6 +37,7 @@ async def respond(llm, messages: list[dict]) -> str:
 @app.program(
     examples=["How tall is the Eiffel Tower, doubled?", "How far away is the Moon?"],
     graph={act: [], respond: [act]},
+    deadline="15s",  # the whole run, end to end
 )
 async def agent(question: str) -> str:
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]

@@ -22,7 +22,9 @@ from sloserve_runtime.workload.scenarios import Scenario as ScenarioSpec
 console = Console(width=None if sys.stdout.isatty() else 200)
 ENGINE_PROFILE = engine_profile().stem  # what `sloserve serve` plans with on this CPU
 
-Scenario = Annotated[str, typer.Option(help=f"One of {', '.join(SCENARIO_NAMES)}.")]
+Scenario = Annotated[
+    str, typer.Option(help=f"One of {', '.join(SCENARIO_NAMES)}, or the path of a scenario file (.yaml).")
+]
 Rate = Annotated[float | None, typer.Option(help="Programs per second.")]
 Rates = Annotated[str | None, typer.Option(help="A sweep: comma-separated rates.")]
 Capacity = Annotated[bool, typer.Option(help="Search the highest rate with >= 90 % attainment.")]

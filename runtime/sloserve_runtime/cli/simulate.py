@@ -61,7 +61,9 @@ def _scheduler_names(value: str) -> list[str]:
 
 
 def simulate_command(
-    scenario: Annotated[str, typer.Option(help=f"One of {', '.join(SCENARIO_NAMES)}, or all.")] = "all",
+    scenario: Annotated[
+        str, typer.Option(help=f"One of {', '.join(SCENARIO_NAMES)}, all, or the path of a scenario file (.yaml).")
+    ] = "all",
     profile: Annotated[
         str, typer.Option(help="A profile JSON, or a bundled profile's name (default: this CPU's engine).")
     ] = ENGINE_PROFILE,

@@ -215,11 +215,12 @@ class PlannerPolicy(DeadlinePolicy):
     def _admit_stage(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:
         """A stage call of a program run: its run is decided at its first stage, as a whole.
 
-        A later stage of an admitted run is admitted by right, ahead of any new run (the place it
-        needs was reserved while its run waited); one of a run left best effort stays best effort.
-        A first stage is admitted only if, beside every promise and every reserved place, its
-        decode fits with the place its run's later stages will need, and the run's expected work
-        at its stages' pace ends by the program's deadline.
+        A later stage of an admitted run is admitted by right, ahead of any new run (its decode
+        and KV were reserved while its run waited). A first stage is admitted only if, beside
+        every promise and every reserved decode and KV, its decode fits with the place its run's
+        later stages will need, the KV of all admitted runs fits the engine, and the run's
+        expected work at its stages' pace ends by the program's deadline. A later stage of a run
+        left best effort is weighed as a first stage: if it fits, the run is kept from then on.
         """
         state, book = new.state, self.programs
         call = state.program

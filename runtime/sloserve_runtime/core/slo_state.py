@@ -182,10 +182,9 @@ class SLORequestState:
         """Deadline of the next token, given how many output tokens exist already."""
         return self.token_deadline(output_tokens)
 
-    def waiting_key(self) -> tuple[bool, bool, float, float]:
-        """Sort key among waiting requests: admitted first, the later stages of admitted program runs
-        first among them, then earliest first-token deadline, then arrival."""
-        return (self.best_effort, not self.continues_run, self.first_token_deadline, self.arrival)
+    def waiting_key(self) -> tuple[bool, float, float]:
+        """Sort key among waiting requests: admitted first, earliest first-token deadline, then arrival."""
+        return (self.best_effort, self.first_token_deadline, self.arrival)
 
     def running_key(self, output_tokens: int) -> tuple[bool, float, float, float]:
         """Sort key among running requests: admitted first, tightest next deadline, tightest TPOT."""

@@ -64,12 +64,11 @@ def best_effort_of(live: Sequence[LiveRequest]) -> list[LiveRequest]:
     return [r for r in live if r.state.best_effort]
 
 
-def prefill_order(r: LiveRequest) -> tuple[bool, bool, float, float]:
+def prefill_order(r: LiveRequest) -> tuple[bool, float, float]:
     """The forward simulation's prefill order: those under way first (vLLM serves running requests
     before waiting ones), then by first-token deadline. A waiting request whose prefix the cache
     holds has that much context, but is not under way."""
-    state = r.state
-    return (r.context <= state.cached_tokens, not state.continues_run, state.first_token_deadline, state.arrival)
+    return (r.context <= r.state.cached_tokens, r.state.first_token_deadline, r.state.arrival)
 
 
 class Running(NamedTuple):

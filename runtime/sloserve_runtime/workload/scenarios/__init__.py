@@ -45,19 +45,34 @@ class _Include(BaseModel):
 
 
 def load_scenario(name: str) -> Scenario:
-    """The scenario ``name`` (one of ``SCENARIO_NAMES``), validated, with included classes resolved."""
+    """The scenario ``name`` (one of ``SCENARIO_NAMES``, or the path of a scenario file of the
+    same schema: an app's own workload), validated, with included classes resolved."""
     return Scenario.model_validate(_resolved(name, ()))
 
 
 def _resolved(name: str, including: tuple[str, ...]) -> dict[str, Any]:
-    if name not in SCENARIO_NAMES:
-        raise ValueError(f"unknown scenario {name!r}; available: {', '.join(SCENARIO_NAMES)}")
     if name in including:
         raise ValueError(f"scenario {name!r} includes itself via {' -> '.join(including)}")
-    data = yaml.safe_load((SCENARIOS_DIR / f"{name}.yaml").read_text())
-    if data.get("name") != name:
-        raise ValueError(f"{name}.yaml names itself {data.get('name')!r}")
+    if name in SCENARIO_NAMES:
+        data = yaml.safe_load((SCENARIOS_DIR / f"{name}.yaml").read_text())
+        if data.get("name") != name:
+            raise ValueError(f"{name}.yaml names itself {data.get('name')!r}")
+    elif Path(name).suffix in (".yaml", ".yml") or Path(name).is_file():
+        try:
+            data = yaml.safe_load(Path(name).read_text())
+        except OSError as exc:
+            raise ValueError(f"scenario file {name}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"scenario file {name} is not YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"scenario file {name}: expected a mapping with name, description, classes")
+    else:
+        raise ValueError(
+            f"unknown scenario {name!r}; available: {', '.join(SCENARIO_NAMES)}, or the path of a .yaml scenario file"
+        )
     classes: list[Any] = []
+    if not isinstance(data.get("classes", []), list):
+        raise ValueError(f"scenario {name}: classes must be a list of program classes")
     for entry in data.get("classes", []):
         if "include" not in entry:
             classes.append(entry)
