@@ -57,17 +57,19 @@ def test_an_admitted_runs_next_stage_keeps_the_place_a_new_run_would_take():
     assert blind.admit(1.1, call("B", "act", 700, now=1.1, remaining=("act",)), []).admitted
 
 
-def test_a_later_stage_goes_before_new_runs_first_stages_in_the_queue():
+def test_a_later_stage_of_an_admitted_run_is_admitted_by_right():
+    """Its run was promised at its first stage: a later call is admitted even where a call judged
+    alone would not be (here its first token cannot come within 1 ms)."""
     policy = make_policy("sloserve", MODEL, 512)
-    policy.admit(0.0, call("A", "act", 100, now=0.0), [])
+    assert policy.admit(0.0, call("A", "act", 100, now=0.0), []).admitted
     policy.finished(call("A", "act", 100, now=0.0).state, 0.5)
-    newcomer = call("B", "act", 100, now=0.6)
-    policy.admit(0.6, newcomer, [])
-    later = call("A", "act", 100, now=0.7)  # its first-token deadline is after the newcomer's
-    policy.admit(0.7, later, [newcomer])
-    assert later.state.first_token_deadline > newcomer.state.first_token_deadline
-    queue = sorted([newcomer.state, later.state], key=policy.waiting_key)
-    assert queue == [later.state, newcomer.state]
+    tight = SLO(ttft_ms=1, tpot_ms=200)
+    program = ProgramCall("A", "agent", "act")
+    later = LiveRequest(SLORequestState.create("A/act/2", tight, 0.6, 400, MODEL, program), 400, 0)
+    assert policy.admit(0.6, later, []).admitted and later.state.continues_run
+    alone = LiveRequest(SLORequestState.create("alone", tight, 0.6, 400, MODEL), 400, 0)
+    assert not policy.admit(0.6, alone, []).admitted
+    assert policy.midway(later.state) and not policy.midway(alone.state)  # never refused midway
 
 
 @pytest.fixture(scope="module")
