@@ -125,28 +125,28 @@ def test_graph_gives_the_stages_to_come_and_the_book_their_expected_work():
         book.arrive(program, now, CallShape(prompt, prompt, 0.5, tpot))
         if name == "plan":
             book.decided(program, True, now, ())
-        book.finish(program, now + 1.0, output)
+        book.finish(program, now + 1.0, output, arrival=now)  # each call took 1 s
         now += 1.5
     first = ProgramCall("next", "graph-test", "plan", remaining=agent.remaining_after("plan"))
     expected = book.expected(first, CallShape(200, 200, 0.5, 0.05), {})
     assert [(s.name, s.prompt_tokens, s.output_tokens, s.tpot_seconds) for s in expected] == [
         ("act", 400, 30, 0.05), ("respond", 600, 120, 0.1),
     ]  # fmt: skip
-    assert all(s.seen == 1 and s.gap_seconds == pytest.approx(0.5) for s in expected)
-    seconds = expected_seconds(expected, MODEL.prefill_seconds)
-    assert seconds == pytest.approx(
-        2 * 0.5 + MODEL.prefill_seconds(400) + MODEL.prefill_seconds(600) + 30 * 0.05 + 120 * 0.1
-    )
+    assert all(s.seen == 1 and s.gap_seconds == pytest.approx(0.5) and s.seconds == 1.0 for s in expected)
+    assert expected_seconds(expected) == pytest.approx(2 * (0.5 + 1.0))
+    assert expected_seconds(book.expected(ProgramCall("x", "graph-test", "plan", remaining=("unseen",)),
+                                          CallShape(200, 200, 0.5, 0.05), {})) is None  # fmt: skip
 
 
 def test_a_run_that_cannot_end_by_its_deadline_is_refused_at_its_first_stage():
     policy = make_policy("sloserve", MODEL, 512)
-    # An earlier run teaches that two more calls of 100 tokens at 200 ms a token follow.
-    policy.admit(0.0, call("A", "act", 100, now=0.0, remaining=("act", "act")), [])
+    # Before any call of the stage has ended, the deadline is not judged on a guess.
+    assert policy.admit(0.0, call("A", "act", 100, now=0.0, remaining=("act", "act"), deadline_s=0.5), []).admitted
     done = call("A", "act", 100, now=0.0, remaining=("act", "act")).state
     done.output_tokens = 100
-    policy.finished(done, 1.0)
-    assert not policy.admit(2.0, call("B", "act", 100, now=2.0, remaining=("act", "act"), deadline_s=10.0), []).admitted
+    policy.finished(done, 1.0)  # an act call takes 1 s: two more take 2 s
+    late = policy.admit(2.0, call("B", "act", 100, now=2.0, remaining=("act", "act"), deadline_s=1.5), [])
+    assert not late.admitted and late.reason.startswith("program deadline"), late.reason
     assert policy.admit(2.0, call("C", "act", 100, now=2.0, remaining=("act", "act"), deadline_s=60.0), []).admitted
 
 

@@ -103,3 +103,26 @@ def test_app_registers_tools_by_name():
     app = App("t")
     app.tool(calculate)
     assert list(app.tools) == ["calculate"]
+
+
+def test_a_tool_turns_calls_stream_as_text_held_to_the_tools_schemas():
+    from sloserve.tools import calls_schema, parse_calls
+
+    def search(query: str) -> str:
+        """Search."""
+        return query
+
+    def calculate(expression: str) -> str:
+        """Calculate."""
+        return expression
+
+    tools = [Tool.from_function(search), Tool.from_function(calculate)]
+    schema = calls_schema(tools)
+    assert schema["type"] == "array" and schema["minItems"] == 1
+    names = [choice["properties"]["name"]["enum"] for choice in schema["items"]["anyOf"]]
+    assert names == [["search"], ["calculate"]]
+    calls = parse_calls('[{"name": "search", "parameters": {"query": "moon"}}, {"name": "calculate", "parameters": {}}]')
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("call_0", "search", '{"query": "moon"}'), ("call_1", "calculate", "{}"),
+    ]  # fmt: skip
+    assert parse_calls("not json") == [] and parse_calls('{"name": "search"}') == []

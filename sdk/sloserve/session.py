@@ -111,14 +111,9 @@ class LLM:
         # which is what the agent waits for. (With vLLM's required tool choice nothing streams
         # until its parser has the function's name, and the client would judge a later token.)
         extra_body = {**(params.pop("extra_body", None) or {}), "structured_outputs": {"json": calls_schema(tools)}}
-        message = await self.complete(
-            messages,
-            tools=[tool.openai_schema() for tool in tools],
-            tool_choice="none",
-            extra_body=extra_body,
-            **params,
-        )
-        calls = message.get("tool_calls") or parse_calls(message.get("content") or "")
+        params = {**params, "tools": [tool.openai_schema() for tool in tools], "tool_choice": "none"}
+        message = await self._send(messages, {**params, "extra_body": extra_body}, calls=True)
+        calls = message.get("tool_calls") or []
         messages.append({"role": "assistant", "content": message.get("content") or "", "tool_calls": calls})
         results = []
         for call in calls:
@@ -131,6 +126,13 @@ class LLM:
 
     async def complete(self, messages: list[dict[str, Any]], **params: Any) -> dict[str, Any]:
         """Send one streamed chat request; return the assembled assistant message as a dict."""
+        return await self._send(messages, params)
+
+    async def _send(
+        self, messages: list[dict[str, Any]], params: dict[str, Any], calls: bool = False
+    ) -> dict[str, Any]:
+        """One streamed request, measured and recorded. ``calls``: the reply is a tool turn's calls
+        written as text (``tool_turn``), returned as the message's ``tool_calls``."""
         if self.stage.max_tokens is not None:
             params.setdefault("max_tokens", self.stage.max_tokens)
         # The caller's own extra fields (a structured-output pattern, say) go beside the SLO's.
@@ -161,6 +163,8 @@ class LLM:
             server_outcome = (chunk.model_extra or {}).get("slo", server_outcome)
         choices = assembled.response()["choices"]
         message = choices[0]["message"] if choices else {"role": "assistant", "content": ""}
+        if calls:
+            message = {**message, "content": "", "tool_calls": parse_calls(message.get("content") or "")}
         self._record(arrival, token_times, assembled, server_outcome, message, span.end)
         return message
 

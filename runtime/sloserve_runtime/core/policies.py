@@ -239,14 +239,13 @@ class PlannerPolicy(DeadlinePolicy):
         if decision.admitted:
             decision = self._kv_fits(new, live, expected)
         deadline = call.deadline(now if run is None else run.first_arrival)
-        if decision.admitted and deadline is not None:
-            ends = now + expected_seconds(expected, self.planner.step_time.prefill_seconds)
-            if ends > deadline:
-                decision = Decision(
-                    False,
-                    f"program deadline: its {sum(s.calls for s in expected):.1f} expected calls after this one "
-                    f"end {ends - deadline:.1f} s after the run's deadline at their stages' pace",
-                )
+        rest = expected_seconds(expected) if decision.admitted and deadline is not None else None
+        if rest is not None and now + rest > deadline:
+            decision = Decision(
+                False,
+                f"program deadline: its {sum(s.calls for s in expected):.1f} expected calls after this one "
+                f"end {now + rest - deadline:.1f} s after the run's deadline, as its stages' calls have been served",
+            )
         if run is None:
             book.decided(call, decision.admitted, now, expected)
         elif decision.admitted:  # a run left best effort whose later call fits now: kept from here on
@@ -286,7 +285,7 @@ class PlannerPolicy(DeadlinePolicy):
     def finished(self, state: SLORequestState, now: float) -> bool:
         if state.program is None or not self.program_aware:
             return False
-        return self.programs.finish(state.program, now, state.output_tokens) and self.hold_context
+        return self.programs.finish(state.program, now, state.output_tokens, state.arrival) and self.hold_context
 
     def released_holds(self, now: float) -> list[str]:
         return self.programs.released(now) if self.program_aware else []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -113,6 +113,7 @@ class StageStats:
     tpot_seconds: float = math.inf
     output_tokens: float = 0.0
     outputs_seen: int = 0
+    seconds: float = 0.0  # mean time from a call's arrival to its end, as served (0: none ended yet)
     gap_seconds: float = 0.0  # mean wait before a call, after the run's previous call ended
     gaps_seen: int = 0
     order: float = 0.0  # mean position of its first call in a run: the stages' learnt order
@@ -131,9 +132,10 @@ class StageStats:
         self.gaps_seen += 1
         self.gap_seconds += (seconds - self.gap_seconds) / self.gaps_seen
 
-    def add_output(self, output_tokens: int) -> None:
+    def add_output(self, output_tokens: int, seconds: float) -> None:
         self.outputs_seen += 1
         self.output_tokens += (output_tokens - self.output_tokens) / self.outputs_seen
+        self.seconds += (seconds - self.seconds) / self.outputs_seen
 
 
 class ExpectedStage(NamedTuple):
@@ -147,6 +149,7 @@ class ExpectedStage(NamedTuple):
     ttft_seconds: float
     tpot_seconds: float
     gap_seconds: float  # the wait before each call (a tool's run time)
+    seconds: float  # how long each call took, arrival to end, as its stage's calls were served (0: unknown)
     seen: int  # the earlier calls the forecast rests on (0: a guess from the current call)
 
     @property
@@ -211,10 +214,10 @@ class ProgramBook:
             stats = learnt.get(name)
             if stats is None or not stats.calls:
                 return ExpectedStage(name, calls, shape.prompt_tokens, shape.new_tokens, 0, shape.ttft_seconds,
-                                     shape.tpot_seconds, 0.0, 0)  # fmt: skip
+                                     shape.tpot_seconds, 0.0, 0.0, 0)  # fmt: skip
             return ExpectedStage(
                 name, calls, round(stats.prompt_tokens), round(stats.new_tokens), round(stats.output_tokens),
-                stats.ttft_seconds, stats.tpot_seconds, stats.gap_seconds, stats.calls,
+                stats.ttft_seconds, stats.tpot_seconds, stats.gap_seconds, stats.seconds, stats.calls,
             )  # fmt: skip
 
         ahead: list[ExpectedStage] = []
@@ -277,7 +280,7 @@ class ProgramBook:
         if run is not None:
             run.admitted = True
 
-    def finish(self, call: ProgramCall, now: float, output_tokens: int) -> bool:
+    def finish(self, call: ProgramCall, now: float, output_tokens: int, arrival: float | None = None) -> bool:
         """A call of the run ended at ``now`` with ``output_tokens`` tokens: learn its output.
 
         True: the engine should hold the call's prefix for the run's next call (an admitted run
@@ -286,7 +289,7 @@ class ProgramBook:
         if call.name is not None and call.stage is not None:
             stats = self.stats.get((call.name, call.stage))
             if stats is not None and output_tokens > 0:
-                stats.add_output(output_tokens)
+                stats.add_output(output_tokens, 0.0 if arrival is None else now - arrival)
         run = self.runs.get(call.run_id)
         if run is None:
             return False
@@ -301,6 +304,7 @@ class ProgramBook:
             return False
         if not run.admitted or not run.expected:
             return False
+        self._unreserve(run)
         run.expected = tuple(self._refreshed(call.name, stage) for stage in run.expected)
         upcoming = max(run.expected, key=lambda stage: stage.context)
         run.reserved_tokens = upcoming.context
@@ -317,7 +321,8 @@ class ProgramBook:
             return stage
         return stage._replace(
             prompt_tokens=round(stats.prompt_tokens), new_tokens=round(stats.new_tokens),
-            output_tokens=round(stats.output_tokens), gap_seconds=stats.gap_seconds, seen=stats.calls,
+            output_tokens=round(stats.output_tokens), gap_seconds=stats.gap_seconds, seconds=stats.seconds,
+            seen=stats.calls,
         )  # fmt: skip
 
     def expire(self, now: float) -> None:
@@ -359,11 +364,9 @@ def tightest(stages: Sequence[ExpectedStage]) -> tuple[float, int]:
     return min(stage.tpot_seconds for stage in stages), max(stage.context for stage in stages)
 
 
-def expected_seconds(stages: Sequence[ExpectedStage], prefill_seconds: Callable[[int], float]) -> float:
-    """How long ``stages`` take at their promised pace: each call's wait, its prefill on an idle
-    engine and each output token at its TPOT (a stage without one: at none)."""
-    total = 0.0
-    for stage in stages:
-        per_token = 0.0 if math.isinf(stage.tpot_seconds) else stage.tpot_seconds
-        total += stage.calls * (stage.gap_seconds + prefill_seconds(stage.new_tokens) + per_token * stage.output_tokens)
-    return total
+def expected_seconds(stages: Sequence[ExpectedStage]) -> float | None:
+    """How long ``stages`` take, each call its wait and its duration as its stage's calls were
+    served; None if a stage has none ended yet: a deadline is not judged on a guess."""
+    if any(stage.seconds <= 0 for stage in stages):
+        return None
+    return sum(stage.calls * (stage.gap_seconds + stage.seconds) for stage in stages)
