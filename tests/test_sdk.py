@@ -121,7 +121,8 @@ def test_a_tool_turns_calls_stream_as_text_held_to_the_tools_schemas():
     assert schema["type"] == "array" and schema["minItems"] == 1
     names = [choice["properties"]["name"]["enum"] for choice in schema["items"]["anyOf"]]
     assert names == [["search"], ["calculate"]]
-    calls = parse_calls('[{"name": "search", "parameters": {"query": "moon"}}, {"name": "calculate", "parameters": {}}]')
+    reply = '[{"name": "search", "parameters": {"query": "moon"}}, {"name": "calculate", "parameters": {}}]'
+    calls = parse_calls(reply)
     assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
         ("call_0", "search", '{"query": "moon"}'), ("call_1", "calculate", "{}"),
     ]  # fmt: skip

@@ -89,7 +89,8 @@ def main() -> None:
     for row in summary:
         ttft = row["later_turns_ttft_p50_ms"]
         table.add_row(
-            row["scheduler"], f"{row['met']}/{row['runs']} ({row['program_attainment']:.0%})", f"{row['met_per_s']:.2f}",
+            row["scheduler"], f"{row['met']}/{row['runs']} ({row['program_attainment']:.0%})",
+            f"{row['met_per_s']:.2f}",
             f"{row['wasted_tokens']} of {row['computed_tokens']}", "-" if ttft is None else f"{ttft:.0f} ms",
             ", ".join(f"{where} x{count}" for where, count in list(row["lost_at"].items())[:3]),
         )  # fmt: skip
