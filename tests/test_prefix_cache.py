@@ -102,11 +102,11 @@ def prefix_cache_hits(port: int) -> float:
 def test_bench_chains_a_programs_calls_so_the_real_engine_reuses_their_prefix(engine, tmp_path):
     before = prefix_cache_hits(engine.port)
     result = run_cli(
-        "bench", "--scenario", "reasoning", "--rate", "1", "--num-requests", "2", "--length-scale", "0.1",
+        "bench", "--scenario", "tool-calling", "--rate", "1", "--num-requests", "1", "--length-scale", "0.1",
         "--endpoint", engine.base_url, "--json", str(tmp_path / "bench.json"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    # Each answer call leads with its thinking call's prompt and output: vLLM finds them cached
+    # Each later call leads with the previous call's prompt and output: vLLM finds them cached
     # (without the chaining every prompt is fresh random tokens and nothing hits).
     assert prefix_cache_hits(engine.port) - before > 0
 

@@ -127,3 +127,7 @@ def test_a_tool_turns_calls_stream_as_text_held_to_the_tools_schemas():
         ("call_0", "search", '{"query": "moon"}'), ("call_1", "calculate", "{}"),
     ]  # fmt: skip
     assert parse_calls("not json") == [] and parse_calls('{"name": "search"}') == []
+    cut_short = '[{"name": "calculate", "parameters": {"expression": "1000000'  # max_tokens reached
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in parse_calls(cut_short)] == [
+        ("calculate", "{}")
+    ]

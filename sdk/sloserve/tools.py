@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -72,19 +73,26 @@ def calls_schema(tools: list[Tool]) -> dict[str, Any]:
     return {"type": "array", "minItems": 1, "items": {"anyOf": choices}}
 
 
+_CALL_NAME = re.compile(r'"name"\s*:\s*"([^"]+)"')
+
+
 def parse_calls(text: str) -> list[dict[str, Any]]:
-    """The calls in a tool turn's reply (``calls_schema``), in the OpenAI ``tool_calls`` format."""
+    """The calls in a tool turn's reply (``calls_schema``), in the OpenAI ``tool_calls`` format.
+
+    A reply cut short by ``max_tokens`` still names its calls: each named call is kept, with the
+    arguments that parse (none otherwise: the tool then answers with the error, as it would to a
+    bad call), as vLLM's tool parser keeps the calls of a reply it cannot finish.
+    """
     try:
         items = json.loads(text)
     except ValueError:
-        return []
+        items = [{"name": name, "parameters": {}} for name in _CALL_NAME.findall(text)]
     calls = []
     for index, item in enumerate(items if isinstance(items, list) else []):
         if isinstance(item, dict) and isinstance(item.get("name"), str):
             arguments = json.dumps(item.get("parameters") or {})
-            calls.append(
-                {"id": f"call_{index}", "type": "function", "function": {"name": item["name"], "arguments": arguments}}
-            )
+            call = {"name": item["name"], "arguments": arguments}
+            calls.append({"id": f"call_{index}", "type": "function", "function": call})
     return calls
 
 
