@@ -67,15 +67,7 @@ def request_slo(headers: dict[str, str], body: dict[str, Any]) -> SLO:
     thinking_tpot_ms = parse_tpot(headers.get(HEADER_THINKING_TPOT), f"header {HEADER_THINKING_TPOT}")
     field = body.get("slo")
     if field is not None:
-        if not isinstance(field, dict):
-            raise SLOError("slo", field, 'expected an object like {"ttft_ms": 300, "tpot_ms": 50}')
-        unknown = sorted(set(field) - _BODY_FIELDS)
-        if unknown:
-            raise SLOError(
-                f"slo.{unknown[0]}",
-                field[unknown[0]],
-                "unknown field; use ttft_ms, tpot_ms, thinking_tpot_ms, admission and program",
-            )
+        _checked_object(field, "slo", _BODY_FIELDS, '{"ttft_ms": 300, "tpot_ms": 50}')
         if field.get("ttft_ms") is not None:
             ttft_ms, ttft_slowdown = parse_ttft(field["ttft_ms"], "slo.ttft_ms")
         if field.get("tpot_ms") is not None:
@@ -129,14 +121,7 @@ def request_program(headers: dict[str, str], body: dict[str, Any]) -> ProgramCal
     slo = body.get("slo") if isinstance(body.get("slo"), dict) else {}
     program = slo.get("program")
     if program is not None:
-        if not isinstance(program, dict):
-            raise SLOError("slo.program", program, 'expected an object like {"id": "run-7", "stage": "act"}')
-        unknown = sorted(set(program) - _PROGRAM_FIELDS)
-        if unknown:
-            raise SLOError(
-                f"slo.program.{unknown[0]}", program[unknown[0]],
-                f"unknown field; use {', '.join(sorted(_PROGRAM_FIELDS))}",
-            )  # fmt: skip
+        _checked_object(program, "slo.program", _PROGRAM_FIELDS, '{"id": "run-7", "stage": "act"}')
         fields.update({name: (value, f"slo.program.{name}") for name, value in program.items() if value is not None})
     if not fields:
         return None
@@ -151,6 +136,15 @@ def request_program(headers: dict[str, str], body: dict[str, Any]) -> ProgramCal
         deadline_s=_positive(*fields["deadline_ms"], "milliseconds") / 1000.0 if "deadline_ms" in fields else None,
         remaining=_names(*fields["remaining"]) if "remaining" in fields else None,
     )
+
+
+def _checked_object(value: Any, where: str, allowed: set[str], example: str) -> None:
+    """Raise SLOError unless ``value`` is an object whose keys are all ``allowed``."""
+    if not isinstance(value, dict):
+        raise SLOError(where, value, f"expected an object like {example}")
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise SLOError(f"{where}.{unknown[0]}", value[unknown[0]], f"unknown field; use {', '.join(sorted(allowed))}")
 
 
 def _name(value: Any, where: str) -> str:
