@@ -105,6 +105,12 @@ async def test_two_replicas_answer_the_openai_client(deployment):
         await client.completions.create(
             model=deployment.served_model, prompt="x", max_tokens=2, extra_body={"slo": {"ttft_ms": -1}}
         )
+    # A malformed program field gets the engine's own 400 at the gateway too.
+    with pytest.raises(openai.BadRequestError, match="slo.program.deadline_ms"):
+        await client.completions.create(
+            model=deployment.served_model, prompt="x", max_tokens=2,
+            extra_body={"slo": {"program": {"id": "r", "deadline_ms": 0}}},
+        )  # fmt: skip
 
 
 async def test_killed_replica_is_routed_around_and_restarted_by_ray(deployment):

@@ -7,7 +7,7 @@ every completion request the gateway
 * builds the planner's view of each replica from the requests it has in flight there (prompt
   length from the model's tokenizer; a request decodes once its first token has passed through),
 * asks the router (``router.py``: ``slo``, ``round-robin`` or ``least-loaded``) for a replica,
-  with program affinity from the ``x-slo-program`` header the SDK sends,
+  with program affinity from the run a call names (``x-slo-program`` or ``slo.program.id``),
 * proxies the request there and streams the answer back; the replica's own middleware still
   reports the SLO outcome and admission.
 
@@ -39,14 +39,20 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from sloserve._reassemble import Reassembler
-from sloserve.session import PROGRAM_HEADER
 from sloserve.slo import SLO, SLOError
 from sloserve_runtime.core.planner import LiveRequest, Planner
 from sloserve_runtime.core.router import NoHealthyReplicaError, ReplicaView, make_router
 from sloserve_runtime.core.slo_state import SLORequestState
 from sloserve_runtime.core.step_time import StepTimeModel
 from sloserve_runtime.serving.exchange import sse_data
-from sloserve_runtime.serving.requests import HEADER_ADMISSION, BodyError, parse_body, request_admission, request_slo
+from sloserve_runtime.serving.requests import (
+    HEADER_ADMISSION,
+    BodyError,
+    parse_body,
+    request_admission,
+    request_program,
+    request_slo,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +199,7 @@ class Gateway:
         try:
             slo = request_slo(headers, body).merged_over(self.default_slo)
             admission = request_admission(headers, body, self.default_admission)
+            call = request_program(headers, body)
         except SLOError as exc:
             return _error(400, str(exc), exc.field)
         prompt_tokens = max(1, self.count_tokens(body))
@@ -202,7 +209,7 @@ class Gateway:
         )
         forward = _forward_headers(request)
         forward[HEADER_ADMISSION] = admission
-        program = headers.get(PROGRAM_HEADER)  # the SDK's program run: its stages share a prefix
+        program = None if call is None else call.run_id  # a program run: its calls share a prefix
         tried: set[int] = set()
         while True:
             slot = self._choose(flight, program, tried)
