@@ -128,6 +128,13 @@ class StageStats:
         self.new_tokens += (shape.new_tokens - self.new_tokens) / self.calls
         self.ttft_seconds, self.tpot_seconds = shape.ttft_seconds, shape.tpot_seconds
 
+    def forecast(self, name: str, calls: float) -> ExpectedStage:
+        """``calls`` more calls of this stage (``name``), as its calls so far have been."""
+        return ExpectedStage(
+            name, calls, round(self.prompt_tokens), round(self.new_tokens), round(self.output_tokens),
+            self.ttft_seconds, self.tpot_seconds, self.gap_seconds, self.seconds, self.calls,
+        )  # fmt: skip
+
     def add_gap(self, seconds: float) -> None:
         self.gaps_seen += 1
         self.gap_seconds += (seconds - self.gap_seconds) / self.gaps_seen
@@ -215,10 +222,7 @@ class ProgramBook:
             if stats is None or not stats.calls:
                 return ExpectedStage(name, calls, shape.prompt_tokens, shape.new_tokens, 0, shape.ttft_seconds,
                                      shape.tpot_seconds, 0.0, 0.0, 0)  # fmt: skip
-            return ExpectedStage(
-                name, calls, round(stats.prompt_tokens), round(stats.new_tokens), round(stats.output_tokens),
-                stats.ttft_seconds, stats.tpot_seconds, stats.gap_seconds, stats.seconds, stats.calls,
-            )  # fmt: skip
+            return stats.forecast(name, calls)
 
         ahead: list[ExpectedStage] = []
         current = learnt.get(call.stage) if call.stage is not None else None
@@ -319,11 +323,7 @@ class ProgramBook:
         stats = self.stats.get((program, stage.name)) if program is not None else None
         if stats is None or not stats.calls:
             return stage
-        return stage._replace(
-            prompt_tokens=round(stats.prompt_tokens), new_tokens=round(stats.new_tokens),
-            output_tokens=round(stats.output_tokens), gap_seconds=stats.gap_seconds, seconds=stats.seconds,
-            seen=stats.calls,
-        )  # fmt: skip
+        return stats.forecast(stage.name, stage.calls)
 
     def expire(self, now: float) -> None:
         """End the runs whose hold timed out (``hold_timeout`` with none of their calls in the engine)."""
