@@ -102,3 +102,13 @@ def test_thinking_span_finds_the_end_of_the_thinking_in_a_stream():
     for content, reasoning in [(None, "sky"), (None, " scatters"), ("Blue", None), (".", None)]:
         parsed.add(content, reasoning)
     assert parsed.end == 2
+
+
+def test_thinking_span_reads_the_chunks_of_a_stream():
+    span = ThinkingSpan()
+    for text in ["<think>", "hm", "</think>", "Blue"]:
+        span.add_chunk({"choices": [{"delta": {"content": text}}]})
+    completion = ThinkingSpan()  # a text completion's chunks carry "text"
+    for text in ["<think>", "</think>", "x"]:
+        completion.add_chunk({"choices": [{"text": text}]})
+    assert (span.end, span.chunks, completion.end) == (3, 4, 2)

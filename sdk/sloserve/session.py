@@ -155,10 +155,7 @@ class LLM:
             data = chunk.model_dump(exclude_unset=True)
             if any(_has_output(choice) for choice in data.get("choices") or []):
                 token_times.append(time.time())
-                delta = data["choices"][0].get("delta") or {}
-                # A tool call's delta is output too: it counts as a token of the answer.
-                span.add(delta.get("content") or str(delta.get("tool_calls") or ""),
-                         delta.get("reasoning_content") or delta.get("reasoning"))  # fmt: skip
+                span.add_chunk(data)
             assembled.add(data)
             server_outcome = (chunk.model_extra or {}).get("slo", server_outcome)
         choices = assembled.response()["choices"]

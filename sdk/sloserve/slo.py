@@ -251,6 +251,14 @@ class ThinkingSpan:
         self._tail = ""
         self._reasoned = False
 
+    def add_chunk(self, chunk: dict) -> None:
+        """A streamed chunk (as a dict) that carries output: its first choice's answer text (content,
+        a completion's text, a tool call's delta) and its reasoning text."""
+        choice = (chunk.get("choices") or [{}])[0]
+        delta = choice.get("delta") or {}
+        content = choice.get("text") or delta.get("content") or str(delta.get("tool_calls") or "")
+        self.add(content, delta.get("reasoning_content") or delta.get("reasoning"))
+
     def add(self, content: str | None, reasoning: str | None = None) -> None:
         if not content and not reasoning:
             return

@@ -154,7 +154,7 @@ class Exchange:
         chunk = json.loads(data)
         if _carries_output(chunk):
             self.token_times.append(time.time())
-            self.thinking.add(*_delta_texts(chunk))
+            self.thinking.add_chunk(chunk)
         self.reassembler.add(chunk)
         if not self.client_streams:
             return []
@@ -217,14 +217,6 @@ class Exchange:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
-
-
-def _delta_texts(chunk: dict[str, Any]) -> tuple[str, str]:
-    """The chunk's answer text (content, a completion's text, a tool call) and its reasoning text."""
-    choice = (chunk.get("choices") or [{}])[0]
-    delta = choice.get("delta") or {}
-    content = choice.get("text") or delta.get("content") or str(delta.get("tool_calls") or "")
-    return content, delta.get("reasoning_content") or delta.get("reasoning") or ""
 
 
 def _carries_output(chunk: dict[str, Any]) -> bool:
