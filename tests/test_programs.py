@@ -311,3 +311,13 @@ def test_wasted_work_counts_the_tokens_of_programs_that_missed():
     summary = summarize([*met, *missed], 2.0)
     assert summary.program_attainment == 0.5
     assert summary.wasted_work == pytest.approx(0.5)  # both of program 1's calls: half of all tokens
+
+
+def test_a_program_call_survives_the_wire_as_body_field_and_as_xargs():
+    from sloserve_runtime.serving.requests import request_program
+
+    sent = ProgramCall("run-3", "agent", "act", arrival=1_765_000_000.5, deadline_s=20.0, remaining=("act", "respond"))
+    assert request_program({}, {"slo": {"program": sent.to_body()}}) == sent
+    assert ProgramCall.from_xargs(sent.to_xargs()) == sent
+    last = ProgramCall("run-3", remaining=())
+    assert request_program({}, {"slo": {"program": last.to_body()}}) == last == ProgramCall.from_xargs(last.to_xargs())

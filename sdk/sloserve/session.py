@@ -17,7 +17,7 @@ from openai import AsyncOpenAI
 from sloserve._context import StageCallError, current_run
 from sloserve._reassemble import Reassembler
 from sloserve.app import Program
-from sloserve.slo import SLO, Outcome, ThinkingSpan, judge
+from sloserve.slo import SLO, Outcome, ThinkingSpan, judge, program_field
 from sloserve.stage import Stage
 from sloserve.tools import Tool, ToolCall, calls_schema, parse_calls
 
@@ -71,15 +71,10 @@ class _ProgramRun:
         """The call's ``slo.program`` body field: its run, program and stage, the run's arrival and
         deadline, and the stages the declared graph expects after this one (the server learns
         the rest, such as a loop's turns, from earlier runs)."""
-        field_: dict[str, Any] = {
-            "id": self.key, "name": self.program.name, "stage": stage.name, "arrival": self.arrival,
-        }  # fmt: skip
-        if self.program.deadline_ms is not None:
-            field_["deadline_ms"] = self.program.deadline_ms
-        remaining = self.program.remaining_after(stage.name)
-        if remaining is not None:
-            field_["remaining"] = list(remaining)
-        return field_
+        program = self.program
+        return program_field(
+            self.key, program.name, stage.name, self.arrival, program.deadline_ms, program.remaining_after(stage.name)
+        )
 
 
 class LLM:

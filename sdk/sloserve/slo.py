@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["SLO", "SLOError", "Outcome", "ThinkingSpan", "parse_ttft", "parse_tpot", "judge"]
+__all__ = ["SLO", "SLOError", "Outcome", "ThinkingSpan", "parse_ttft", "parse_tpot", "judge", "program_field"]
 
 # SLOs-Serve judges decode speed over windows of this many output tokens.
 ATTAINMENT_WINDOW = 10
@@ -238,6 +238,25 @@ def _phase(gaps: Sequence[float], tokens: int, target_ms: float | None, window: 
     worst = _worst_window_mean(gaps, window)
     mean = sum(gaps) / len(gaps) if gaps else None
     return PhaseOutcome(tokens, mean, worst, target_ms, target_ms is None or worst is None or worst <= target_ms)
+
+
+def program_field(
+    run_id: str,
+    name: str | None = None,
+    stage: str | None = None,
+    arrival: float | None = None,
+    deadline_ms: float | None = None,
+    remaining: Sequence[str] | None = None,
+) -> dict[str, object]:
+    """The ``slo.program`` body field of a stage call: its run, program and stage, the run's arrival
+    (Unix seconds) and deadline, and the stage names still expected after it (unset: unknown)."""
+    field: dict[str, object] = {"id": run_id}
+    for key, value in (("name", name), ("stage", stage), ("arrival", arrival), ("deadline_ms", deadline_ms)):
+        if value is not None:
+            field[key] = value
+    if remaining is not None:
+        field["remaining"] = list(remaining)
+    return field
 
 
 class ThinkingSpan:

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from sloserve.slo import program_field
+
 # Keys of the flat ``extra_args`` entries (``vllm_xargs`` over HTTP) that carry a call's program.
 XARG_PROGRAM_RUN = "slo_program_run"
 XARG_PROGRAM_NAME = "slo_program_name"
@@ -46,17 +48,10 @@ class ProgramCall:
             return None
         return (first_arrival if self.arrival is None else self.arrival) + self.deadline_s
 
-    def to_body(self) -> dict[str, str | float | list[str]]:
+    def to_body(self) -> dict[str, object]:
         """The call's ``slo.program`` body field, as any client sends it."""
-        body: dict[str, str | float | list[str]] = {"id": self.run_id}
-        for key, value in (("name", self.name), ("stage", self.stage), ("arrival", self.arrival)):
-            if value is not None:
-                body[key] = value
-        if self.deadline_s is not None:
-            body["deadline_ms"] = self.deadline_s * 1000.0
-        if self.remaining is not None:
-            body["remaining"] = list(self.remaining)
-        return body
+        deadline_ms = None if self.deadline_s is None else self.deadline_s * 1000.0
+        return program_field(self.run_id, self.name, self.stage, self.arrival, deadline_ms, self.remaining)
 
     def to_xargs(self) -> dict[str, str | float | list[str]]:
         xargs: dict[str, str | float | list[str]] = {XARG_PROGRAM_RUN: self.run_id}
