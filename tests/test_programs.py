@@ -12,7 +12,14 @@ from sloserve.slo import SLO
 from sloserve_runtime.cli.measure import resolve_profile
 from sloserve_runtime.core.planner import LiveRequest
 from sloserve_runtime.core.policies import make_policy
-from sloserve_runtime.core.programs import DEFAULT_HOLD_TIMEOUT_S, CallShape, ProgramBook, ProgramCall, expected_seconds
+from sloserve_runtime.core.programs import (
+    DEFAULT_HOLD_TIMEOUT_S,
+    CallShape,
+    ProgramBook,
+    ProgramCall,
+    call_due,
+    expected_seconds,
+)
 from sloserve_runtime.core.slo_state import SLORequestState
 from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel
 from sloserve_runtime.sim import SimConfig, simulate
@@ -196,6 +203,46 @@ def test_a_fan_out_sends_its_calls_together_and_the_join_after_the_last(h200):
         assert len({r.arrival for r in research}) == 1  # sent at once
         assert answer.arrival >= max(r.token_times[-1] for r in research)
     assert math.isfinite(sum(len(r.token_times) for r in results))
+
+
+def test_a_fan_outs_branches_take_one_calls_time_and_are_due_when_their_join_must_start():
+    """Branches sent at once (``asyncio.gather``) are learnt as one group: the run's expected time
+    counts them side by side, and a branch is due when the join must start to end by the deadline."""
+    book = ProgramBook()
+    shape = CallShape(300, 300, 1.0, 0.1)
+    plan = ProgramCall("earlier", "research", "plan", remaining=("search", "join"))
+    book.arrive(plan, 0.0, shape)
+    book.decided(plan, True, 0.0, ())
+    book.finish(plan, 1.0, 50, arrival=0.0)
+    branches = [ProgramCall("earlier", "research", "search", remaining=("join",)) for _ in range(3)]
+    for branch in branches:  # all three in the engine at once
+        book.arrive(branch, 1.0, shape)
+    for branch in branches:
+        book.finish(branch, 3.0, 100, arrival=1.0)  # each took 2 s
+    join = ProgramCall("earlier", "research", "join", remaining=())
+    book.arrive(join, 3.0, shape)
+    book.finish(join, 4.0, 80, arrival=3.0)  # 1 s
+    search = book.stats[("research", "search")]
+    assert (search.calls, search.waves, search.width) == (3, 1, 3.0)
+
+    first = ProgramCall("next", "research", "plan", remaining=("search", "search", "search", "join"))
+    expected = book.expected(first, shape, {})
+    assert [(s.name, s.calls, s.width) for s in expected] == [("search", 3, 3.0), ("join", 1, 1.0)]
+    assert expected_seconds(expected) == pytest.approx(2.0 + 1.0)  # not 3 x 2 s + 1 s
+    branch = ProgramCall("next", "research", "search", remaining=("join",))
+    assert call_due(10.0, book.expected(branch, shape, {})) == pytest.approx(10.0 - 1.0)
+    assert call_due(None, expected) is None
+
+    # A 5 s deadline fits three branches side by side, not one after another.
+    policy = make_policy("sloserve", MODEL, 512)
+    policy.programs = book
+    admitted = policy.admit(0.0, call_in("new", "research", "plan", ("search",) * 3 + ("join",), 5.0), [])
+    assert admitted.admitted, admitted.reason
+
+
+def call_in(run: str, program: str, stage: str, remaining, deadline_s: float) -> LiveRequest:
+    call = ProgramCall(run, program, stage, arrival=0.0, deadline_s=deadline_s, remaining=remaining)
+    return LiveRequest(SLORequestState.create(run, LOOSE, 0.0, 300, MODEL, call), to_compute=300, context=0)
 
 
 # ---- on the real engine: program fields from any client ----

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from sloserve_runtime.core.calibration import StepTimeCalibration
 from sloserve_runtime.core.planner import ADMITTED, Decision, Hold, LiveRequest, Planner
-from sloserve_runtime.core.programs import CallShape, ProgramBook, expected_seconds, tightest
+from sloserve_runtime.core.programs import CallShape, ProgramBook, call_due, tightest
 from sloserve_runtime.core.slo_state import SLORequestState
 from sloserve_runtime.core.speculation import TierSpeculation
 from sloserve_runtime.core.step_time import StepTimeModel
@@ -238,13 +238,12 @@ class PlannerPolicy(DeadlinePolicy):
         decision = self.planner.admit(now, new, live, future, self._reserved_decodes())
         if decision.admitted:
             decision = self._kv_fits(new, live, expected)
-        deadline = call.deadline(now if run is None else run.first_arrival)
-        rest = expected_seconds(expected) if decision.admitted and deadline is not None else None
-        if rest is not None and now + rest > deadline:
+        due = call_due(call.deadline(now if run is None else run.first_arrival), expected)
+        if decision.admitted and due is not None and now > due:
             decision = Decision(
                 False,
                 f"program deadline: its {sum(s.calls for s in expected):.1f} expected calls after this one "
-                f"end {now + rest - deadline:.1f} s after the run's deadline, as its stages' calls have been served",
+                f"end {now - due:.1f} s after the run's deadline, as its stages' calls have been served",
             )
         if run is None:
             book.decided(call, decision.admitted, now, expected)

@@ -102,6 +102,9 @@ class StageStats:
 
     calls: int = 0
     runs: int = 0  # runs that called it at least once (its loop turns: calls / runs)
+    # Groups of its calls a run had in the engine at once (a fan-out's branches are one group):
+    # calls / waves is how many run side by side, and take one call's time together.
+    waves: int = 0
     prompt_tokens: float = 0.0
     new_tokens: float = 0.0
     ttft_seconds: float = math.inf
@@ -117,6 +120,10 @@ class StageStats:
     def turns(self) -> float:
         return self.calls / self.runs if self.runs else 1.0
 
+    @property
+    def width(self) -> float:
+        return self.calls / self.waves if self.waves else 1.0
+
     def add_call(self, shape: CallShape) -> None:
         self.calls += 1
         self.prompt_tokens += (shape.prompt_tokens - self.prompt_tokens) / self.calls
@@ -127,7 +134,7 @@ class StageStats:
         """``calls`` more calls of this stage (``name``), as its calls so far have been."""
         return ExpectedStage(
             name, calls, round(self.prompt_tokens), round(self.new_tokens), round(self.output_tokens),
-            self.ttft_seconds, self.tpot_seconds, self.gap_seconds, self.seconds, self.calls,
+            self.ttft_seconds, self.tpot_seconds, self.gap_seconds, self.seconds, self.calls, self.width,
         )  # fmt: skip
 
     def add_gap(self, seconds: float) -> None:
@@ -153,6 +160,9 @@ class ExpectedStage(NamedTuple):
     gap_seconds: float  # the wait before each call (a tool's run time)
     seconds: float  # how long each call took, arrival to end, as its stage's calls were served (0: unknown)
     seen: int  # the earlier calls the forecast rests on (0: a guess from the current call)
+    # How many of its calls run side by side (a fan-out's branches), on average; inf: they run
+    # beside the current call (its fan-out's other branches) and add no time of their own.
+    width: float = 1.0
 
     @property
     def context(self) -> int:
@@ -169,6 +179,7 @@ class RunState:
     calls: int = 0  # stage calls so far
     stage_calls: dict[str, int] = field(default_factory=dict)
     live: int = 0  # its calls in the engine now
+    live_stages: Counter[str] = field(default_factory=Counter)  # of which, per stage
     last_end: float | None = None  # when its last call ended (None: one is in the engine)
     last_active: float = 0.0
     first_arrival: float = 0.0  # when its first call arrived
@@ -205,11 +216,14 @@ class ProgramBook:
     def run_of(self, call: ProgramCall | None) -> RunState | None:
         return None if call is None else self.runs.get(call.run_id)
 
-    def expected(self, call: ProgramCall, shape: CallShape, calls_so_far: dict[str, int]) -> tuple[ExpectedStage, ...]:
+    def expected(
+        self, call: ProgramCall, shape: CallShape, calls_so_far: dict[str, int], beside: int = 0
+    ) -> tuple[ExpectedStage, ...]:
         """The calls expected after this one, each with the lengths learnt for its stage (a stage
         never seen is forecast from this call, ``seen`` 0): the stages the call names, or else
         the program's stages after this one in their learnt order; and, unless named, this
-        stage's loop turns left by the mean its earlier runs made."""
+        stage's loop turns left by the mean its earlier runs made, of which the branches of a
+        fan-out still to join the ``beside`` calls of its stage already in the engine."""
         learnt = {stage: stats for (program, stage), stats in self.stats.items() if program == call.name}
 
         def forecast(name: str, calls: float) -> ExpectedStage:
@@ -223,8 +237,12 @@ class ProgramBook:
         current = learnt.get(call.stage) if call.stage is not None else None
         if current is not None and (call.remaining is None or call.stage not in call.remaining):
             loop_left = current.turns - calls_so_far.get(call.stage, 0) - 1
-            if loop_left >= 0.5:
-                ahead.append(forecast(call.stage, loop_left))
+            # A fan-out's other branches go beside this call: they take no time of their own.
+            siblings = min(loop_left, max(0, round(current.width) - 1 - beside))
+            if siblings >= 0.5:
+                ahead.append(forecast(call.stage, siblings)._replace(width=math.inf))
+            if loop_left - siblings >= 0.5:
+                ahead.append(forecast(call.stage, loop_left - siblings))
         if call.remaining is not None:
             counts: dict[str, int] = {}
             for name in call.remaining:
@@ -253,14 +271,18 @@ class ProgramBook:
                 position = 0 if run is None else run.calls
                 stats.order += (position - stats.order) / stats.runs
             stats.add_call(shape)
+            if run is None or not run.live_stages[call.stage]:  # else a branch beside one in the engine
+                stats.waves += 1
             if run is not None and run.last_end is not None:
                 stats.add_gap(now - run.last_end)
-        expected = self.expected(call, shape, calls_so_far)
+        beside = 0 if run is None else run.live_stages[call.stage or ""]
+        expected = self.expected(call, shape, calls_so_far, beside)
         if run is not None:
             self._unreserve(run)
             run.calls += 1
             run.stage_calls[call.stage or ""] = run.stage_calls.get(call.stage or "", 0) + 1
             run.live += 1
+            run.live_stages[call.stage or ""] += 1
             run.last_end, run.last_active, run.expected = None, now, expected
             self.runs.move_to_end(call.run_id)
         return expected
@@ -268,8 +290,8 @@ class ProgramBook:
     def decided(self, call: ProgramCall, admitted: bool, now: float, expected: tuple[ExpectedStage, ...]) -> None:
         """The first call of a run was decided: the run is admitted (or not) as a whole."""
         self.runs[call.run_id] = RunState(
-            call, admitted, calls=1, stage_calls={call.stage or "": 1}, live=1, last_active=now,
-            first_arrival=now, expected=expected,
+            call, admitted, calls=1, stage_calls={call.stage or "": 1}, live=1,
+            live_stages=Counter({call.stage or "": 1}), last_active=now, first_arrival=now, expected=expected,
         )  # fmt: skip
 
     def promoted(self, call: ProgramCall | None) -> None:
@@ -293,6 +315,7 @@ class ProgramBook:
         if run is None:
             return False
         run.live = max(0, run.live - 1)
+        run.live_stages[call.stage or ""] -= 1
         run.last_active = now
         self.runs.move_to_end(call.run_id)
         if run.live:
@@ -361,7 +384,15 @@ def tightest(stages: Sequence[ExpectedStage]) -> tuple[float, int]:
 
 def expected_seconds(stages: Sequence[ExpectedStage]) -> float | None:
     """How long ``stages`` take, each call its wait and its duration as its stage's calls were
-    served; None if a stage has none ended yet: a deadline is not judged on a guess."""
+    served, a fan-out's branches side by side (the join waits for one call's time, not their
+    sum); None if a stage has none ended yet: a deadline is not judged on a guess."""
     if any(stage.seconds <= 0 for stage in stages):
         return None
-    return sum(stage.calls * (stage.gap_seconds + stage.seconds) for stage in stages)
+    return sum(stage.calls / stage.width * (stage.gap_seconds + stage.seconds) for stage in stages)
+
+
+def call_due(deadline: float | None, after: Sequence[ExpectedStage]) -> float | None:
+    """When a call must end for the calls ``after`` it to end by the run's ``deadline``: for a
+    fan-out's branch, the latest its join may start (None: no deadline, or no learnt durations)."""
+    rest = expected_seconds(after) if deadline is not None else None
+    return None if rest is None else deadline - rest
