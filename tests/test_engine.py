@@ -154,6 +154,25 @@ def test_invalid_slo_gets_400_naming_the_field(client, engine, headers, body, fi
     assert field in caught.value.message
 
 
+def test_llm_d_header_names_give_the_same_slo(client, engine):
+    raw = client.chat.completions.with_raw_response.create(
+        model=engine.model, messages=QUESTION, max_tokens=4, temperature=0,
+        extra_headers={"x-llm-d-slo-ttft-ms": "30000", "x-llm-d-slo-tpot-ms": "2000", "x-slo-tpot-ms": "2000"},
+    )  # fmt: skip
+    outcome = raw.parse().model_extra["slo"]
+    assert (outcome["ttft_target_ms"], outcome["tpot_target_ms"]) == (30000, 2000)
+
+
+def test_two_header_names_that_disagree_get_400_naming_both(client, engine):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=engine.model, messages=QUESTION, max_tokens=4,
+            extra_headers={"x-slo-ttft-ms": "300", "x-llm-d-slo-ttft-ms": "500"},
+        )  # fmt: skip
+    assert caught.value.status_code == 400
+    assert "x-slo-ttft-ms" in caught.value.message and "x-llm-d-slo-ttft-ms" in caught.value.message
+
+
 def test_body_nested_too_deep_gets_400_in_the_openai_format(engine):
     nested = "[" * 5000 + "]" * 5000
     body = f'{{"model": "{engine.model}", "messages": [], "x": {nested}}}'

@@ -19,6 +19,15 @@ def test_body_field_wins_over_headers():
     assert slo == SLO(ttft_slowdown=3.0, tpot_ms=25.0)
 
 
+def test_llm_d_header_names_are_aliases():
+    assert request_slo({"x-llm-d-slo-ttft-ms": "400", "x-llm-d-slo-tpot-ms": "60"}, {}) == SLO(ttft_ms=400, tpot_ms=60)
+    # Both names with one value agree; with two values they conflict.
+    assert request_slo({"x-slo-tpot-ms": "60", "x-llm-d-slo-tpot-ms": "60.0"}, {}) == SLO(tpot_ms=60)
+    with pytest.raises(SLOError) as caught:
+        request_slo({"x-slo-tpot-ms": "60", "x-llm-d-slo-tpot-ms": "80"}, {})
+    assert caught.value.field == "headers x-slo-tpot-ms and x-llm-d-slo-tpot-ms"
+
+
 @pytest.mark.parametrize(
     ("headers", "body", "field"),
     [

@@ -17,6 +17,10 @@ HEADER_TTFT = "x-slo-ttft-ms"
 HEADER_TPOT = "x-slo-tpot-ms"
 HEADER_THINKING_TPOT = "x-slo-thinking-tpot-ms"  # a reasoning generation's TPOT while it thinks
 HEADER_ADMISSION = "x-slo-admission"
+# llm-d's names for the same two targets (its inference scheduler reads these; it keeps the
+# ``x-slo-*`` names as deprecated aliases). Either name works; two that disagree are a 400.
+HEADER_LLMD_TTFT = "x-llm-d-slo-ttft-ms"
+HEADER_LLMD_TPOT = "x-llm-d-slo-tpot-ms"
 # The program run a stage call belongs to (``request_program``); the body field is ``slo.program``.
 HEADER_PROGRAM = "x-slo-program"  # the run's id (a replicated endpoint also keeps a run on one replica)
 HEADER_PROGRAM_NAME = "x-slo-program-name"
@@ -62,8 +66,8 @@ def server_default_slo() -> SLO:
 
 def request_slo(headers: dict[str, str], body: dict[str, Any]) -> SLO:
     """The SLO a request asks for (headers, then the body field); raises SLOError."""
-    ttft_ms, ttft_slowdown = parse_ttft(headers.get(HEADER_TTFT), f"header {HEADER_TTFT}")
-    tpot_ms = parse_tpot(headers.get(HEADER_TPOT), f"header {HEADER_TPOT}")
+    ttft_ms, ttft_slowdown = _aliased(headers, (HEADER_TTFT, HEADER_LLMD_TTFT), parse_ttft)
+    tpot_ms = _aliased(headers, (HEADER_TPOT, HEADER_LLMD_TPOT), parse_tpot)
     thinking_tpot_ms = parse_tpot(headers.get(HEADER_THINKING_TPOT), f"header {HEADER_THINKING_TPOT}")
     field = body.get("slo")
     if field is not None:
@@ -75,6 +79,22 @@ def request_slo(headers: dict[str, str], body: dict[str, Any]) -> SLO:
         if field.get("thinking_tpot_ms") is not None:
             thinking_tpot_ms = parse_tpot(field["thinking_tpot_ms"], "slo.thinking_tpot_ms")
     return SLO(ttft_ms=ttft_ms, ttft_slowdown=ttft_slowdown, tpot_ms=tpot_ms, thinking_tpot_ms=thinking_tpot_ms)
+
+
+def _aliased(headers: dict[str, str], names: tuple[str, ...], parse: Any) -> Any:
+    """One field sent under any of its header ``names``: parsed, and the same under each."""
+    sent = [(name, parse(headers[name], f"header {name}")) for name in names if headers.get(name) is not None]
+    if not sent:
+        return parse(None, f"header {names[0]}")
+    (first, value), *others = sent
+    for name, other in others:
+        if other != value:
+            raise SLOError(
+                f"headers {first} and {name}",
+                f"{headers[first]} and {headers[name]}",
+                "two names for one target disagree; send one of them, or the same value in both",
+            )
+    return value
 
 
 def request_admission(headers: dict[str, str], body: dict[str, Any], default: str) -> str:
