@@ -80,3 +80,17 @@ def test_serve_refuses_max_yields_for_a_scheduler_without_the_planner(scheduler,
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--replicas", "2", "--router", "random"], "--router 'random' is not one of slo, power-of-two"),
+        (["--min-replicas", "3", "--max-replicas", "2"], "1 <= --min-replicas <= --max-replicas"),
+    ],
+    ids=["unknown-router", "scaling-bounds"],
+)
+def test_bad_replica_options_get_a_clear_error_before_ray_starts(args, expected):
+    result = run_cli("serve", "--port", "8097", *args, timeout=60)
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr

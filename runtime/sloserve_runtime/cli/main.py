@@ -45,7 +45,18 @@ ReplicasOption = Annotated[
     int, typer.Option(min=1, help="Engine replicas on Ray, behind one endpoint that routes each request.")
 ]
 RouterOption = Annotated[
-    str, typer.Option(help="With --replicas: slo (feasible with the most slack), round-robin or least-loaded.")
+    str,
+    typer.Option(
+        help="With --replicas: slo (feasible with the most slack), power-of-two (Ray Serve's default), "
+        "round-robin or least-loaded."
+    ),
+]
+MinReplicasOption = Annotated[
+    int | None, typer.Option(min=1, help="Autoscale: at least this many replicas (default: --replicas).")
+]
+MaxReplicasOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="Autoscale on SLO attainment up to this many replicas (default: --replicas)."),
 ]
 RayAddressOption = Annotated[
     str | None, typer.Option(help="Join this Ray cluster (e.g. ray://head:10001 or auto) instead of a local one.")
@@ -128,6 +139,8 @@ def serve(
     replicas: ReplicasOption = 1,
     router: RouterOption = "slo",
     ray_address: RayAddressOption = None,
+    min_replicas: MinReplicasOption = None,
+    max_replicas: MaxReplicasOption = None,
 ) -> None:
     """Run vLLM's OpenAI-compatible server with SLO scheduling. Args after -- go to vLLM."""
     try:
@@ -167,8 +180,8 @@ def serve(
     )
     if not server.port_is_free(host, port):
         raise _fail(f"port {port} on {host} is in use; pick another with --port")
-    if replicas > 1 or ray_address is not None:
-        _serve_replicated(options, replicas, router, ray_address)
+    if replicas > 1 or ray_address is not None or (max_replicas or 1) > 1:
+        _serve_replicated(options, replicas, router, ray_address, min_replicas, max_replicas)
         return
     try:
         args = server.command(options)
@@ -182,22 +195,35 @@ def serve(
 
 
 def _check_router(router: str) -> None:
-    from sloserve_runtime.core.router import ROUTERS
+    from sloserve_runtime.cluster.deployment import SERVE_ROUTERS
 
-    if router not in ROUTERS:
-        raise _fail(f"--router {router!r} is not one of {', '.join(ROUTERS)}")
+    if router not in SERVE_ROUTERS:
+        raise _fail(f"--router {router!r} is not one of {', '.join(SERVE_ROUTERS)}")
 
 
-def _serve_replicated(options: server.ServerOptions, replicas: int, router: str, ray_address: str | None) -> None:
-    from sloserve_runtime.cluster.deployment import serve_forever
-    from sloserve_runtime.cluster.replicas import ReplicaError
+def _serve_replicated(
+    options: server.ServerOptions,
+    replicas: int,
+    router: str,
+    ray_address: str | None,
+    min_replicas: int | None,
+    max_replicas: int | None,
+) -> None:
+    from sloserve_runtime.cluster.deployment import ReplicaError, Scaling, serve_forever
 
     _check_router(router)
+    try:
+        scaling = Scaling.of(replicas, min_replicas, max_replicas)
+    except ReplicaError as exc:
+        raise _fail(str(exc)) from None
     where = ray_address or "a local Ray instance"
-    errors.print(f"Starting {replicas} replicas of {server.resolve_model(options.model)[1]} on {where} ...")
+    count = f"{scaling.min_replicas}-{scaling.max_replicas}" if scaling.autoscaled else str(scaling.min_replicas)
+    errors.print(f"Starting {count} replicas of {server.resolve_model(options.model)[1]} on Ray Serve ({where}) ...")
     errors.print(f"Serving on {options.url} (router: {router}, scheduler: {options.scheduler})")
     try:
-        serve_forever(options, replicas, router, ray_address)
+        serve_forever(options, replicas, router, ray_address, min_replicas, max_replicas)
+    except KeyboardInterrupt:
+        return
     except (*USER_ERRORS, ReplicaError) as exc:
         raise _fail(str(exc)) from None
 
@@ -226,6 +252,8 @@ def run(
     replicas: ReplicasOption = 1,
     router: RouterOption = "slo",
     ray_address: RayAddressOption = None,
+    min_replicas: MinReplicasOption = None,
+    max_replicas: MaxReplicasOption = None,
 ) -> None:
     """Run an app's program on the embedded engine (or --endpoint) and print a per-stage SLO table.
 
@@ -243,8 +271,9 @@ def run(
             _run_and_report(app, chosen, inputs, endpoint, drive, api_key, model)
             return
         options = server.ServerOptions(model=model, port=server.free_port())
-        if replicas > 1 or ray_address is not None:
-            _run_replicated(app, chosen, inputs, options, drive, replicas, router, ray_address)
+        if replicas > 1 or ray_address is not None or (max_replicas or 1) > 1:
+            scaling = (replicas, min_replicas, max_replicas)
+            _run_replicated(app, chosen, inputs, options, drive, scaling, router, ray_address)
             return
         started = time.monotonic()
         with console.status("Starting the embedded engine (about half a minute)..."):
@@ -314,16 +343,18 @@ def profile(
     console.print(f"Wrote {out}")
 
 
-def _run_replicated(app, chosen, inputs, options, drive, replicas, router, ray_address) -> None:  # noqa: ANN001
-    from sloserve_runtime.cluster.deployment import replicated
-    from sloserve_runtime.cluster.replicas import ReplicaError
+def _run_replicated(app, chosen, inputs, options, drive, scaling, router, ray_address) -> None:  # noqa: ANN001
+    from sloserve_runtime.cluster.deployment import ReplicaError, replicated
 
     _check_router(router)
+    replicas, min_replicas, max_replicas = scaling
     started = time.monotonic()
     try:
         with contextlib.ExitStack() as stack:
-            with console.status(f"Starting {replicas} engine replicas on Ray (a minute or two)..."):
-                running = stack.enter_context(replicated(options, replicas, router, ray_address))
+            with console.status(f"Starting {replicas} engine replicas on Ray Serve (a minute or two)..."):
+                running = stack.enter_context(
+                    replicated(options, replicas, router, ray_address, min_replicas, max_replicas)
+                )
             with console.status("Warming the replicas up (untimed requests)..."):
                 server.warm_up(running.url, running.served_model)
             console.print(f"{replicas} replicas ready in {time.monotonic() - started:.0f}s behind {running.url}")
