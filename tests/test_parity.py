@@ -10,6 +10,9 @@ same requests (same SLOs, arrivals, prompt and output lengths), the same step-ti
 same limits (token budget, running requests, KV blocks). The two run in lockstep on one clock:
 the simulator's, advanced by its predicted step times; the adapter reads ``time.time()``, so its
 module's ``time`` is replaced by that clock. Nothing is started: no server, no engine process.
+Where vLLM schedules asynchronously, the adapter is built on vLLM's ``AsyncScheduler`` and driven
+as vLLM's engine core then drives it, each step scheduled while the one before it runs
+(``AsyncLockstep``).
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,6 +32,8 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
@@ -37,10 +44,13 @@ from sloserve_runtime.core.policies import make_policy
 from sloserve_runtime.core.programs import ProgramCall
 from sloserve_runtime.core.slo_state import SLORequestState, slo_to_xargs
 from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel
+from sloserve_runtime.engine import recorder as recorder_module
 from sloserve_runtime.engine import scheduler as scheduler_module
 from sloserve_runtime.engine.config import SLOConfig
 from sloserve_runtime.engine.notices import PREEMPTED, PROMOTED, XARG_TAG, Notice, NoticePublisher
+from sloserve_runtime.engine.recorder import StepRecorder
 from sloserve_runtime.engine.scheduler import RecordingScheduler, SLOScheduler
+from sloserve_runtime.serving import server
 from sloserve_runtime.serving.model import ensure_default_model
 from sloserve_runtime.sim.config import SimConfig
 from sloserve_runtime.sim.engine import Engine
@@ -180,8 +190,14 @@ def engine_config(
     step_log: Path | None = None,
     max_num_seqs: int | None = None,
     max_queued_best_effort: int | None = None,
+    async_scheduling: bool = False,
 ):
-    """The engine config ``sloserve serve`` gives vLLM, for the default model (loads its HF config: slow)."""
+    """The engine config ``sloserve serve`` gives vLLM, for the default model (loads its HF config: slow).
+
+    ``async_scheduling``: as vLLM decides on a GPU build, where it schedules asynchronously by
+    default (``VllmConfig.__post_init__``); on this CPU build the platform turns it off
+    (``CpuPlatform.check_and_update_config``), so it is turned back on here.
+    """
     args = EngineArgs(
         model=str(ensure_default_model()),
         max_model_len=MAX_MODEL_LEN,
@@ -197,7 +213,9 @@ def engine_config(
             max_queued_best_effort=max_queued_best_effort,
         ).to_additional_config(),
     )
-    return args.create_engine_config()
+    config = args.create_engine_config()
+    config.scheduler_config.async_scheduling = async_scheduling
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +246,19 @@ def queue_config(profile: Path):
 def stock_config(profile: Path, tmp_path_factory: pytest.TempPathFactory):
     """For vLLM's stock scheduler with a step log, as ``sloserve serve --scheduler vllm --step-log``."""
     return engine_config(profile, prefix_caching=False, step_log=tmp_path_factory.mktemp("stock") / "steps.jsonl")
+
+
+@pytest.fixture(scope="module")
+def async_config(profile: Path):
+    """``vllm_config`` as a GPU build runs it: vLLM schedules asynchronously."""
+    return engine_config(profile, prefix_caching=False, async_scheduling=True)
+
+
+@pytest.fixture(scope="module")
+def async_stock_config(profile: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``stock_config`` as a GPU build runs it: vLLM schedules asynchronously."""
+    step_log = tmp_path_factory.mktemp("async-stock") / "steps.jsonl"
+    return engine_config(profile, prefix_caching=False, step_log=step_log, async_scheduling=True)
 
 
 class Clock:
@@ -347,11 +378,16 @@ class Lockstep:
     def busy(self) -> bool:
         return bool(self.pending) or self.engine.has_work
 
+    @property
+    def deciding_at(self) -> float:
+        """When the adapter takes its arrivals and schedules the step that starts at ``now``."""
+        return self.now
+
     def arrive(self) -> None:
-        """Add the requests that have arrived by ``now``; both sides decide on admission at ``now``."""
+        """Add the requests that have arrived by ``now``; both sides decide on admission for ``now``."""
         if not self.engine.has_work and self.pending:
             self.now = max(self.now, self.pending[0][1].arrival)  # idle: the next arrival wakes the engine
-        self.clock.now = self.now
+        self.clock.now = self.deciding_at
         while self.pending and self.pending[0][1].arrival <= self.now:
             index, spec = self.pending.pop(0)
             self.scheduler.add_request(vllm_request(index, spec, self.block_hasher, self.tagged))
@@ -398,6 +434,65 @@ class Lockstep:
         unfinished = {name for name, sim in self.sims.items() if not sim.finished and sim.result.error is None}
         sim_waiting = unfinished - set(sim_running)
         return (vllm_running, vllm_waiting), (sim_running, sim_waiting)
+
+
+class AsyncLockstep(Lockstep):
+    """``Lockstep`` with the adapter built on an engine config that schedules asynchronously, and
+    driven as vLLM's engine core then drives it (``EngineCore.step_with_batch_queue``, two batches
+    at once): the arrivals and the ``schedule()`` of a step come while the step before it runs, from
+    that step's start, before its output, which comes at its end. Each batch's forward pass samples
+    what the model runner would for it as scheduled. The simulator steps as before."""
+
+    def __init__(self, vllm_config, clock: Clock, scenario: Scenario, stock: bool = False) -> None:
+        assert vllm_config.scheduler_config.async_scheduling
+        super().__init__(vllm_config, clock, scenario, stock)
+        self.in_flight: tuple[SchedulerOutput, ModelRunnerOutput] | None = None
+        self.started = NOW  # when the step in flight started
+
+    @property
+    def deciding_at(self) -> float:
+        return self.now if self.in_flight is None else self.started
+
+    def step(self) -> tuple[Scheduled, Scheduled, int, int]:
+        self.clock.now = self.deciding_at
+        preemptions = self.engine.preemptions
+        batch = self.engine.schedule(self.now)
+        assert batch is not None, f"step {self.steps}: the simulator scheduled nothing"
+        sim = [(request.state.request_id, tokens) for request, tokens in zip(batch.requests, batch.tokens, strict=True)]
+        output = self.scheduler.schedule()
+        vllm = list(output.num_scheduled_tokens.items())
+        # Sampled as scheduled, as the model runner does: the next schedule() moves its requests on.
+        scheduled = (output, self.forward_pass(vllm))
+        self.started, self.now = self.now, self.now + batch.seconds
+        self.engine.complete(batch, self.now)
+        self.output_in(self.started)  # the step before ends as this one starts
+        self.in_flight = scheduled
+        if not self.engine.has_work:
+            # vLLM schedules once more while the step runs (its requests are not finished yet), but
+            # nothing: the step brings their last tokens. Then it waits for both outputs.
+            self.clock.now = self.started
+            empty = self.scheduler.schedule()
+            assert not empty.num_scheduled_tokens, f"step {self.steps}: vLLM scheduled more than the simulator"
+            self.output_in(self.now)
+            self.in_flight = (empty, self.forward_pass([]))
+            self.output_in(self.now)
+        self.steps += 1
+        return vllm, sim, len(output.preempted_req_ids or ()), self.engine.preemptions - preemptions
+
+    def output_in(self, at: float) -> None:
+        """The output of the step in flight comes, at ``at``."""
+        if self.in_flight is not None:
+            self.clock.now = at
+            self.scheduler.update_from_output(*self.in_flight)
+            self.in_flight = None
+
+    def queues(self) -> tuple[tuple[list[str], set[str]], tuple[list[str], set[str]]]:
+        """The adapter's as they will be once the step in flight has ended (the simulator's has):
+        those whose last token it brings are done."""
+        (vllm_running, vllm_waiting), sim = super().queues()
+        requests = self.scheduler.requests.values()
+        done = {r.request_id for r in requests if r.num_output_tokens + r.num_output_placeholders >= r.max_tokens}
+        return ([name for name in vllm_running if name not in done], vllm_waiting - done), sim
 
 
 def run_to_completion(
@@ -545,6 +640,33 @@ def test_decodes_without_tpot_yield_only_to_a_prompt_that_needs_it_alike(vllm_co
     assert not decodes & set(long)  # and sat the long one's out
 
 
+# With async scheduling vLLM's own scheduler frees a finished request's KV blocks and place one step
+# later, after the step that brings its last token (kv-tight: vLLM's AsyncScheduler and Scheduler
+# batch differently); where none waits for them, both decide alike.
+ASYNC_SCENARIOS = {
+    **{name: SCENARIOS[name] for name in ("burst", "stream", "growth")},
+    "yield": Scenario(YIELD, num_blocks=1024),
+}
+
+
+@pytest.mark.parametrize("name", list(ASYNC_SCENARIOS))
+def test_async_scheduling_decides_as_the_synchronous_scheduler(vllm_config, async_config, clock, name):
+    """Where vLLM schedules asynchronously (a GPU build's default), our scheduler is built on vLLM's
+    ``AsyncScheduler`` and, each step scheduled while the one before it runs, before its output,
+    makes the synchronous scheduler's decisions: the same admissions, batches in the same order,
+    preemptions, step after step (both as the simulator)."""
+    lockstep = AsyncLockstep(async_config, clock, ASYNC_SCENARIOS[name])
+    assert isinstance(lockstep.scheduler, AsyncScheduler) and isinstance(lockstep.scheduler, SLOScheduler)
+    overlapped: list[dict[str, int]] = []
+    seen = run_to_completion(lockstep, batches=overlapped)
+    reference = Lockstep(vllm_config, clock, ASYNC_SCENARIOS[name])
+    assert not isinstance(reference.scheduler, AsyncScheduler)
+    synchronous: list[dict[str, int]] = []
+    assert run_to_completion(reference, batches=synchronous) == seen
+    assert overlapped == synchronous
+    assert lockstep.decisions()[0] == reference.decisions()[0]
+
+
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_the_simulated_stock_scheduler_batches_as_vllms_own(stock_config, clock, name):
     """The simulator's ``vllm`` baseline against vLLM's own v1 scheduler, deciding unchanged
@@ -590,6 +712,113 @@ def test_the_stock_scheduler_with_a_step_log_decides_as_vllm_does(stock_config, 
         assert steps < 2000
     assert not recording.has_unfinished_requests()
     assert steps > len(specs)
+
+
+def run_overlapped(scheduler, specs: list[Spec]) -> list[Scheduled]:
+    """Serve ``specs``, all there at the start, as vLLM's engine core does with async scheduling
+    (``EngineCore.step_with_batch_queue``, two batches at once); every step's batch, in order."""
+    for index, spec in enumerate(specs):
+        scheduler.add_request(vllm_request(index, spec))
+    batches: list[Scheduled] = []
+    in_flight: deque[tuple[SchedulerOutput, ModelRunnerOutput]] = deque()
+    while scheduler.has_requests() or in_flight:
+        if scheduler.has_requests():
+            output = scheduler.schedule()
+            batches.append(list(output.num_scheduled_tokens.items()))
+            in_flight.appendleft((output, forward_pass(scheduler.requests, list(output.num_scheduled_tokens))))
+            # Schedule the next step before this one's output unless two are in flight already.
+            if len(in_flight) < 2 and (output.total_num_scheduled_tokens > 0 or scheduler.has_requests()):
+                continue
+        scheduler.update_from_output(*in_flight.pop())
+        assert len(batches) < 3000, "no end in sight"
+    return batches
+
+
+def test_the_stock_scheduler_with_a_step_log_decides_as_vllms_async_scheduler(async_stock_config, clock):
+    """Where vLLM schedules asynchronously, ``RecordingScheduler`` is built on vLLM's ``AsyncScheduler``
+    and only times: beside a plain ``AsyncScheduler`` fed the same requests and forward passes, every
+    step's batch is the same, and the step log has every step that computed."""
+    specs, num_blocks = SCENARIOS["kv-tight"].specs, SCENARIOS["kv-tight"].num_blocks
+    step_log = Path(async_stock_config.additional_config["sloserve"]["step_log"])
+    recording = make_scheduler(async_stock_config, num_blocks, RecordingScheduler)
+    assert isinstance(recording, AsyncScheduler)
+    batches = run_overlapped(recording, specs)
+    assert batches == run_overlapped(make_scheduler(async_stock_config, num_blocks, AsyncScheduler), specs)
+    assert not recording.has_unfinished_requests()
+    records = [json.loads(line) for line in step_log.read_text().splitlines()]
+    assert [record["tokens"] for record in records] == [sum(dict(b).values()) for b in batches if b]
+    emitted: dict[str, int] = {}
+    for record in records:
+        for request_id, tokens in record.get("emitted", {}).items():
+            emitted[request_id] = emitted.get(request_id, 0) + tokens
+    assert emitted == {spec.name: spec.output for spec in specs}
+
+
+def test_the_step_log_times_a_step_from_the_output_before_it_with_async_scheduling(monkeypatch):
+    """With async scheduling a step is scheduled while the one before it runs: its forward pass and
+    its cycle start when that one's output is in, not when it was scheduled."""
+    timer = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(recorder_module, "time", SimpleNamespace(perf_counter=lambda: timer.now))
+    records: list[dict] = []
+    recorder = StepRecorder([records.append])
+    requests = {"r": SimpleNamespace(num_computed_tokens=10)}
+    output = SimpleNamespace(num_scheduled_tokens={"r": 1}, total_num_scheduled_tokens=1)
+
+    def scheduled(at: float) -> None:
+        timer.now = at
+        recorder.scheduled(at, output, requests)
+
+    # Steps of 1 s each, as vLLM's engine core runs them: step 2 is scheduled (at 0.1 s) while step 1
+    # runs, step 3 just after step 1's output (at 1 s), while step 2 runs.
+    scheduled(0.0)
+    scheduled(0.1)
+    recorder.executed(1.0, busy_after=True)
+    scheduled(1.1)
+    recorder.executed(2.0, busy_after=True)
+    scheduled(2.1)
+    assert [record["seconds"] for record in records] == pytest.approx([1.0, 1.0])
+    assert [record["cycle_seconds"] for record in records] == pytest.approx([1.1, 1.1])
+
+
+def test_a_gpu_build_keeps_async_scheduling_and_runs_our_scheduler_on_vllms_async_one(monkeypatch, profile, clock):
+    """The arguments ``sloserve serve`` gives a GPU build's vLLM keep async scheduling on, and the
+    class they name is then built on vLLM's ``AsyncScheduler``; where it is off, on ``Scheduler``.
+
+    In vLLM 0.32 the decision ignores ``--scheduler-cls``: ``VllmConfig.__post_init__`` turns it on
+    unless an option rules it out (config/vllm.py:1585-1644), then the platform's hook has the last
+    word (config/vllm.py:1991), which the CPU's turns off (platforms/cpu.py:331) and CUDA's leaves.
+    The engine core then builds whatever class is named, with that config (config/scheduler.py:228,
+    v1/engine/core.py:161-182). This CPU build runs vLLM's own rule here; the hook is watched to
+    read the decision as a GPU build keeps it.
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.platforms import current_platform
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    decided: list[bool] = []  # vLLM's decision, before the platform's hook
+
+    def platform_hook(vllm_config) -> None:
+        decided.append(vllm_config.scheduler_config.async_scheduling)
+        type(current_platform).check_and_update_config(vllm_config)
+
+    monkeypatch.setattr(current_platform, "check_and_update_config", platform_hook)
+    monkeypatch.setattr(server, "is_cpu_build", lambda: False)
+    for options, ours in (
+        (server.ServerOptions(profile=str(profile)), SLOScheduler),
+        (server.ServerOptions(profile=str(profile), scheduler="vllm", step_log=str(profile.parent / "s.jsonl")),
+         RecordingScheduler),
+    ):  # fmt: skip
+        decided.clear()
+        arguments = make_arg_parser(FlexibleArgumentParser()).parse_args(server.command(options)[3:])
+        config = AsyncEngineArgs.from_cli_args(arguments).create_engine_config()
+        assert decided == [True]
+        assert config.scheduler_config.async_scheduling is False  # this CPU platform's hook
+        for async_scheduling in (True, False):
+            config.scheduler_config.async_scheduling = async_scheduling
+            built = make_scheduler(config, 64, config.scheduler_config.get_scheduler_cls())
+            assert isinstance(built, ours)
+            assert isinstance(built, AsyncScheduler) == async_scheduling
 
 
 def test_a_program_runs_context_is_held_between_its_calls_and_released(vllm_config_cached, clock):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +21,26 @@ def emitted_tokens(outputs: dict[int, Any]) -> dict[str, int]:
     }  # fmt: skip
 
 
+def step_features(output: Any, requests: dict[str, Any]) -> dict[str, int] | None:
+    """What a step computes (vLLM's ``SchedulerOutput``, just scheduled, over ``requests``), as the
+    step-time model takes it; None for a step that computes nothing."""
+    scheduled = output.num_scheduled_tokens
+    if not scheduled:
+        return None
+    # vLLM has already advanced num_computed_tokens by this step's tokens: that is the context.
+    context = attended = 0
+    for rid, tokens in scheduled.items():
+        if rid in requests:
+            context += requests[rid].num_computed_tokens
+            attended += attended_pairs(tokens, requests[rid].num_computed_tokens)
+    return {
+        "tokens": output.total_num_scheduled_tokens,
+        "requests": len(scheduled),
+        "context_tokens": context,
+        "attended": attended,
+    }
+
+
 class StepLog:
     """Appends step records to a file, one JSON line each (read by ``sloserve profile``)."""
 
@@ -35,15 +56,18 @@ class StepRecorder:
 
     ``seconds`` is the forward pass, from the end of ``schedule()`` to the start of
     ``update_from_output()``; ``cycle_seconds`` the whole engine cycle, from this step's
-    ``schedule()`` to the next one's, logged only while the engine stayed busy in between (so no
-    idle wait is counted). The cycle is what a client sees between tokens and what the simulator
-    advances its clock by: it adds scheduling, output processing and the CPU the API server takes.
+    ``schedule()`` to the first one after its output, logged only while the engine stayed busy in
+    between (so no idle wait is counted). The cycle is what a client sees between tokens and what
+    the simulator advances its clock by: it adds scheduling, output processing and the CPU the API
+    server takes. With async scheduling vLLM schedules a step while the one before it runs, so a
+    step's times start no earlier than that one's output.
     """
 
     def __init__(self, sinks: list[Callable[[dict[str, Any]], None]]) -> None:
         self.sinks = sinks
-        self.pending: deque[tuple[float, float, dict[str, int]]] = deque()
+        self.pending: deque[tuple[float, float, dict[str, int]] | None] = deque()  # None: an empty step
         self.executed_steps: deque[tuple[float, dict[str, Any]]] = deque()  # awaiting their cycle
+        self.last_executed = -math.inf  # when the output of the step before came
         self.arrivals: dict[str, list[float]] = {}  # since the last step that emitted tokens
 
     def arrived(self, request_id: str, created: float, added: float) -> None:
@@ -54,22 +78,10 @@ class StepRecorder:
     def scheduled(self, started: float, output: Any, requests: dict[str, Any]) -> None:
         """A ``schedule()`` call that began at ``started`` produced ``output``."""
         self._close_cycles(started)
-        scheduled = output.num_scheduled_tokens
-        if not scheduled:
-            return
-        # vLLM has already advanced num_computed_tokens by this step's tokens: that is the context.
-        context = attended = 0
-        for rid, tokens in scheduled.items():
-            if rid in requests:
-                context += requests[rid].num_computed_tokens
-                attended += attended_pairs(tokens, requests[rid].num_computed_tokens)
-        features = {
-            "tokens": output.total_num_scheduled_tokens,
-            "requests": len(scheduled),
-            "context_tokens": context,
-            "attended": attended,
-        }
-        self.pending.append((started, time.perf_counter(), features))
+        # An empty step is queued too: with async scheduling its output may come after a later
+        # step was scheduled, and outputs come in the order the steps were scheduled.
+        features = step_features(output, requests)
+        self.pending.append(None if features is None else (started, time.perf_counter(), features))
 
     def executed(
         self,
@@ -86,9 +98,12 @@ class StepRecorder:
         [created by the front end, added to the engine]), so a client's times can be laid beside
         the engine's.
         """
-        if not self.pending:
+        step = self.pending.popleft()
+        previous, self.last_executed = self.last_executed, executed_at
+        if step is None:
             return
-        started, executing, features = self.pending.popleft()
+        started, executing, features = step
+        started, executing = max(started, previous), max(executing, previous)
         record: dict[str, Any] = {**features, "seconds": executed_at - executing}
         if emitted:
             record |= {"emitted_at": emitted_at, "emitted": emitted}

@@ -28,15 +28,25 @@ Server-wide defaults, the step-time profile and an optional step log (for ``slos
 arrive as ``--additional-config '{"sloserve": {...}}'`` (see ``SLOConfig``). The step log is
 written by ``RecordingScheduler``, the base of ``SLOScheduler``; on its own it is vLLM's stock
 scheduler, deciding unchanged, with its steps timed (``sloserve serve --scheduler vllm --step-log``).
+
+Where vLLM schedules asynchronously (its default on a GPU build; never on a CPU), each step is
+scheduled while the one before it runs: vLLM names the same class, and its constructor builds the
+variant on vLLM's ``AsyncScheduler`` (``AsyncSLOScheduler``, ``AsyncRecordingScheduler``). Ours
+then decides as of the end of the step in flight, as the synchronous one does after its output:
+its tokens (vLLM's output placeholders) count as come, at the time the step-time model predicts
+for it, and the requests whose last token it brings are gone.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from vllm.logger import init_logger
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
@@ -51,7 +61,7 @@ from sloserve_runtime.engine.config import SLOConfig
 from sloserve_runtime.engine.lifecycle import die_with_server
 from sloserve_runtime.engine.notices import ANSWERING, DEMOTED, PREEMPTED, PROMOTED, XARG_TAG, Notice, NoticePublisher
 from sloserve_runtime.engine.reasoning import ThinkingEnd
-from sloserve_runtime.engine.recorder import StepLog, StepRecorder, emitted_tokens
+from sloserve_runtime.engine.recorder import StepLog, StepRecorder, emitted_tokens, step_features
 
 # Under vLLM's logger, so the engine's log shows our lines in its own format.
 logger = init_logger(f"vllm.{__name__}")
@@ -64,6 +74,14 @@ class RecordingScheduler(Scheduler):
     token timeline can be laid beside ours; ``SLOScheduler`` builds on it. ``_schedule_step`` and
     ``_after_output`` are what a subclass changes; the timing wraps them both.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RecordingScheduler:
+        # vLLM decides whether its engine schedules asynchronously without looking at the class it
+        # is given, then builds that class: with async scheduling on, the class built is the one
+        # on vLLM's AsyncScheduler, which schedules a step while the one before it runs.
+        if kwargs["vllm_config"].scheduler_config.async_scheduling and not issubclass(cls, AsyncScheduler):
+            cls = ASYNC_VARIANTS[cls]
+        return super().__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         die_with_server()
@@ -130,6 +148,9 @@ class SLOScheduler(RecordingScheduler):
         self.slo_states: dict[str, SLORequestState] = {}
         self._logged_fit: tuple[tuple[float, float], int] | None = None  # the calibration last logged
         self.notices = NoticePublisher(self.slo_config.notices) if self.slo_config.notices else None
+        # The predicted seconds of each step scheduled whose output is not in yet (with async
+        # scheduling, the one that runs while the next is planned), oldest first.
+        self.in_flight_seconds: deque[float] = deque()
         self.step_view = _StepView(self)
         self.thinking_end = ThinkingEnd(self.structured_output_manager)
 
@@ -139,8 +160,10 @@ class SLOScheduler(RecordingScheduler):
     def add_request(self, request: Request) -> None:
         state = self._state(request)
         state.cached_tokens = self._cached_prefix(request)
-        live = [self._live(other) for other in (*self.running, *self.waiting)]
-        decision = self.slo_policy.admit(time.time(), self._live(request), live)
+        now = self._step_start()
+        with self._outputs_in_flight(now):
+            live = [self._live(other) for other in (*self._continuing(), *self.waiting)]
+            decision = self.slo_policy.admit(now, self._live(request), live)
         if state.program is not None and state.program.run_id in self.kv_holds:
             self.hold_takers[request.request_id] = state.program.run_id
         refused = None if decision.admitted else self._refusal(request)
@@ -258,7 +281,7 @@ class SLOScheduler(RecordingScheduler):
                 )  # fmt: skip
 
     def _live(self, request: Request) -> LiveRequest:
-        return LiveRequest.of(self._state(request), request.num_tokens, request.num_computed_tokens)
+        return LiveRequest.of(self._state(request), _num_tokens(request), request.num_computed_tokens)
 
     def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
         """vLLM sends a request back to recompute; its freed blocks keep their prefix cached."""
@@ -293,22 +316,55 @@ class SLOScheduler(RecordingScheduler):
             ProgramCall.from_xargs(xargs),
         )  # fmt: skip
 
+    def _step_start(self) -> float:
+        """When the step scheduled next starts: now, or with async scheduling once the step in
+        flight is done, as the policy's step-time model predicts it."""
+        return time.time() + sum(self.in_flight_seconds)
+
+    @contextmanager
+    def _outputs_in_flight(self, at: float) -> Iterator[None]:
+        """Decide as if the steps in flight had brought their tokens at ``at`` (vLLM's output
+        placeholders, one per token it expects), as the decision would after their output with
+        synchronous scheduling; their real times are recorded when they come."""
+        saved = []
+        for request in self.running:
+            state = self.slo_states.get(request.request_id)
+            if state is not None and request.num_output_placeholders:
+                saved.append((state, state.output_tokens, state.token_times.copy()))
+                state.record_output(at, _num_output_tokens(request))
+        try:
+            yield
+        finally:
+            for state, output_tokens, token_times in saved:
+                state.output_tokens, state.token_times = output_tokens, token_times
+
+    def _continuing(self) -> list[Request]:
+        """The running requests a step may still schedule: all but those whose last token is in
+        flight (with async scheduling), which vLLM schedules no more, as if they had finished."""
+        return [request for request in self.running if not _ends_in_flight(request)]
+
     def _schedule_step(self, *args: Any, **kwargs: Any):  # noqa: ANN202 - vLLM's SchedulerOutput
         self._forget_finished()
-        plan = plan_step(self.slo_policy, self.step_view, time.time())
-        for request, hold in zip(self.running, plan.held, strict=True):
+        now = self._step_start()
+        with self._outputs_in_flight(now):
+            plan = plan_step(self.slo_policy, self.step_view, now)
+        for request, hold in zip(self._continuing(), plan.held, strict=True):
             if hold:
                 # schedule() advances current_step by one, then skips requests not yet eligible.
                 request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
         engine_budget = self.max_num_scheduled_tokens
         self.max_num_scheduled_tokens = plan.token_budget
         try:
-            return super()._schedule_step(*args, **kwargs)
+            output = super()._schedule_step(*args, **kwargs)
         finally:
             self.max_num_scheduled_tokens = engine_budget
+        features = step_features(output, self.requests)
+        self.in_flight_seconds.append(0.0 if features is None else self.slo_policy.step_time.step_seconds(**features))
+        return output
 
     def _after_output(self, now: float) -> None:
         """Note when each running request's new output tokens came: the planner's window slack."""
+        self.in_flight_seconds.popleft()
         if self.hold_takers:
             self._release_taken_holds()
         for request in self.running:
@@ -361,7 +417,7 @@ class _StepView:
         s = self.scheduler
         candidates = [
             s._live(request) for request in (*s.running, *s.waiting)
-            if s._state(request).best_effort and request.num_output_tokens == 0
+            if s._state(request).best_effort and _num_output_tokens(request) == 0
             and s._state(request).first_token_deadline > now
         ]  # fmt: skip
         candidates.sort(key=lambda live: live.state.first_token_deadline)
@@ -369,7 +425,7 @@ class _StepView:
 
     def admitted_requests(self) -> list[LiveRequest]:
         s = self.scheduler
-        return [s._live(request) for request in (*s.running, *s.waiting) if not s._state(request).best_effort]
+        return [s._live(request) for request in (*s._continuing(), *s.waiting) if not s._state(request).best_effort]
 
     def promoted(self, requests: list[LiveRequest]) -> None:
         # The front end keeps the decision it reported at arrival and learns of the change.
@@ -383,11 +439,11 @@ class _StepView:
             s.waiting.clear()
             s.waiting.extend(ordered)
         if len(s.running) > 1:
-            s.running.sort(key=lambda request: policy.running_key(s._state(request), request.num_output_tokens))
+            s.running.sort(key=lambda request: policy.running_key(s._state(request), _num_output_tokens(request)))
 
     def running_requests(self) -> list[LiveRequest]:
         s = self.scheduler
-        return [s._live(request) for request in s.running]
+        return [s._live(request) for request in s._continuing()]
 
     def admitted_waiting_at_cap(self) -> int:
         s = self.scheduler
@@ -441,3 +497,40 @@ class _StepView:
         if not s.waiting or len(s.running) >= s.max_num_running_reqs:
             return None
         return s._state(next(iter(s.waiting))).cached_tokens  # the head of the ordered queue
+
+
+class AsyncRecordingScheduler(RecordingScheduler, AsyncScheduler):
+    """``RecordingScheduler`` on vLLM's ``AsyncScheduler``: what runs where vLLM schedules asynchronously."""
+
+
+class AsyncSLOScheduler(SLOScheduler, AsyncScheduler):
+    """``SLOScheduler`` on vLLM's ``AsyncScheduler``: what runs where vLLM schedules asynchronously."""
+
+
+# The class built for each class vLLM may be named, when its engine schedules asynchronously.
+ASYNC_VARIANTS: dict[type[RecordingScheduler], type[RecordingScheduler]] = {
+    RecordingScheduler: AsyncRecordingScheduler,
+    SLOScheduler: AsyncSLOScheduler,
+}
+
+
+# With async scheduling, vLLM counts the tokens a step in flight will bring as output placeholders
+# (none with synchronous scheduling): the views below count them as come.
+
+
+def _num_tokens(request: Request) -> int:
+    return request.num_tokens + request.num_output_placeholders
+
+
+def _num_output_tokens(request: Request) -> int:
+    return request.num_output_tokens + request.num_output_placeholders
+
+
+def _ends_in_flight(request: Request) -> bool:
+    """The step in flight brings the request's last token (max_tokens): vLLM's own test in
+    ``Scheduler.schedule``, which then schedules it no more, even if all its drafts are rejected."""
+    placeholders = request.num_output_placeholders
+    return (
+        placeholders > 0
+        and request.num_computed_tokens + 2 - placeholders >= request.num_prompt_tokens + request.max_tokens
+    )
