@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SLOSERVE = [sys.executable, "-m", "sloserve_runtime"]
 # The session engine runs with a server-wide TPOT default, so tests can see defaults applied.
 SERVER_DEFAULT_TPOT_MS = 900
+MAX_NUM_QUEUED_REQS = 20
 
 
 class Engine:
@@ -47,6 +48,10 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         str(SERVER_DEFAULT_TPOT_MS),
         "--step-log",
         str(step_log),
+        # vLLM's own queue cap passes through; no other test has this many requests in flight.
+        "--",
+        "--max-num-queued-reqs",
+        str(MAX_NUM_QUEUED_REQS),
     ]
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)

@@ -398,6 +398,43 @@ async def test_admission_reject_answers_429_with_retry_after_and_aborts(aclient,
     assert await _engine_queue(engine) == 0
 
 
+async def test_vllms_queue_cap_answers_503_before_our_admission(engine):
+    """``--max-num-queued-reqs`` (vLLM's, passed through) refuses in the API server, before the
+    request reaches our scheduler: a full queue is a 503 whatever the SLO; below it, our planner
+    decides (best effort, or a 429 in reject mode)."""
+    from conftest import MAX_NUM_QUEUED_REQS
+
+    async with httpx.AsyncClient(base_url=engine.base_url, timeout=120) as http:
+
+        async def hold() -> None:
+            body = {"model": engine.model, "prompt": "Tell a story.", "max_tokens": 400, "ignore_eos": True,
+                    "stream": True, "slo": {"ttft_ms": "120s"}}  # fmt: skip
+            async with http.stream("POST", "/completions", json=body) as response:
+                async for _ in response.aiter_raw():
+                    pass
+
+        holders = [asyncio.create_task(hold()) for _ in range(MAX_NUM_QUEUED_REQS)]
+        try:
+            deadline = time.monotonic() + 60
+            while await _engine_queue(engine) < MAX_NUM_QUEUED_REQS and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert await _engine_queue(engine) == MAX_NUM_QUEUED_REQS
+            response = await http.post(
+                "/completions", json={"model": engine.model, "prompt": "Hi", "max_tokens": 4},
+                headers={"x-slo-ttft-ms": "60000", "x-slo-admission": "reject"},
+            )  # fmt: skip
+            assert response.status_code == 503, response.text
+            assert "x-slo-admission" not in response.headers  # our scheduler never saw it
+        finally:
+            for task in holders:
+                task.cancel()
+            await asyncio.gather(*holders, return_exceptions=True)
+    deadline = time.monotonic() + 30
+    while await _engine_queue(engine) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert await _engine_queue(engine) == 0
+
+
 async def _token_counters(engine) -> tuple[float, float]:
     """vLLM's own counts of prompt tokens computed and tokens generated, from /metrics."""
     async with httpx.AsyncClient() as http:
