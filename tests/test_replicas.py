@@ -183,6 +183,32 @@ async def test_two_replicas_answer_the_openai_client(deployment):
     assert len(homes) == 1
 
 
+async def test_a_client_that_goes_away_mid_stream_frees_its_engine(deployment):
+    client = openai.AsyncOpenAI(base_url=deployment.url, api_key="unused", max_retries=0)
+    stream = await client.completions.create(
+        model=deployment.served_model, prompt="Write a long story.", max_tokens=1500, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    engine = deployment.replica_infos()[int(stream.response.headers["x-sloserve-replica"])]["url"]
+    received = 0
+    async for _ in stream:
+        received += 1
+        if received == 3:
+            break
+    await stream.close()
+    deadline = time.monotonic() + 20
+    while _running(engine) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert _running(engine) == 0, "the engine still runs a request whose client went away"
+
+
+def _running(engine_url: str) -> float:
+    """Requests the engine runs or holds, from vLLM's own /metrics."""
+    text = httpx.get(engine_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    prefixes = ("vllm:num_requests_running{", "vllm:num_requests_waiting{")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefixes))
+
+
 async def test_killed_replica_is_routed_around_and_replaced_by_ray_serve(deployment):
     client = openai.AsyncOpenAI(base_url=deployment.url, api_key="unused", max_retries=0)
     # A long answer is streaming from some replica when its engine dies.

@@ -118,15 +118,21 @@ class Ingress:
         return _error(503, f"no replica could take the call in {ATTEMPTS} tries; they are restarting, retry shortly")
 
 
-async def _relay(answer: AsyncIterator[bytes], head: dict[str, Any]) -> AsyncIterator[bytes]:
+async def _relay(answer: Any, head: dict[str, Any]) -> AsyncIterator[bytes]:
+    ended = False
     try:
         async for event in answer:
             yield event
+        ended = True
     except (RayError, EngineFailed) as exc:
         message = f"replica {head['headers'].get('x-sloserve-replica')} failed mid-answer ({_short(exc)}); " \
                   "the output above is incomplete"  # fmt: skip
         yield b"data: " + json.dumps({"error": {"message": message, "type": "ReplicaFailed", "code": 502}}).encode()
         yield b"\n\n"
+        ended = True
+    finally:
+        if not ended:  # the client went away: the replica stops, and vLLM aborts the request
+            answer.cancel()
 
 
 async def _reassemble(answer: AsyncIterator[bytes], head: dict[str, Any]) -> Response:
