@@ -12,6 +12,8 @@ from sloserve_runtime.core.router import (
     ROUTERS,
     LeastLoadedRouter,
     NoHealthyReplicaError,
+    PowerOfTwoRouter,
+    PrefixAffinityRouter,
     ReplicaView,
     RoundRobinRouter,
     Route,
@@ -22,6 +24,7 @@ from sloserve_runtime.core.slo_state import SLORequestState
 from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel
 from sloserve_runtime.measure.summary import summarize
 from sloserve_runtime.sim import simulate
+from sloserve_runtime.sim.cluster import Replica
 from sloserve_runtime.sim.config import SimConfig
 from sloserve_runtime.sim.loop import Simulation
 from sloserve_runtime.workload.programs import ProgramSpec, StageResult, StageSpec
@@ -40,8 +43,8 @@ def decoding(name: str, slo: SLO = LOOSE, context: int = 100) -> LiveRequest:
     return LiveRequest(SLORequestState.create(name, slo, 0.0, context, MODEL), to_compute=1, context=context)
 
 
-def replica(*admitted: LiveRequest, load: int | None = None, healthy: bool = True) -> ReplicaView:
-    return ReplicaView(Planner(MODEL, 512), admitted, len(admitted) if load is None else load, healthy)
+def replica(*admitted: LiveRequest, load: int | None = None, healthy: bool = True, cached: int = 0) -> ReplicaView:
+    return ReplicaView(Planner(MODEL, 512), admitted, len(admitted) if load is None else load, healthy, cached)
 
 
 def queued() -> ReplicaView:
@@ -169,13 +172,103 @@ def test_no_healthy_replica_is_an_error(name):
         make_router(name).route(0.0, arriving("new", LOOSE, 100), [replica(healthy=False)] * 2)
 
 
+def ray_sample(rng: random.Random, candidates: list[int]) -> list[int]:
+    """Ray Serve's two draws (``PowerOfTwoChoicesRequestRouter.choose_replicas``), written out again."""
+    if len(candidates) == 2:
+        return candidates if rng.getrandbits(1) else candidates[::-1]
+    first, second = rng.randrange(len(candidates)), rng.randrange(len(candidates) - 1)
+    return [candidates[first], candidates[second + (second >= first)]]
+
+
+def test_power_of_two_sends_each_request_to_the_shorter_queue_of_its_two_samples():
+    new = arriving("new", LOOSE, 100)
+    loads = [5, 2, 7, 1, 4]
+    replicas = [replica(load=load) for load in loads]
+    router, draws = PowerOfTwoRouter(seed=3), random.Random(3)
+    picks = [router.route(0.0, new, replicas).replica for _ in range(200)]
+    expected = [min(ray_sample(draws, list(range(5))), key=loads.__getitem__) for _ in range(200)]
+    assert picks == expected
+    assert 2 not in picks  # the longest queue loses to any other sample
+    assert len(set(picks)) == 4  # not least-loaded: the lightest replica is only sampled now and then
+
+
+def test_power_of_two_is_seeded_breaks_ties_to_the_first_sample_and_skips_unhealthy_replicas():
+    new = arriving("new", LOOSE, 100)
+    routers = [PowerOfTwoRouter(seed=seed) for seed in (0, 0, 1)]
+    runs = [[router.route(0.0, new, [idle()] * 4).replica for _ in range(50)] for router in routers]
+    assert runs[0] == runs[1] != runs[2]
+    # Equal queues: the first of the two samples wins, so picks follow Ray's first draw.
+    draws = random.Random(0)
+    assert runs[0] == [ray_sample(draws, [0, 1, 2, 3])[0] for _ in range(50)]
+    # Two healthy replicas of three: both are always the sample, and the shorter queue wins.
+    replicas = [replica(load=3), replica(load=0, healthy=False), replica(load=1)]
+    assert {PowerOfTwoRouter().route(0.0, new, replicas).replica for _ in range(20)} == {2}
+    # One healthy replica: the only choice.
+    assert PowerOfTwoRouter().route(0.0, new, [replica(load=9), replica(healthy=False)]) == Route(0, None)
+
+
+def test_prefix_affinity_uses_rays_defaults():
+    router = make_router("prefix-affinity")
+    assert isinstance(router, PrefixAffinityRouter)
+    assert router.imbalanced_threshold == PrefixAffinityRouter.IMBALANCED_THRESHOLD == float("inf")
+    assert router.match_rate_threshold == PrefixAffinityRouter.MATCH_RATE_THRESHOLD == 0.1
+
+
+def test_prefix_affinity_picks_the_longest_match_while_loads_are_balanced():
+    new = arriving("answer", LOOSE, 1000)
+    replicas = [replica(load=1), replica(load=6, cached=800), replica(load=0, cached=160)]
+    # Ray's default threshold never calls the load imbalanced: the longest match wins, busy or not.
+    assert PrefixAffinityRouter().route(0.0, new, replicas) == Route(1, None)
+    # A gap of 6 within a threshold of 6 is still balanced (imbalanced is a gap above it).
+    assert PrefixAffinityRouter(imbalanced_threshold=6).route(0.0, new, replicas) == Route(1, None)
+    # Replicas with the same longest match: the shorter queue among them.
+    tied = [replica(load=4, cached=800), replica(load=2, cached=800), replica(load=0)]
+    assert PrefixAffinityRouter().route(0.0, new, tied) == Route(1, None)
+    # A match of exactly 10 % of the prompt is enough; an unhealthy replica's match does not count.
+    assert PrefixAffinityRouter().route(0.0, new, [replica(load=0), replica(load=3, cached=100)]) == Route(1, None)
+    unhealthy = [replica(load=0), replica(load=0, cached=800, healthy=False), replica(load=3, cached=400)]
+    assert PrefixAffinityRouter().route(0.0, new, unhealthy) == Route(2, None)
+
+
+def test_prefix_affinity_falls_back_to_power_of_two_when_loads_are_imbalanced():
+    new = arriving("answer", LOOSE, 1000)
+    loads = [9, 0, 3, 2]
+    replicas = [replica(load=load, cached=800 if index == 0 else 0) for index, load in enumerate(loads)]
+    router, twin = PrefixAffinityRouter(seed=5, imbalanced_threshold=8), PowerOfTwoRouter(seed=5)
+    picks = [router.route(0.0, new, replicas).replica for _ in range(40)]
+    assert picks == [twin.route(0.0, new, replicas).replica for _ in range(40)]
+    assert 0 not in picks  # the match sits on the replica with the longest queue
+
+
+def test_prefix_affinity_goes_to_the_smallest_tenant_when_the_match_is_short():
+    new = arriving("chat", LOOSE, 1000)
+    short = [replica(load=2, cached=96), replica(load=1), replica(load=3)]  # 9.6 %: under the threshold
+    router = PrefixAffinityRouter()
+    # A new router's tree is empty: every replica is a smallest tenant, and the shortest queue wins.
+    assert router.route(0.0, new, short) == Route(1, None)
+    assert router.tree_tokens == {1: 1000}
+    # Now replicas 0 and 2 hold less of the tree than replica 1: the shorter queue of those two.
+    assert router.route(0.0, new, short) == Route(0, None)
+    assert router.tree_tokens == {1: 1000, 0: 1000 - 96}  # the tree inserts what it did not hold
+    assert router.route(0.0, new, short) == Route(2, None)
+    # A match (800 tokens on replica 2) wins over tenancy; only the unmatched tokens join the tree.
+    matched = [replica(load=0), replica(load=0), replica(load=5, cached=800)]
+    assert router.route(0.0, new, matched) == Route(2, None)
+    assert router.tree_tokens == {1: 1000, 0: 904, 2: 1200}
+
+
 def test_routers_are_made_by_name():
-    assert {name: type(make_router(name)) for name in ("slo", "round-robin", "least-loaded")} == {
+    assert {name: type(make_router(name)) for name in ROUTERS} == {
         "slo": SLORouter,
         "round-robin": RoundRobinRouter,
         "least-loaded": LeastLoadedRouter,
+        "power-of-two": PowerOfTwoRouter,
+        "prefix-affinity": PrefixAffinityRouter,
     }
-    with pytest.raises(ValueError, match="unknown router 'random'; choose from slo, round-robin, least-loaded"):
+    with pytest.raises(
+        ValueError,
+        match="unknown router 'random'; choose from slo, round-robin, least-loaded, power-of-two, prefix-affinity",
+    ):
         make_router("random")
 
 
@@ -241,3 +334,57 @@ def test_cluster_needs_a_replica_and_a_known_router():
         simulate(chat_trace(3, 1.0), "sloserve", ENGINE, replicas=0)
     with pytest.raises(ValueError, match="unknown router 'nearest'"):
         simulate(chat_trace(3, 1.0), "sloserve", ENGINE, replicas=2, router="nearest")
+
+
+def two_call_trace(count: int, rate: float, seed: int = 3) -> list[ProgramSpec]:
+    """Programs of two calls; the second resends the first's prompt and answer (its prefix) and more."""
+    rng = random.Random(seed)
+    arrival, trace = 0.0, []
+    for index in range(count):
+        arrival += rng.expovariate(rate)
+        prompt, output = rng.randint(200, 800), rng.randint(5, 30)
+        first = StageSpec("ask", prompt, output, CHAT)
+        second = StageSpec("answer", prompt + output + 50, 10, CHAT, delay_s=0.05, shared_prefix_tokens=prompt + output)
+        trace.append(ProgramSpec(index, arrival, "tool-calling", (first, second)))
+    return trace
+
+
+def kv_state(replica) -> tuple:
+    kv = replica.engine.kv
+    shared = {key: tuple(entry) for key, entry in kv.shared.items()}
+    return kv.free_blocks, kv.cached_blocks, dict(kv.cached), dict(kv.pinned), shared, dict(kv.sharing)
+
+
+def test_cluster_views_carry_each_replicas_cached_prefix_and_prefix_affinity_follows_it(monkeypatch):
+    trace = two_call_trace(120, rate=6.0)
+    sim = Simulation(trace, "sloserve", SimConfig(step_time=ENGINE), replicas=3, router="prefix-affinity")
+    view = Replica.view
+
+    def checked_view(replica, request=None):
+        before = kv_state(replica)
+        seen = view(replica, request)
+        assert kv_state(replica) == before  # looked up, not claimed
+        assert seen.cached_tokens == replica.engine.kv.hit_tokens(request.program_index, request.cache_limit)
+        return seen
+
+    monkeypatch.setattr(Replica, "view", checked_view)
+    routes: list[tuple[int, int, list[int], int]] = []  # (program, stage, cached tokens per replica, replica)
+    route = sim.cluster.router.route
+
+    def recorded(now, new, replicas, home=None):
+        chosen = route(now, new, replicas, home)
+        program, stage = (int(part) for part in new.state.request_id.split("/"))
+        routes.append((program, stage, [view.cached_tokens for view in replicas], chosen.replica))
+        return chosen
+
+    sim.cluster.router.route = recorded
+    results = sim.run()
+    assert all(len(result.token_times) == result.output_tokens for result in results if result.error is None)
+    first_calls = {program: replica for program, stage, _, replica in routes if stage == 0}
+    later = [(program, cached, replica) for program, stage, cached, replica in routes if stage == 1]
+    assert all(not any(cached) for program, stage, cached, _ in routes if stage == 0)  # nothing to share yet
+    matched = [(program, cached, replica) for program, cached, replica in later if any(cached)]
+    assert len(matched) > len(later) / 2  # the first call's context is still held or cached
+    for program, cached, replica in matched:
+        # Only the replica that served the first call holds its prefix, and the second call goes there.
+        assert [index for index, tokens in enumerate(cached) if tokens] == [first_calls[program]] == [replica]

@@ -9,6 +9,9 @@ the same routers. Routers are registered by name in ``ROUTERS``:
   earlier ones (it holds their prefix) while it is feasible there. When no replica is feasible,
   the least loaded gets it, and its own admission makes it best effort there.
 * ``round-robin`` and ``least-loaded`` — the baselines.
+* ``power-of-two`` and ``prefix-affinity`` — Ray Serve's baselines: its default request router
+  (``PowerOfTwoChoicesRequestRouter``) and Ray Serve LLM's ``PrefixCacheAffinityRouter``, each
+  reduced to its rule on queue lengths (and prefix matches), as their docstrings say.
 
 >>> from sloserve.slo import SLO
 >>> from sloserve_runtime.core.planner import Planner
@@ -24,6 +27,7 @@ Route(replica=1, feasible=True)
 from __future__ import annotations
 
 import math
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +44,9 @@ class ReplicaView:
     admitted: Sequence[LiveRequest]  # its unfinished admitted requests, which a new one is weighed against
     load: int  # its unfinished requests of every class, admitted and best effort
     healthy: bool = True  # a replica that is down or draining gets no new request
+    # The new request's prompt tokens this replica already holds (its longest cached prefix), as
+    # the replica's prefix cache or a router's prefix tree knows them; 0 where nobody says.
+    cached_tokens: int = 0
 
 
 class Route(NamedTuple):
@@ -142,7 +149,107 @@ class SLORouter(Router):
         return view.planner.admit(now, new, view.admitted).admitted
 
 
-ROUTERS: dict[str, type[Router]] = {router.name: router for router in (SLORouter, RoundRobinRouter, LeastLoadedRouter)}
+def _two_choices(rng: random.Random, candidates: Sequence[int]) -> list[int]:
+    """Ray Serve's sample for the power of two choices: two distinct candidates in random order
+    (one when there is one), drawn as ``PowerOfTwoChoicesRequestRouter.choose_replicas`` draws them."""
+    count = len(candidates)
+    if count == 1:
+        return [candidates[0]]
+    if count == 2:
+        return [candidates[0], candidates[1]] if rng.getrandbits(1) else [candidates[1], candidates[0]]
+    first, second = rng.randrange(count), rng.randrange(count - 1)
+    if second >= first:
+        second += 1
+    return [candidates[first], candidates[second]]
+
+
+def _shortest_queue(replicas: Sequence[ReplicaView], chosen: Sequence[int]) -> int:
+    """The chosen replica with the shortest queue; the first chosen among equals (Ray's strict ``<``)."""
+    return min(chosen, key=lambda index: replicas[index].load)
+
+
+class PowerOfTwoRouter(Router):
+    """Ray Serve's default request router (``PowerOfTwoChoicesRequestRouter``), on queue lengths.
+
+    Two distinct healthy replicas are sampled at random (Ray's draw, from a seeded
+    ``random.Random``: the same seed routes a trace the same way) and the request goes to the one
+    with the shorter queue (``ReplicaView.load``), the first sampled on a tie.
+
+    Left out of Ray's router: its locality and model-multiplexing preferences (which replicas are
+    sampled from), the queue-length probes (here the load is known exactly, as of the arrival),
+    the ``max_ongoing_requests`` cap (a replica at it refuses, and Ray samples again after a
+    backoff: here every replica accepts), and the FIFO order of requests waiting to be routed.
+    """
+
+    name = "power-of-two"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = random.Random(seed)
+
+    def route(self, now: float, new: LiveRequest, replicas: Sequence[ReplicaView], home: int | None = None) -> Route:
+        return Route(_shortest_queue(replicas, _two_choices(self.rng, _healthy(replicas))), None)
+
+
+class PrefixAffinityRouter(Router):
+    """Ray Serve LLM's ``PrefixCacheAffinityRouter``, on queue lengths and prefix matches.
+
+    Its rule (Ray 2.60's ``_prefix_match_best_replicas``), with Ray's defaults:
+
+    * when the load is imbalanced, the longest queue more than ``imbalanced_threshold`` requests
+      longer than the shortest (Ray's default: infinity, so never), power of two choices;
+    * else, when the longest prefix match is at least ``match_rate_threshold`` of the prompt (Ray's
+      default: 0.1), the replicas holding that longest match; when it is shorter, the *smallest
+      tenants*: the replicas whose share of Ray's prefix tree is the smallest;
+    * among the replicas so chosen, the one with the shortest queue, the first on a tie.
+
+    The prefix match is ``ReplicaView.cached_tokens`` over the prompt. The tree's share of a replica
+    is counted here: the prompt tokens routed to it that it did not hold (the tokens Ray's tree
+    inserts for it, in tokens rather than characters); Ray's tree evicts nothing by default, and
+    neither does this count.
+
+    Left out, as for ``power-of-two``: the locality and multiplexing preferences, the queue-length
+    probes, ``max_ongoing_requests`` and the FIFO order. The match is the replica's own cache as
+    of the arrival (``cached_tokens``), where Ray's tree remembers every prompt it routed, evicted
+    by the engine or not, and matches text across requests, where the simulator's cache shares
+    prefixes only within a program run.
+    """
+
+    name = "prefix-affinity"
+    IMBALANCED_THRESHOLD = math.inf  # Ray's default ``imbalanced_threshold``
+    MATCH_RATE_THRESHOLD = 0.1  # Ray's default ``match_rate_threshold``
+
+    def __init__(
+        self, seed: int = 0, imbalanced_threshold: float = IMBALANCED_THRESHOLD,
+        match_rate_threshold: float = MATCH_RATE_THRESHOLD,
+    ) -> None:  # fmt: skip
+        self.rng = random.Random(seed)
+        self.imbalanced_threshold = imbalanced_threshold
+        self.match_rate_threshold = match_rate_threshold
+        self.tree_tokens: dict[int, int] = {}  # replica index -> prompt tokens its part of the tree holds
+
+    def route(self, now: float, new: LiveRequest, replicas: Sequence[ReplicaView], home: int | None = None) -> Route:
+        healthy = _healthy(replicas)
+        # Ray draws the power-of-two sample first, whether it falls back to it or not.
+        chosen = _two_choices(self.rng, healthy)
+        loads = [replicas[index].load for index in healthy]
+        if max(loads) - min(loads) <= self.imbalanced_threshold:
+            longest = max(replicas[index].cached_tokens for index in healthy)
+            prompt = max(new.state.prompt_tokens, 1)
+            if longest > 0 and longest / prompt >= self.match_rate_threshold:
+                chosen = [index for index in healthy if replicas[index].cached_tokens == longest]
+            else:
+                smallest = min(self.tree_tokens.get(index, 0) for index in healthy)
+                chosen = [index for index in healthy if self.tree_tokens.get(index, 0) == smallest]
+        picked = _shortest_queue(replicas, chosen)
+        inserted = max(new.state.prompt_tokens - replicas[picked].cached_tokens, 0)
+        self.tree_tokens[picked] = self.tree_tokens.get(picked, 0) + inserted
+        return Route(picked, None)
+
+
+ROUTERS: dict[str, type[Router]] = {
+    router.name: router
+    for router in (SLORouter, RoundRobinRouter, LeastLoadedRouter, PowerOfTwoRouter, PrefixAffinityRouter)
+}
 
 
 def make_router(name: str) -> Router:

@@ -23,10 +23,18 @@ class Replica:
     # Requests placed here during the step under way: the engine adds them when it ends.
     arrived: list[SimRequest] = field(default_factory=list)
 
-    def view(self) -> ReplicaView:
+    def view(self, request: SimRequest | None = None) -> ReplicaView:
+        """What the router knows of this replica: its admitted requests and those placed here that
+        its engine takes at the end of the step under way (the front end's router counts the calls
+        it sent since the replica's last report the same way); with ``request``, also the prompt
+        tokens of it that this replica's prefix cache holds now (looked up, not claimed: the cache
+        is left as it was)."""
         engine = self.engine
-        admitted = [request.live() for request in engine.admitted.values()]
-        return ReplicaView(self.planner, admitted, load=len(engine.running) + len(engine.waiting) + len(self.arrived))
+        admitted = [other.live() for other in engine.admitted.values()]
+        admitted += [other.live() for other in self.arrived]
+        load = len(engine.running) + len(engine.waiting) + len(self.arrived)
+        cached = 0 if request is None else engine.kv.hit_tokens(request.program_index, request.cache_limit)
+        return ReplicaView(self.planner, admitted, load=load, cached_tokens=cached)
 
 
 class Cluster:
@@ -48,7 +56,7 @@ class Cluster:
         """The replica that gets ``request``, arriving at ``now``."""
         if len(self.replicas) == 1:
             return self.replicas[0]
-        views = [replica.view() for replica in self.replicas]
+        views = [replica.view(request) for replica in self.replicas]
         route = self.router.route(now, request.live(), views, self._homes.get(request.program_index))
         self._homes[request.program_index] = route.replica
         self.infeasible_routes += route.feasible is False
