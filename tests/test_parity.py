@@ -867,3 +867,34 @@ def test_a_program_runs_context_is_held_between_its_calls_and_released(vllm_conf
     assert "run-1" not in scheduler.kv_holds and not scheduler.hold_takers
     assert pool.get_num_free_blocks() > free_before  # released back to vLLM's cache
     assert not scheduler.slo_policy.programs.runs  # the run said it was over
+
+
+def test_a_held_context_gives_way_to_a_request_that_cannot_start_without_its_blocks(vllm_config_cached, clock):
+    """A hold never keeps the head of the queue from the blocks it needs: vLLM would leave it
+    waiting, and with nothing running no call would end to release the hold."""
+    scheduler = make_scheduler(vllm_config_cached, num_blocks=20)
+    hasher = block_hasher(vllm_config_cached)
+    block_size = scheduler.block_size
+    call = ProgramCall("run-1", "agent", "act", arrival=NOW, remaining=("act",))
+    xargs = slo_to_xargs(SLO.parse("60s", None), clock.now) | call.to_xargs()
+    held = Request("held", [100 + k % 900 for k in range(8 * block_size)], SamplingParams(max_tokens=4, ignore_eos=True,
+                   extra_args=xargs), None, arrival_time=clock.now, block_hasher=hasher)  # fmt: skip
+    scheduler.add_request(held)
+    while held.request_id in scheduler.requests:
+        output = scheduler.schedule()
+        scheduler.update_from_output(output, forward_pass(scheduler.requests, list(output.num_scheduled_tokens)))
+        clock.now += 0.05
+    assert len(scheduler.kv_holds["run-1"]) == 8
+    # 19 usable blocks (one is vLLM's null block), 8 held: a request of 12 blocks cannot run beside them.
+    big = [5000 + k % 997 for k in range(12 * block_size - 8)]
+    params = SamplingParams(max_tokens=4, ignore_eos=True, extra_args=slo_to_xargs(SLO.parse("60s", None)))
+    scheduler.add_request(Request("big", big, params, None, arrival_time=clock.now, block_hasher=hasher))
+    output = scheduler.schedule()
+    for _ in range(200):
+        scheduler.update_from_output(output, forward_pass(scheduler.requests, list(output.num_scheduled_tokens)))
+        clock.now += 0.05
+        if "big" not in scheduler.requests:
+            break
+        output = scheduler.schedule()
+    assert "big" not in scheduler.requests, "the request never ended beside the held context"
+    assert "run-1" not in scheduler.kv_holds

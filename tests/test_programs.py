@@ -192,6 +192,30 @@ def test_held_context_is_released_after_a_thousand_programs(h200):
     assert engine.kv.free_blocks == engine.kv.capacity_blocks
 
 
+def test_a_held_context_gives_way_to_a_request_that_cannot_start_without_its_blocks():
+    """A run's context is held while its next call is away (a tool, or another replica), but never
+    against the head of the queue: with the KV short, the hold is freed and the request starts
+    (before, the simulated engine stalled with nothing running, waiting for a hold to time out)."""
+    from dataclasses import replace as replaced
+
+    from sloserve_runtime.workload.programs import ProgramSpec, StageSpec
+
+    config = replaced(SimConfig.for_step_time(MODEL), kv_capacity_tokens=1024, block_size=16)
+
+    def agent(index: int, arrival: float, tool_seconds: float) -> ProgramSpec:
+        first, later = StageSpec("act", 600, 8, LOOSE), StageSpec("act", 650, 8, LOOSE, delay_s=tool_seconds)
+        return ProgramSpec(index, arrival, "agent", (first, replaced(later, shared_prefix_tokens=608)))
+
+    # The first run teaches the server that an act call follows; the second's context is held
+    # through its 20 s tool call, over most of the 64 blocks, when a 45-block request comes.
+    trace = [agent(0, 0.0, 0.1), agent(1, 2.0, 20.0), ProgramSpec(2, 3.0, "other", (StageSpec("ask", 700, 8, LOOSE),))]
+    simulation = Simulation(trace, "sloserve", config)
+    results = simulation.run()
+    ask = next(r for r in results if r.stage == "ask")
+    assert ask.token_times and ask.token_times[0] < 5.0  # it did not wait out the hold's 30 s
+    assert len(results) == 5 and all(len(r.token_times) == 8 for r in results)
+
+
 def test_a_fan_out_sends_its_calls_together_and_the_join_after_the_last(h200):
     trace = load_scenario("agentic").trace(rate=0.2, num_programs=20, seed=2)
     results = simulate(trace, "sloserve", h200.step_time, h200)

@@ -204,6 +204,23 @@ class SLOScheduler(RecordingScheduler):
         if blocks:
             self.kv_cache_manager.block_pool.free_blocks(blocks)
 
+    def _holds_give_way(self) -> None:
+        """A held prefix never keeps the head of the queue from its KV: the holds of runs that
+        ended or timed out go first, then other runs' holds, oldest first, until the head's
+        blocks are free. (vLLM would leave a request that cannot get blocks waiting, and with
+        nothing running no request would end to release a hold.)"""
+        for run_id in self.slo_policy.released_holds(time.time()):
+            self._unhold(run_id)
+        head = next(iter(self.waiting))
+        state = self.slo_states.get(head.request_id)
+        own = None if state is None or state.program is None else state.program.run_id
+        pool = self.kv_cache_manager.block_pool
+        needed = -(-(head.num_tokens + 1) // self.cache_config.block_size)  # at most: none of it cached
+        for run_id in [run_id for run_id in self.kv_holds if run_id != own]:
+            if pool.get_num_free_blocks() >= needed:
+                return
+            self._unhold(run_id)
+
     def _release_taken_holds(self) -> None:
         """A held prefix goes back to vLLM's cache once the call that starts from it holds its own
         reference (it is running), or that call ended first."""
@@ -345,6 +362,8 @@ class SLOScheduler(RecordingScheduler):
 
     def _schedule_step(self, *args: Any, **kwargs: Any):  # noqa: ANN202 - vLLM's SchedulerOutput
         self._forget_finished()
+        if self.kv_holds and self.waiting:
+            self._holds_give_way()
         now = self._step_start()
         with self._outputs_in_flight(now):
             plan = plan_step(self.slo_policy, self.step_view, now)

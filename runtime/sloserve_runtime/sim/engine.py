@@ -95,6 +95,7 @@ class Engine:
         requests: list[SimRequest] = []
         tokens: list[int] = []
         drafts: list[int] = []
+        self._holds_give_way()
         plan = plan_step(self.policy, self, now)
         budget, preempted = self._schedule_running(plan.token_budget, plan.held, requests, tokens)
         # vLLM admits no waiting request in a step that had to preempt: memory is short.
@@ -164,6 +165,21 @@ class Engine:
         for run_id in self.policy.released_holds(now):
             key = self.holds.pop(run_id, None)
             if key is not None:
+                self.kv.unhold(key)
+
+    def _holds_give_way(self) -> None:
+        """A held prefix never keeps the head of the queue from its KV: holds of other runs are
+        freed to the cache, oldest first, until it fits. A hold spares a run's next call its
+        prefill; kept against a request that cannot start, it would stall the engine (a run whose
+        next call went to another replica leaves its hold until it times out)."""
+        if not self.holds or not len(self.waiting):
+            return
+        head = self.waiting.peek()
+        for run_id, key in list(self.holds.items()):
+            if self.kv.fits(head.num_tokens, head.program_index):
+                return
+            if key != head.program_index:
+                del self.holds[run_id]
                 self.kv.unhold(key)
 
     # ---- the step pipeline's view of this engine (``core.step.StepEngine``) ----
