@@ -71,11 +71,11 @@ async def test_router_counts_calls_it_sent_since_the_last_report():
     sent = routing.sent[first.replica_id]
     reported = next(iter(sent))
     first.routing_stats = {"in_flight": [{**sent[reported], "output_tokens": 5}]}
-    assert routing.view(first).load == 2
+    assert routing.view(first, time.time()).load == 2
     # A completed call no longer weighs.
     routing.on_request_completed(first.replica_id, f"internal-{reported}")
     first.routing_stats = {"in_flight": []}
-    assert routing.view(first).load == 1
+    assert routing.view(first, time.time()).load == 1
 
 
 async def test_router_keeps_a_program_on_its_replica_while_it_is_a_candidate():

@@ -43,8 +43,10 @@ def decoding(name: str, slo: SLO = LOOSE, context: int = 100) -> LiveRequest:
     return LiveRequest(SLORequestState.create(name, slo, 0.0, context, MODEL), to_compute=1, context=context)
 
 
-def replica(*admitted: LiveRequest, load: int | None = None, healthy: bool = True, cached: int = 0) -> ReplicaView:
-    return ReplicaView(Planner(MODEL, 512), admitted, len(admitted) if load is None else load, healthy, cached)
+def replica(
+    *admitted: LiveRequest, load: int | None = None, healthy: bool = True, cached: int = 0, recent: float = 0.0
+) -> ReplicaView:
+    return ReplicaView(Planner(MODEL, 512), admitted, len(admitted) if load is None else load, healthy, cached, recent)
 
 
 def queued() -> ReplicaView:
@@ -92,21 +94,27 @@ def test_a_prefill_under_way_goes_before_a_new_request_whatever_its_deadline():
     under_way = LiveRequest(SLORequestState.create("long", SLO.parse("10s", "100ms"), 0.0, 2000, MODEL), 1500, 500)
     long_prefill = replica(under_way)
     assert first_token(long_prefill, new) > 1.5  # three 512-token steps (0.522 s each) come first
-    assert SLORouter().route(0.0, new, [long_prefill, busy_decoding()]) == Route(1, True)
+    due_in_a_second = arriving("due", SLO.parse("1s", "100ms"), 100)
+    assert SLORouter().route(0.0, due_in_a_second, [long_prefill, busy_decoding()]) == Route(1, True)
 
 
 # ---- the SLO router ----
 
 
-def test_slo_router_picks_the_feasible_replica_with_most_slack():
+def test_slo_router_picks_the_feasible_replica_sent_the_least_work_lately():
     new = arriving("new", LOOSE, 100)
-    replicas = [queued(), idle(), busy_decoding()]
+    replicas = [replica(recent=300.0), replica(recent=50.0), replica(recent=100.0)]
     assert SLORouter().route(0.0, new, replicas) == Route(1, True)
+    # Not the idlest now: the one sent the least lately, whose runs will bring the least back.
+    assert SLORouter().route(0.0, new, [replica(recent=400.0), replica(decoding("d"), recent=100.0)]) == Route(1, True)
 
 
 def test_slo_router_never_picks_an_unhealthy_replica():
     new = arriving("new", LOOSE, 100)
     replicas = [queued(), replica(healthy=False), busy_decoding()]
+    assert SLORouter().route(0.0, new, replicas) == Route(0, True)
+    # The replica sent the least lately is down: the next one.
+    replicas = [replica(recent=300.0), replica(healthy=False), replica(recent=200.0)]
     assert SLORouter().route(0.0, new, replicas) == Route(2, True)
 
 
@@ -125,7 +133,7 @@ def test_slo_router_sends_a_request_feasible_nowhere_to_the_least_loaded_replica
     assert SLORouter().route(0.0, new, replicas) == Route(1, False)
 
 
-def test_equal_slack_goes_to_the_less_loaded_replica():
+def test_equal_recent_work_goes_to_the_less_loaded_replica():
     no_ttft = SLO.parse(None, "100ms")
     new = arriving("new", no_ttft, 100)
     replicas = [busy_decoding(), replica(*(decoding(f"d{i}") for i in range(2)))]
@@ -360,9 +368,9 @@ def test_cluster_views_carry_each_replicas_cached_prefix_and_prefix_affinity_fol
     sim = Simulation(trace, "sloserve", SimConfig(step_time=ENGINE), replicas=3, router="prefix-affinity")
     view = Replica.view
 
-    def checked_view(replica, request=None):
+    def checked_view(replica, request=None, recent_tokens=0.0):
         before = kv_state(replica)
-        seen = view(replica, request)
+        seen = view(replica, request, recent_tokens)
         assert kv_state(replica) == before  # looked up, not claimed
         assert seen.cached_tokens == replica.engine.kv.hit_tokens(request.program_index, request.cache_limit)
         return seen

@@ -4,17 +4,15 @@
 # program attainment, over K) of our `slo` router against Ray Serve's default router
 # (`power-of-two`), Ray Serve LLM's `prefix-affinity`, `round-robin` and `least-loaded`, at K = 4
 # and 8 replicas (and one replica, without a router, for reference). Every router at one K gets
-# the same trace (seed 0, 300 programs per replica per probe). Tool-calling runs the planner
-# without the context hold (`sloserve-nohold`): with it, a program whose later call is routed
-# away from the replica holding its context leaves that hold behind, and the simulated engine
-# stalls (see the results page). Deterministic; one process, about 20 minutes on a 2-core machine.
+# the same trace (seed 0, 300 programs per replica per probe); every replica runs `sloserve`.
+# Deterministic; one process, about 20 minutes on a 2-core machine.
 #
 #   bash docs/scripts/router_figures.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SIM=".venv/bin/sloserve simulate"
 ROUTERS="slo,power-of-two,prefix-affinity,round-robin,least-loaded"
-for run in burst:sloserve tool-calling:sloserve-nohold; do
+for run in burst:sloserve tool-calling:sloserve; do
   scenario=${run%%:*} scheduler=${run##*:}
   start=$(date +%s)
   $SIM --scenario "$scenario" --profile h200-opt13b-measured --scheduler "$scheduler" \

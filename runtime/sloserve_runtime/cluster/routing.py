@@ -6,7 +6,8 @@
 routing stats (``EngineReplica.record_routing_stats``: its requests in flight, with their SLOs
 and output so far) together with the calls this router sent it since and that have not ended,
 so a burst between two reports is not routed blind. A program's later call goes to the replica
-of its earlier ones while that one is a candidate (``home``). Other calls (``models``) take any
+of its earlier ones while that one is a candidate (``home``), which holds the run's context: its
+view counts the prompt of the run's last call as cached there. Other calls (``models``) take any
 replica.
 """
 
@@ -21,7 +22,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from sloserve.slo import SLO
 from sloserve_runtime.cluster.replica import RoutedCall
 from sloserve_runtime.core.planner import LiveRequest, Planner
-from sloserve_runtime.core.router import NoHealthyReplicaError, ReplicaView, make_router
+from sloserve_runtime.core.router import NoHealthyReplicaError, RecentWork, ReplicaView, make_router
 from sloserve_runtime.core.slo_state import SLORequestState
 from sloserve_runtime.core.step_time import StepTimeModel
 
@@ -50,7 +51,9 @@ class SLORequestRouter(RequestRouter):
         self.router = make_router(router)
         self.planners: dict[ReplicaID, Planner] = {}
         self.sent: dict[ReplicaID, dict[str, dict[str, Any]]] = {}  # calls routed here and not ended
-        self.homes: OrderedDict[str, ReplicaID] = OrderedDict()  # program run -> replica of its last call
+        # program run -> (replica of its last call, that call's prompt tokens: its cache there)
+        self.homes: OrderedDict[str, tuple[ReplicaID, int]] = OrderedDict()
+        self.recent = RecentWork()  # new prompt tokens sent to each replica lately
         self.ids: dict[str, tuple[ReplicaID, str]] = {}  # Serve's internal id -> (replica, our id)
 
     async def choose_replicas(
@@ -59,28 +62,34 @@ class SLORequestRouter(RequestRouter):
         call = _call_of(pending_request)
         if call is None or len(candidate_replicas) < 2:
             return [candidate_replicas]
-        views = [self.view(replica) for replica in candidate_replicas]
+        now = time.time()
+        home_id, cached = self.homes.get(call.program, (None, 0)) if call.program else (None, 0)
+        cached = min(cached, call.prompt_tokens)
+        views = [
+            self.view(replica, now, cached if replica.replica_id == home_id else 0) for replica in candidate_replicas
+        ]
         new = live_request(call.stats_entry(0), self.step_time)
-        home_id = self.homes.get(call.program) if call.program else None
         ids = [replica.replica_id for replica in candidate_replicas]
         home = ids.index(home_id) if home_id in ids else None
         try:
-            chosen = self.router.route(time.time(), new, views, home=home).replica
+            chosen = self.router.route(now, new, views, home=home).replica
         except NoHealthyReplicaError:
             return [candidate_replicas]
+        self.recent.add(ids[chosen], call.prompt_tokens - views[chosen].cached_tokens, now)
         # Counted there from now on (Serve calls ``on_request_routed`` only where replicas may reject
         # a call); the chosen one first, the rest after it should Serve find it full.
         self._sent_to(ids[chosen], call, pending_request)
         rest = [replica for index, replica in enumerate(candidate_replicas) if index != chosen]
         return [[candidate_replicas[chosen]], rest]
 
-    def view(self, replica: RunningReplica) -> ReplicaView:
+    def view(self, replica: RunningReplica, now: float, cached_tokens: int = 0) -> ReplicaView:
         reported = {entry["id"]: entry for entry in (replica.routing_stats or {}).get("in_flight", [])}
         sent = self.sent.get(replica.replica_id, {})
         entries = {**sent, **reported}  # the replica's own account wins for the calls it has seen
         planner = self.planners.setdefault(replica.replica_id, Planner(self.step_time, self.max_num_batched_tokens))
         admitted = [live_request(entry, self.step_time) for entry in entries.values()]
-        return ReplicaView(planner, admitted, load=len(entries))
+        recent = self.recent.of(replica.replica_id, now)
+        return ReplicaView(planner, admitted, load=len(entries), cached_tokens=cached_tokens, recent_tokens=recent)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         call = _call_of(pending_request)
@@ -95,7 +104,7 @@ class SLORequestRouter(RequestRouter):
         self.sent.setdefault(replica_id, {})[call.request_id] = call.stats_entry(0)
         self.ids[internal] = (replica_id, call.request_id)
         if call.program:
-            self.homes[call.program] = replica_id
+            self.homes[call.program] = (replica_id, call.prompt_tokens)
             self.homes.move_to_end(call.program)
             while len(self.homes) > PROGRAMS_REMEMBERED:
                 self.homes.popitem(last=False)
@@ -109,6 +118,7 @@ class SLORequestRouter(RequestRouter):
         super().on_replica_actor_died(replica_id)
         self.sent.pop(replica_id, None)
         self.planners.pop(replica_id, None)
+        self.recent.forget(replica_id)
 
 
 def _call_of(pending_request: PendingRequest | None) -> RoutedCall | None:

@@ -235,7 +235,7 @@ class PlannerPolicy(DeadlinePolicy):
                 True, f"admitted: call {run.calls} of program run {call.run_id}, admitted at its first stage"
             )
         future = tightest(expected) if expected else None
-        decision = self.planner.admit(now, new, live, future, self._reserved_decodes())
+        decision = self.planner.admit(now, new, live, future, self.reserved_decodes())
         if decision.admitted:
             decision = self._kv_fits(new, live, expected)
         due = call_due(call.deadline(now if run is None else run.first_arrival), expected)
@@ -251,7 +251,7 @@ class PlannerPolicy(DeadlinePolicy):
             book.promoted(call)
         return decision
 
-    def _reserved_decodes(self) -> tuple[frozenset[float], int, int]:
+    def reserved_decodes(self) -> tuple[frozenset[float], int, int]:
         """The decodes the admitted runs between stages will bring back: (tiers, count, context)."""
         book = self.programs
         return frozenset(book.reserved_tiers), book.reserved_calls, book.reserved_kv

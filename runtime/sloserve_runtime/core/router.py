@@ -4,10 +4,11 @@ A router decides from a ``ReplicaView`` of each replica, the summary a replica p
 planner, its admitted requests and its load. The simulator's cluster and a serving front end call
 the same routers. Routers are registered by name in ``ROUTERS``:
 
-* ``slo`` — the replica where the planner finds the request feasible with the most slack before
-  its first-token deadline; a later stage of a program stays on the replica that served the
-  earlier ones (it holds their prefix) while it is feasible there. When no replica is feasible,
-  the least loaded gets it, and its own admission makes it best effort there.
+* ``slo`` — among the replicas where the planner finds the request feasible (its prefill spared
+  what each one's cache holds), the one sent the least new prompt work lately; a later stage of a
+  program stays on the replica that served the earlier ones (it holds their prefix) while it is
+  feasible there. When no replica is feasible, the least loaded gets it, and its own admission
+  makes it best effort there.
 * ``round-robin`` and ``least-loaded`` — the baselines.
 * ``power-of-two`` and ``prefix-affinity`` — Ray Serve's baselines: its default request router
   (``PowerOfTwoChoicesRequestRouter``) and Ray Serve LLM's ``PrefixCacheAffinityRouter``, each
@@ -47,6 +48,12 @@ class ReplicaView:
     # The new request's prompt tokens this replica already holds (its longest cached prefix), as
     # the replica's prefix cache or a router's prefix tree knows them; 0 where nobody says.
     cached_tokens: int = 0
+    # The new prompt tokens routed to it lately (``RecentWork``): the work its recent calls and the
+    # runs they started still bring.
+    recent_tokens: float = 0.0
+    # The decodes (tiers, count, context) its admitted program runs between calls will bring back
+    # (``ProgramBook``'s reservations): work it has promised that is not in flight. None: none known.
+    reserved: tuple[frozenset[float], int, int] | None = None
 
 
 class Route(NamedTuple):
@@ -116,10 +123,17 @@ class LeastLoadedRouter(Router):
 
 
 class SLORouter(Router):
-    """Feasible with the most slack, from each replica's planner; program stages stay together.
+    """Feasible first, then balanced by recent work; program stages stay together.
 
-    Slack is the first-token deadline minus the planner's predicted first-token time there; equal
-    slack (no TTFT target) goes to the less loaded replica.
+    A replica is a candidate where its planner finds the request feasible beside its admitted
+    requests and the decodes its program runs between calls will bring back, the request's prefill
+    spared what that replica's cache holds of its prompt (``ReplicaView.cached_tokens``). Among the
+    candidates the request goes to the one sent the least new prompt work lately
+    (``ReplicaView.recent_tokens``), the less loaded on a tie. Picking the candidate with the most
+    slack instead (the first-token deadline minus the planner's prediction) was the rule before:
+    it sends a burst of new runs to the replica that is momentarily idle, whose runs' later calls
+    then come back together, and lost to round-robin and to Ray Serve LLM's prefix-affinity router
+    in the simulator (``docs/benchmarks.md``, "Routers").
     """
 
     name = "slo"
@@ -131,22 +145,43 @@ class SLORouter(Router):
         healthy = _healthy(replicas)
         if self.affinity and home is not None and home in healthy and self._feasible(now, new, replicas[home]):
             return Route(home, True)
-        best, best_key = None, (-math.inf, 0)
-        for index in healthy:
-            view = replicas[index]
-            if not self._feasible(now, new, view):
-                continue
-            slack = new.state.first_token_deadline - view.planner.first_token_time(now, new, view.admitted)
-            key = (slack, -view.load)
-            if best is None or key > best_key:
-                best, best_key = index, key
-        if best is None:
+        feasible = [index for index in healthy if self._feasible(now, new, replicas[index])]
+        if not feasible:
             return Route(_least_loaded(replicas, healthy), False)
-        return Route(best, True)
+        return Route(min(feasible, key=lambda index: (replicas[index].recent_tokens, replicas[index].load)), True)
 
     @staticmethod
     def _feasible(now: float, new: LiveRequest, view: ReplicaView) -> bool:
-        return view.planner.admit(now, new, view.admitted).admitted
+        return view.planner.admit(now, _there(new, view), view.admitted, None, view.reserved).admitted
+
+
+class RecentWork:
+    """The new prompt tokens routed to each replica lately, decayed with a half-life: what a router's
+    caller keeps for ``ReplicaView.recent_tokens`` (keyed by whatever names a replica)."""
+
+    HALF_LIFE_S = 10.0
+
+    def __init__(self, half_life_s: float = HALF_LIFE_S) -> None:
+        self.half_life_s = half_life_s
+        self.tokens: dict[object, tuple[float, float]] = {}  # replica -> (tokens, as of when)
+
+    def of(self, replica: object, now: float) -> float:
+        tokens, then = self.tokens.get(replica, (0.0, now))
+        return tokens * 0.5 ** (max(0.0, now - then) / self.half_life_s)
+
+    def add(self, replica: object, tokens: float, now: float) -> None:
+        self.tokens[replica] = (self.of(replica, now) + tokens, now)
+
+    def forget(self, replica: object) -> None:
+        self.tokens.pop(replica, None)
+
+
+def _there(new: LiveRequest, view: ReplicaView) -> LiveRequest:
+    """The request as the replica would run it: its prefill spared the prompt tokens that replica's
+    cache holds (a program's context, on the replica that served its earlier calls)."""
+    if new.context or not view.cached_tokens:
+        return new
+    return new._replace(to_compute=max(1, new.to_compute - view.cached_tokens))
 
 
 def _two_choices(rng: random.Random, candidates: Sequence[int]) -> list[int]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from sloserve_runtime.core.planner import Planner
 from sloserve_runtime.core.policies import PlannerPolicy, make_policy
-from sloserve_runtime.core.router import ReplicaView, make_router
+from sloserve_runtime.core.router import RecentWork, ReplicaView, make_router
 from sloserve_runtime.sim.config import SimConfig
 from sloserve_runtime.sim.engine import Engine
 from sloserve_runtime.sim.request import SimRequest
@@ -23,7 +23,7 @@ class Replica:
     # Requests placed here during the step under way: the engine adds them when it ends.
     arrived: list[SimRequest] = field(default_factory=list)
 
-    def view(self, request: SimRequest | None = None) -> ReplicaView:
+    def view(self, request: SimRequest | None = None, recent_tokens: float = 0.0) -> ReplicaView:
         """What the router knows of this replica: its admitted requests and those placed here that
         its engine takes at the end of the step under way (the front end's router counts the calls
         it sent since the replica's last report the same way); with ``request``, also the prompt
@@ -34,7 +34,11 @@ class Replica:
         admitted += [other.live() for other in self.arrived]
         load = len(engine.running) + len(engine.waiting) + len(self.arrived)
         cached = 0 if request is None else engine.kv.hit_tokens(request.program_index, request.cache_limit)
-        return ReplicaView(self.planner, admitted, load=load, cached_tokens=cached)
+        policy = engine.policy
+        reserved = policy.reserved_decodes() if isinstance(policy, PlannerPolicy) and policy.program_aware else None
+        return ReplicaView(
+            self.planner, admitted, load=load, cached_tokens=cached, recent_tokens=recent_tokens, reserved=reserved
+        )
 
 
 class Cluster:
@@ -50,14 +54,16 @@ class Cluster:
         self.router = make_router(router)
         self.replicas = [self._replica(index, policy_name, config) for index in range(replicas)]
         self._homes: dict[int, int] = {}  # program index -> replica of its latest stage call
+        self.recent = RecentWork()  # new prompt tokens routed to each replica lately
         self.infeasible_routes = 0  # stage calls no replica could take within their SLO
 
     def place(self, request: SimRequest, now: float) -> Replica:
         """The replica that gets ``request``, arriving at ``now``."""
         if len(self.replicas) == 1:
             return self.replicas[0]
-        views = [replica.view(request) for replica in self.replicas]
+        views = [replica.view(request, self.recent.of(replica.index, now)) for replica in self.replicas]
         route = self.router.route(now, request.live(), views, self._homes.get(request.program_index))
+        self.recent.add(route.replica, max(0, request.state.prompt_tokens - views[route.replica].cached_tokens), now)
         self._homes[request.program_index] = route.replica
         self.infeasible_routes += route.feasible is False
         return self.replicas[route.replica]
