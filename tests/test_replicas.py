@@ -18,7 +18,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Repl
 from ray.serve.request_router import PendingRequest
 
 from sloserve.slo import SLO
-from sloserve_runtime.cluster.autoscaling import decide
+from sloserve_runtime.cluster.autoscaling import CONSECUTIVE, decide, slo_attainment_policy
 from sloserve_runtime.cluster.deployment import ReplicaError, Scaling
 from sloserve_runtime.cluster.replica import RoutedCall
 from sloserve_runtime.cluster.routing import SLORequestRouter
@@ -104,6 +104,28 @@ def test_autoscaling_adds_a_replica_on_missed_objectives_and_removes_one_when_id
     assert decide(3, [1.0, 1.0, 1.0], [1, 0, 1], low=1, high=4) == 2
     assert decide(2, [1.0, 1.0], [1, 0], low=2, high=4) == 2  # at the floor
     assert decide(2, [0.95, 1.0], [4, 4], low=1, high=4) == 2  # busy and meeting: stay
+
+
+def test_autoscaling_policy_changes_the_count_only_after_periods_in_a_row():
+    """Ray Serve's hook: the same wish for ``CONSECUTIVE`` control periods before a change."""
+
+    def period(state: dict, attainment: list[float]) -> tuple[int, dict]:
+        replicas = {f"r{i}": value for i, value in enumerate(attainment)}
+        ctx = SimpleNamespace(
+            aggregated_metrics={"slo_attainment": replicas, "in_flight": dict.fromkeys(replicas, 4.0)},
+            current_num_replicas=len(attainment), capacity_adjusted_min_replicas=1,
+            capacity_adjusted_max_replicas=4, policy_state=state,
+        )  # fmt: skip
+        return slo_attainment_policy(ctx)
+
+    state: dict = {}
+    for _ in range(CONSECUTIVE - 1):
+        count, state = period(state, [0.5, 1.0])
+        assert count == 2  # not yet
+    count, state = period(state, [0.5, 1.0])
+    assert count == 3
+    count, state = period({}, [1.0, 1.0])  # busy and meeting its objectives: stays
+    assert count == 2
 
 
 def test_scaling_bounds_are_checked():
