@@ -53,7 +53,7 @@ from sloserve_runtime.engine.scheduler import RecordingScheduler, SLOScheduler
 from sloserve_runtime.serving import server
 from sloserve_runtime.serving.model import ensure_default_model
 from sloserve_runtime.sim.config import SimConfig
-from sloserve_runtime.sim.engine import Engine
+from sloserve_runtime.sim.engine import Batch, Engine
 from sloserve_runtime.sim.request import SimRequest
 from sloserve_runtime.workload.programs import StageResult
 
@@ -410,9 +410,7 @@ class Lockstep:
         """One step on each side at ``now``: what each scheduled, and how many requests each preempted."""
         self.clock.now = self.now
         preemptions = self.engine.preemptions
-        batch = self.engine.schedule(self.now)
-        assert batch is not None, f"step {self.steps}: the simulator scheduled nothing"
-        sim = [(request.state.request_id, tokens) for request, tokens in zip(batch.requests, batch.tokens, strict=True)]
+        batch, sim = self.simulated_step()
         output = self.scheduler.schedule()
         vllm = list(output.num_scheduled_tokens.items())
         self.now += batch.seconds
@@ -421,6 +419,12 @@ class Lockstep:
         self.scheduler.update_from_output(output, self.forward_pass(vllm))
         self.steps += 1
         return vllm, sim, len(output.preempted_req_ids or ()), self.engine.preemptions - preemptions
+
+    def simulated_step(self) -> tuple[Batch, Scheduled]:
+        """The simulator's batch at ``now``, and what it scheduled."""
+        batch = self.engine.schedule(self.now)
+        assert batch is not None, f"step {self.steps}: the simulator scheduled nothing"
+        return batch, [(r.state.request_id, tokens) for r, tokens in zip(batch.requests, batch.tokens, strict=True)]
 
     def forward_pass(self, scheduled: Scheduled) -> ModelRunnerOutput:
         return forward_pass(self.scheduler.requests, [name for name, _ in scheduled])
@@ -456,9 +460,7 @@ class AsyncLockstep(Lockstep):
     def step(self) -> tuple[Scheduled, Scheduled, int, int]:
         self.clock.now = self.deciding_at
         preemptions = self.engine.preemptions
-        batch = self.engine.schedule(self.now)
-        assert batch is not None, f"step {self.steps}: the simulator scheduled nothing"
-        sim = [(request.state.request_id, tokens) for request, tokens in zip(batch.requests, batch.tokens, strict=True)]
+        batch, sim = self.simulated_step()
         output = self.scheduler.schedule()
         vllm = list(output.num_scheduled_tokens.items())
         # Sampled as scheduled, as the model runner does: the next schedule() moves its requests on.
