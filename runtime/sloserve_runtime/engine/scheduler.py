@@ -362,8 +362,6 @@ class SLOScheduler(RecordingScheduler):
 
     def _schedule_step(self, *args: Any, **kwargs: Any):  # noqa: ANN202 - vLLM's SchedulerOutput
         self._forget_finished()
-        if self.kv_holds and self.waiting:
-            self._holds_give_way()
         now = self._step_start()
         with self._outputs_in_flight(now):
             plan = plan_step(self.slo_policy, self.step_view, now)
@@ -371,6 +369,8 @@ class SLOScheduler(RecordingScheduler):
             if hold:
                 # schedule() advances current_step by one, then skips requests not yet eligible.
                 request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
+        if self.kv_holds and self.waiting:  # after the plan: it may reorder the queue
+            self._holds_give_way()
         engine_budget = self.max_num_scheduled_tokens
         self.max_num_scheduled_tokens = plan.token_budget
         try:

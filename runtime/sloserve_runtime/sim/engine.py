@@ -174,7 +174,7 @@ class Engine:
         next call went to another replica leaves its hold until it times out)."""
         if not self.holds or not len(self.waiting):
             return
-        head = self.waiting.peek()
+        head = self.waiting.peek()  # the planner may reorder the queue: called again as it starts one
         for run_id, key in list(self.holds.items()):
             if self.kv.fits(head.num_tokens, head.program_index):
                 return
@@ -293,7 +293,9 @@ class Engine:
             # vLLM's scheduler_reserve_full_isl (on by default): admit only if the whole sequence
             # to compute fits in free blocks, not just its first chunk.
             if not self.kv.fits(request.num_tokens, request.program_index):
-                return
+                self._holds_give_way()
+                if not self.kv.fits(request.num_tokens, request.program_index):
+                    return
             if request.computed_tokens == 0:  # vLLM looks up the prefix cache as a request starts
                 request.computed_tokens = self.kv.claim(request, request.program_index, request.cache_limit)
             count = min(request.num_tokens - request.computed_tokens, budget)
