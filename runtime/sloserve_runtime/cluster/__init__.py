@@ -1,1 +1,1 @@
-"""Replicas on Ray behind one endpoint: the replicas, the gateway that routes to them, the deployment."""
+"""Replicas as a Ray Serve application: the engine replicas, the ingress, our request router and autoscaling policy."""

@@ -29,6 +29,7 @@ import httpx
 from sloserve.slo import SLO
 from sloserve_runtime.engine.lifecycle import parent_death_signal
 from sloserve_runtime.serving import server
+from sloserve_runtime.serving.exchange import sse_data
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +180,6 @@ def _met(event: bytes, met: bool | None) -> bool | None:
     """The SLO outcome an event carries (the middleware puts it in the last chunk), else ``met``."""
     if b'"slo"' not in event:
         return met
-    from sloserve_runtime.serving.exchange import sse_data
-
     data = sse_data(event)
     with contextlib.suppress(ValueError, AttributeError, TypeError):
         outcome = json.loads(data).get("slo") if data and data != b"[DONE]" else None

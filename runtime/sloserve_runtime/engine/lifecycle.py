@@ -13,7 +13,7 @@ PR_SET_PDEATHSIG = 1  # prctl(2)
 def parent_death_signal(signum: int) -> None:
     """Have the kernel send this process ``signum`` when its parent dies (Linux; elsewhere nothing).
 
-    Used before vLLM starts in a replica's server (it ends with its Ray actor) and in vLLM's
+    Used before vLLM starts in a replica's server (it ends with its Ray Serve replica) and in vLLM's
     engine-core process (it ends with its server, ``die_with_server``).
     """
     if sys.platform.startswith("linux"):
