@@ -142,18 +142,23 @@ def test_scaling_bounds_are_checked():
 def deployment():
     from sloserve_runtime.cluster.deployment import replicated
 
-    before = _engine_pids()
+    before = _pids(ENGINE_PROCESS), _pids(RAY_PROCESSES)
     with replicated(server.ServerOptions(port=server.free_port()), 2, router="slo") as running:
         yield running
     # Nothing is left: no engine, no Ray process of ours.
     deadline = time.monotonic() + 30
-    while _engine_pids() - before and time.monotonic() < deadline:
+    while (_pids(ENGINE_PROCESS) - before[0] or _pids(RAY_PROCESSES) - before[1]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _engine_pids() - before, "an engine outlived the deployment"
+    assert not _pids(ENGINE_PROCESS) - before[0], "an engine outlived the deployment"
+    assert not _pids(RAY_PROCESSES) - before[1], "a Ray process outlived the deployment"
 
 
-def _engine_pids() -> set[int]:
-    found = subprocess.run(["pgrep", "-f", "vllm.entrypoints.openai.api_server"], capture_output=True, text=True)
+ENGINE_PROCESS = "vllm.entrypoints.openai.api_server"
+RAY_PROCESSES = "raylet|gcs_server|ray::"
+
+
+def _pids(pattern: str) -> set[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
     return {int(pid) for pid in found.stdout.split()}
 
 

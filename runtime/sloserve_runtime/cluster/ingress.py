@@ -155,7 +155,12 @@ async def _reassemble(answer: AsyncIterator[bytes], head: dict[str, Any]) -> Res
 
 
 def _short(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """What failed, in a few words: a Ray error's text is a colored traceback of the replica."""
+    cause = getattr(exc, "cause", None) or exc  # a Ray task error wraps what the replica raised
+    if isinstance(cause, RayError):
+        return f"{type(cause).__name__}: the replica's process ended"
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
