@@ -205,14 +205,17 @@ class SLOScheduler(RecordingScheduler):
             self.kv_cache_manager.block_pool.free_blocks(blocks)
 
     def _holds_give_way(self) -> None:
-        """A held prefix never keeps the head of the queue from its KV: the holds of runs that
-        ended or timed out go first, then other runs' holds, oldest first, until the head's
-        blocks are free. (vLLM would leave a request that cannot get blocks waiting, and with
-        nothing running no request would end to release a hold.)"""
+        """A held prefix never keeps an admitted request at the head of the queue from its KV, nor
+        any request when nothing runs: the holds of runs that ended or timed out go first, then
+        other runs' holds, oldest first, until the head's blocks are free. (vLLM would leave a
+        request that cannot get blocks waiting, and with nothing running no request would end to
+        release a hold.) A best-effort request waits for the running ones to end."""
         for run_id in self.slo_policy.released_holds(time.time()):
             self._unhold(run_id)
         head = next(iter(self.waiting))
         state = self.slo_states.get(head.request_id)
+        if self.running and (state is None or state.best_effort):
+            return
         own = None if state is None or state.program is None else state.program.run_id
         pool = self.kv_cache_manager.block_pool
         needed = -(-(head.num_tokens + 1) // self.cache_config.block_size)  # at most: none of it cached

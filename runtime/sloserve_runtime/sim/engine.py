@@ -95,7 +95,6 @@ class Engine:
         requests: list[SimRequest] = []
         tokens: list[int] = []
         drafts: list[int] = []
-        self._holds_give_way()
         plan = plan_step(self.policy, self, now)
         budget, preempted = self._schedule_running(plan.token_budget, plan.held, requests, tokens)
         # vLLM admits no waiting request in a step that had to preempt: memory is short.
@@ -168,13 +167,18 @@ class Engine:
                 self.kv.unhold(key)
 
     def _holds_give_way(self) -> None:
-        """A held prefix never keeps the head of the queue from its KV: holds of other runs are
-        freed to the cache, oldest first, until it fits. A hold spares a run's next call its
-        prefill; kept against a request that cannot start, it would stall the engine (a run whose
-        next call went to another replica leaves its hold until it times out)."""
+        """A held prefix never keeps an admitted request at the head of the queue from its KV, nor
+        any request when nothing runs: holds of other runs are freed to the cache, oldest first,
+        until it fits. Called as the step starts the head, after the planner has made room (best
+        effort preempted first). A hold spares a run's next call its prefill; kept against a request that
+        cannot start with nothing running, it would stall the engine (a run whose next call went
+        to another replica leaves its hold until it times out). A best-effort request waits for
+        the running ones to end, as it would for their blocks."""
         if not self.holds or not len(self.waiting):
             return
-        head = self.waiting.peek()  # the planner may reorder the queue: called again as it starts one
+        head = self.waiting.peek()
+        if head.state.best_effort and self.running:
+            return
         for run_id, key in list(self.holds.items()):
             if self.kv.fits(head.num_tokens, head.program_index):
                 return
