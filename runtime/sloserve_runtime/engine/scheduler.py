@@ -205,20 +205,23 @@ class SLOScheduler(RecordingScheduler):
             self.kv_cache_manager.block_pool.free_blocks(blocks)
 
     def _holds_give_way(self) -> None:
-        """A held prefix never keeps an admitted request at the head of the queue from its KV, nor
-        any request when nothing runs: the holds of runs that ended or timed out go first, then
-        other runs' holds, oldest first, until the head's blocks are free. (vLLM would leave a
-        request that cannot get blocks waiting, and with nothing running no request would end to
-        release a hold.) A best-effort request waits for the running ones to end."""
+        """A held prefix never costs a running request its place, nor keeps an admitted request at
+        the head of the queue from its KV, nor any request when nothing runs: the holds of runs
+        that ended or timed out go first, then other runs' holds, oldest first, until the blocks
+        are free. (vLLM would preempt a running request, or leave the head waiting, and with
+        nothing running no request would end to release a hold.) A best-effort head waits for
+        the running ones to end."""
         for run_id in self.slo_policy.released_holds(time.time()):
             self._unhold(run_id)
-        head = next(iter(self.waiting))
-        state = self.slo_states.get(head.request_id)
-        if self.running and (state is None or state.best_effort):
-            return
+        head = next(iter(self.waiting), None)
+        state = None if head is None else self.slo_states.get(head.request_id)
         own = None if state is None or state.program is None else state.program.run_id
         pool = self.kv_cache_manager.block_pool
-        needed = -(-(head.num_tokens + 1) // self.cache_config.block_size)  # at most: none of it cached
+        # A block for each running request (a decode may start one), so that none is preempted
+        # for a hold; and the head's blocks, if it is admitted or nothing runs.
+        needed = len(self.running)
+        if head is not None and (not self.running or (state is not None and not state.best_effort)):
+            needed += -(-(head.num_tokens + 1) // self.cache_config.block_size)  # at most: none of it cached
         for run_id in [run_id for run_id in self.kv_holds if run_id != own]:
             if pool.get_num_free_blocks() >= needed:
                 return
@@ -372,7 +375,7 @@ class SLOScheduler(RecordingScheduler):
             if hold:
                 # schedule() advances current_step by one, then skips requests not yet eligible.
                 request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
-        if self.kv_holds and self.waiting:  # after the plan: it may reorder the queue
+        if self.kv_holds and (self.waiting or self.running):  # after the plan: it may reorder the queue
             self._holds_give_way()
         engine_budget = self.max_num_scheduled_tokens
         self.max_num_scheduled_tokens = plan.token_budget

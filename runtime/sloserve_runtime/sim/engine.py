@@ -179,12 +179,17 @@ class Engine:
         head = self.waiting.peek()
         if head.state.best_effort and self.running:
             return
-        for run_id, key in list(self.holds.items()):
-            if self.kv.fits(head.num_tokens, head.program_index):
-                return
-            if key != head.program_index:
+        while not self.kv.fits(head.num_tokens, head.program_index) and self._release_a_hold(head.program_index):
+            pass
+
+    def _release_a_hold(self, keep: int) -> bool:
+        """Free the oldest hold of a run other than ``keep``'s to the cache; False if there is none."""
+        for run_id, key in self.holds.items():
+            if key != keep:
                 del self.holds[run_id]
                 self.kv.unhold(key)
+                return True
+        return False
 
     # ---- the step pipeline's view of this engine (``core.step.StepEngine``) ----
 
@@ -280,6 +285,9 @@ class Engine:
                 # Drafts never run past the output asked for: the last token is the sampled one.
                 count = min(self.policy.spec_length(request.state), budget, request.output_left)
             while not kv.allocate(request, request.computed_tokens + count):
+                # A hold gives way before an admitted request, or the last one running, is preempted.
+                if (not request.state.best_effort or len(running) == 1) and self._release_a_hold(request.program_index):
+                    continue
                 victim = running.pop()
                 self._preempt(victim)
                 preempted = True
