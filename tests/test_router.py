@@ -248,21 +248,26 @@ def test_prefix_affinity_falls_back_to_power_of_two_when_loads_are_imbalanced():
     assert 0 not in picks  # the match sits on the replica with the longest queue
 
 
+def tree_tokens(router: PrefixAffinityRouter) -> dict[int, float]:
+    """The prompt tokens each replica's part of the router's prefix tree holds."""
+    return {index: router.tree.of(index, 0.0) for index in router.tree.tokens}
+
+
 def test_prefix_affinity_goes_to_the_smallest_tenant_when_the_match_is_short():
     new = arriving("chat", LOOSE, 1000)
     short = [replica(load=2, cached=96), replica(load=1), replica(load=3)]  # 9.6 %: under the threshold
     router = PrefixAffinityRouter()
     # A new router's tree is empty: every replica is a smallest tenant, and the shortest queue wins.
     assert router.route(0.0, new, short) == Route(1, None)
-    assert router.tree_tokens == {1: 1000}
+    assert tree_tokens(router) == {1: 1000}
     # Now replicas 0 and 2 hold less of the tree than replica 1: the shorter queue of those two.
     assert router.route(0.0, new, short) == Route(0, None)
-    assert router.tree_tokens == {1: 1000, 0: 1000 - 96}  # the tree inserts what it did not hold
+    assert tree_tokens(router) == {1: 1000, 0: 1000 - 96}  # the tree inserts what it did not hold
     assert router.route(0.0, new, short) == Route(2, None)
     # A match (800 tokens on replica 2) wins over tenancy; only the unmatched tokens join the tree.
     matched = [replica(load=0), replica(load=0), replica(load=5, cached=800)]
     assert router.route(0.0, new, matched) == Route(2, None)
-    assert router.tree_tokens == {1: 1000, 0: 904, 2: 1200}
+    assert tree_tokens(router) == {1: 1000, 0: 904, 2: 1200}
 
 
 def test_routers_are_made_by_name():

@@ -260,7 +260,8 @@ class PrefixAffinityRouter(Router):
         self.rng = random.Random(seed)
         self.imbalanced_threshold = imbalanced_threshold
         self.match_rate_threshold = match_rate_threshold
-        self.tree_tokens: dict[int, int] = {}  # replica index -> prompt tokens its part of the tree holds
+        # Replica index -> prompt tokens its part of the tree holds (never evicted: no decay).
+        self.tree = RecentWork(half_life_s=math.inf)
 
     def route(self, now: float, new: LiveRequest, replicas: Sequence[ReplicaView], home: int | None = None) -> Route:
         healthy = _healthy(replicas)
@@ -273,11 +274,10 @@ class PrefixAffinityRouter(Router):
             if longest > 0 and longest / prompt >= self.match_rate_threshold:
                 chosen = [index for index in healthy if replicas[index].cached_tokens == longest]
             else:
-                smallest = min(self.tree_tokens.get(index, 0) for index in healthy)
-                chosen = [index for index in healthy if self.tree_tokens.get(index, 0) == smallest]
+                smallest = min(self.tree.of(index, now) for index in healthy)
+                chosen = [index for index in healthy if self.tree.of(index, now) == smallest]
         picked = _shortest_queue(replicas, chosen)
-        inserted = max(new.state.prompt_tokens - replicas[picked].cached_tokens, 0)
-        self.tree_tokens[picked] = self.tree_tokens.get(picked, 0) + inserted
+        self.tree.add(picked, max(new.state.prompt_tokens - replicas[picked].cached_tokens, 0), now)
         return Route(picked, None)
 
 

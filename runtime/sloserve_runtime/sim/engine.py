@@ -166,21 +166,20 @@ class Engine:
             if key is not None:
                 self.kv.unhold(key)
 
-    def _holds_give_way(self) -> None:
-        """A held prefix never keeps an admitted request at the head of the queue from its KV, nor
-        any request when nothing runs: holds of other runs are freed to the cache, oldest first,
-        until it fits. Called as the step starts the head, after the planner has made room (best
-        effort preempted first). A hold spares a run's next call its prefill; kept against a request that
-        cannot start with nothing running, it would stall the engine (a run whose next call went
-        to another replica leaves its hold until it times out). A best-effort request waits for
-        the running ones to end, as it would for their blocks."""
-        if not self.holds or not len(self.waiting):
-            return
-        head = self.waiting.peek()
-        if head.state.best_effort and self.running:
-            return
-        while not self.kv.fits(head.num_tokens, head.program_index) and self._release_a_hold(head.program_index):
-            pass
+    def _fits_after_holds(self, request: SimRequest) -> bool:
+        """Whether ``request``, at the head of the queue, fits, once the holds of other runs have
+        given way (oldest first) if it is admitted or nothing runs. A hold spares a run's next call
+        its prefill; kept against a request that cannot start with nothing running, it would stall
+        the engine (a run whose next call went to another replica leaves its hold until it times
+        out). A best-effort request waits for the running ones to end, as for their blocks. Asked
+        as the step starts the request, after the planner has made room (best effort preempted)."""
+        fits = self.kv.fits(request.num_tokens, request.program_index)
+        if fits or (request.state.best_effort and self.running):
+            return fits
+        while self._release_a_hold(request.program_index):
+            if self.kv.fits(request.num_tokens, request.program_index):
+                return True
+        return False
 
     def _release_a_hold(self, keep: int) -> bool:
         """Free the oldest hold of a run other than ``keep``'s to the cache; False if there is none."""
@@ -304,10 +303,8 @@ class Engine:
             request = self.waiting.peek()
             # vLLM's scheduler_reserve_full_isl (on by default): admit only if the whole sequence
             # to compute fits in free blocks, not just its first chunk.
-            if not self.kv.fits(request.num_tokens, request.program_index):
-                self._holds_give_way()
-                if not self.kv.fits(request.num_tokens, request.program_index):
-                    return
+            if not self._fits_after_holds(request):
+                return
             if request.computed_tokens == 0:  # vLLM looks up the prefix cache as a request starts
                 request.computed_tokens = self.kv.claim(request, request.program_index, request.cache_limit)
             count = min(request.num_tokens - request.computed_tokens, budget)
