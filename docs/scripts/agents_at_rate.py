@@ -6,7 +6,14 @@ does (calibration on, the default model), warms it up, and drives the app's prog
 ``--rate`` runs per second for ``--duration`` seconds, as ``sloserve run app.py --rate R
 --duration S`` does. Reports per scheduler: program attainment, runs met per second, where
 runs lost their objective, the tokens computed for runs that missed anyway, and the TTFT of
-the tool loop's later turns (P50). Writes every run's records to ``--out`` (JSON).
+the tool loop's later turns (P50), and the share of prompt tokens vLLM's prefix cache held.
+Writes every run's records to ``--out`` (JSON).
+
+``--kv-blocks N --block-size B`` give the engine a KV cache of N blocks of B tokens (vLLM's
+``--num-gpu-blocks-override`` and ``--block-size``; the CPU build's blocks are 128 tokens, more
+than this app's prompts, and vLLM caches whole blocks only), so that runs in flight contend for
+it as they would on a GPU serving long contexts: with ``--schedulers sloserve,sloserve-nohold``
+that shows what holding a run's context between its calls does.
 
     python docs/scripts/agents_at_rate.py --rate 1.5 --duration 60 --out docs/data/cpu-agents/agents-rate.json
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import time
@@ -28,6 +36,7 @@ from rich.table import Table
 from sloserve_runtime.cli.app_loader import load_app, pick_program
 from sloserve_runtime.cli.runner import program_inputs, run_program, runs_at_rate
 from sloserve_runtime.measure.report import run_outcomes, wasted_tokens
+from sloserve_runtime.measure.server_stats import PREFIX_HITS, PREFIX_QUERIES, scrape
 from sloserve_runtime.serving import server
 
 console = Console()
@@ -46,12 +55,33 @@ def later_turns_ttft(records) -> float | None:
     return statistics.median(ttfts) if ttfts else None
 
 
+def engine_options(scheduler: str, kv_blocks: int | None, block_size: int) -> server.ServerOptions:
+    """The embedded engine as ``sloserve run`` starts it; with ``kv_blocks``, its KV cache that
+    many blocks of ``block_size`` tokens (and no request longer than it holds, or vLLM would
+    refuse to start)."""
+    options = server.ServerOptions(scheduler=scheduler, port=server.free_port())
+    if kv_blocks is None:
+        return options
+    max_model_len = min(options.max_model_len, kv_blocks * block_size)
+    extra = ["--num-gpu-blocks-override", str(kv_blocks), "--block-size", str(block_size)]
+    return dataclasses.replace(options, max_model_len=max_model_len, extra_args=extra)
+
+
+def hit_rate(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Of the prompt tokens vLLM looked up in its prefix cache between two scrapes, the share it found."""
+    queries = after.get(PREFIX_QUERIES, 0.0) - before.get(PREFIX_QUERIES, 0.0)
+    hits = after.get(PREFIX_HITS, 0.0) - before.get(PREFIX_HITS, 0.0)
+    return hits / queries if queries > 0 else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--app", default="examples/agents/app.py")
     parser.add_argument("--schedulers", default="sloserve,sloserve-stage,vllm")
     parser.add_argument("--rate", type=float, default=1.5)
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks (default: vLLM's sizing)")
+    parser.add_argument("--block-size", type=int, default=32, help="tokens per KV block, with --kv-blocks")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     app = load_app(args.app)
@@ -61,13 +91,16 @@ def main() -> None:
     for name in args.schedulers.split(","):
         started = time.monotonic()
         with console.status(f"{name}: starting the engine..."):
-            running = server.start(server.ServerOptions(scheduler=name, port=server.free_port()))
+            running = server.start(engine_options(name, args.kv_blocks, args.block_size))
         try:
             running.warm_up()
+            before = scrape(running.url)
             runs = asyncio.run(
-                run_program(app, program, inputs, running.url, None, model=running.served_model, console=console,
-                            rate=args.rate)  # fmt: skip
+                run_program(
+                    app, program, inputs, running.url, None, model=running.served_model, console=console, rate=args.rate
+                )  # fmt: skip
             )
+            after = scrape(running.url)
         finally:
             running.stop()
         outcomes = run_outcomes(runs.records, runs.failures)
@@ -79,12 +112,15 @@ def main() -> None:
             "met_per_s": met / runs.seconds, "seconds": runs.seconds, "wasted_tokens": wasted,
             "computed_tokens": computed, "later_turns_ttft_p50_ms": later_turns_ttft(runs.records),
             "lost_at": dict(lost.most_common()), "wall_s": time.monotonic() - started,
+            "prefix_cache_hit_rate": hit_rate(before, after), "kv_blocks": args.kv_blocks,
+            "block_size": args.block_size if args.kv_blocks else None,
         }  # fmt: skip
         summary.append(row)
         dump[name] = {"summary": row, "records": [asdict(record) for record in runs.records]}
         console.print(row)
     table = Table(title=f"{args.app} at {args.rate:g} runs/s for {args.duration:g} s (real CPU engine)")
-    for column in ("scheduler", "programs met", "met/s", "wasted tokens", "later turns TTFT p50", "first losses"):
+    columns = ("scheduler", "programs met", "met/s", "wasted tokens", "later turns TTFT p50", "prefix hits")
+    for column in (*columns, "first losses"):
         table.add_column(column)
     for row in summary:
         ttft = row["later_turns_ttft_p50_ms"]
@@ -92,6 +128,7 @@ def main() -> None:
             row["scheduler"], f"{row['met']}/{row['runs']} ({row['program_attainment']:.0%})",
             f"{row['met_per_s']:.2f}",
             f"{row['wasted_tokens']} of {row['computed_tokens']}", "-" if ttft is None else f"{ttft:.0f} ms",
+            "-" if row["prefix_cache_hit_rate"] is None else f"{row['prefix_cache_hit_rate']:.0%}",
             ", ".join(f"{where} x{count}" for where, count in list(row["lost_at"].items())[:3]),
         )  # fmt: skip
     console.print(table)

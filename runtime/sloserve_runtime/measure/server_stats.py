@@ -13,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 # vLLM's gauges of its scheduler's queues, and ours of the server's memory (``serving/metrics.py``).
 WAITING, RUNNING = "vllm:num_requests_waiting", "vllm:num_requests_running"
 RSS = "sloserve_server_resident_memory_bytes"
+# vLLM's counters of its prefix cache: prompt tokens looked up, and those found cached.
+PREFIX_QUERIES, PREFIX_HITS = "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"
 SAMPLE_EVERY_S = 0.5
 
 
@@ -30,11 +32,11 @@ class ServerStats:
 
 
 def parse(text: str) -> dict[str, float]:
-    """The gauges this module reads, from one ``/metrics`` text, each summed over its label sets."""
+    """The gauges and counters this module reads, from one ``/metrics`` text, each summed over its label sets."""
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in (WAITING, RUNNING, RSS):
+            if sample.name in (WAITING, RUNNING, RSS, PREFIX_QUERIES, PREFIX_HITS):
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
 
@@ -55,6 +57,13 @@ def summarize_samples(samples: list[dict[str, float]]) -> ServerStats | None:
         rss_peak_mb=max(rss) if rss else None,
         rss_end_mb=rss[-1] if rss else None,
     )
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """The server's values of this module's metrics now (``parse`` of its ``/metrics``)."""
+    response = httpx.get(metrics_url(base_url), timeout=5)
+    response.raise_for_status()
+    return parse(response.text)
 
 
 def metrics_url(base_url: str) -> str:
