@@ -41,3 +41,14 @@ def test_a_run_summarises_its_samples_and_skips_the_gaps():
 def test_metrics_sit_beside_the_openai_base_url():
     assert metrics_url("http://127.0.0.1:8011/v1") == "http://127.0.0.1:8011/metrics"
     assert metrics_url("http://host:9/v1/") == "http://host:9/metrics"
+
+
+def test_the_prefix_cache_counters_are_read():
+    text = """# HELP vllm:prefix_cache_queries Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries counter
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1200.0
+# HELP vllm:prefix_cache_hits Prefix cache hits, in terms of number of cached tokens.
+# TYPE vllm:prefix_cache_hits counter
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 900.0
+"""
+    assert parse(text) == {"vllm:prefix_cache_queries_total": 1200.0, "vllm:prefix_cache_hits_total": 900.0}

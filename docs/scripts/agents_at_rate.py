@@ -13,7 +13,9 @@ Writes every run's records to ``--out`` (JSON).
 ``--num-gpu-blocks-override`` and ``--block-size``; the CPU build's blocks are 128 tokens, more
 than this app's prompts, and vLLM caches whole blocks only), so that runs in flight contend for
 it as they would on a GPU serving long contexts: with ``--schedulers sloserve,sloserve-nohold``
-that shows what holding a run's context between its calls does.
+that shows what holding a run's context between its calls does. ``--tool-seconds S`` makes
+each tool call take S seconds more (as a web search would), so a run's context waits that long
+between its turns.
 
     python docs/scripts/agents_at_rate.py --rate 1.5 --duration 60 --out docs/data/cpu-agents/agents-rate.json
 """
@@ -33,6 +35,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from sloserve.tools import Tool
 from sloserve_runtime.cli.app_loader import load_app, pick_program
 from sloserve_runtime.cli.runner import program_inputs, run_program, runs_at_rate
 from sloserve_runtime.measure.report import run_outcomes, wasted_tokens
@@ -62,9 +65,20 @@ def engine_options(scheduler: str, kv_blocks: int | None, block_size: int) -> se
     options = server.ServerOptions(scheduler=scheduler, port=server.free_port())
     if kv_blocks is None:
         return options
-    max_model_len = min(options.max_model_len, kv_blocks * block_size)
+    # vLLM keeps one block aside (its null block): a request may use the others.
+    max_model_len = min(options.max_model_len, (kv_blocks - 1) * block_size)
     extra = ["--num-gpu-blocks-override", str(kv_blocks), "--block-size", str(block_size)]
     return dataclasses.replace(options, max_model_len=max_model_len, extra_args=extra)
+
+
+def slowed(tool: Tool, seconds: float) -> Tool:
+    """``tool``, taking ``seconds`` longer on every call (without holding the event loop)."""
+
+    async def fn(**arguments):
+        await asyncio.sleep(seconds)
+        return tool.fn(**arguments)
+
+    return dataclasses.replace(tool, fn=fn)
 
 
 def hit_rate(before: dict[str, float], after: dict[str, float]) -> float | None:
@@ -82,9 +96,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks (default: vLLM's sizing)")
     parser.add_argument("--block-size", type=int, default=32, help="tokens per KV block, with --kv-blocks")
+    parser.add_argument("--tool-seconds", type=float, default=0.0, help="added to each tool call's time")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     app = load_app(args.app)
+    if args.tool_seconds > 0:
+        app.tools = {name: slowed(tool, args.tool_seconds) for name, tool in app.tools.items()}
     program = pick_program(app, None, args.app)
     inputs = program_inputs(program, [], runs_at_rate(args.rate, args.duration))
     summary, dump = [], {}
@@ -113,7 +130,7 @@ def main() -> None:
             "computed_tokens": computed, "later_turns_ttft_p50_ms": later_turns_ttft(runs.records),
             "lost_at": dict(lost.most_common()), "wall_s": time.monotonic() - started,
             "prefix_cache_hit_rate": hit_rate(before, after), "kv_blocks": args.kv_blocks,
-            "block_size": args.block_size if args.kv_blocks else None,
+            "block_size": args.block_size if args.kv_blocks else None, "tool_seconds": args.tool_seconds,
         }  # fmt: skip
         summary.append(row)
         dump[name] = {"summary": row, "records": [asdict(record) for record in runs.records]}

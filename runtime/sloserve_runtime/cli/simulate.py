@@ -41,11 +41,13 @@ from sloserve_runtime.cli.measure import (
 from sloserve_runtime.core.policies import ALIASES, POLICIES, scheduler_name
 from sloserve_runtime.core.router import ROUTERS
 from sloserve_runtime.core.slo_state import ADMISSION_MODES, DEFAULT_MAX_QUEUED_BEST_EFFORT
+from sloserve_runtime.measure.ceiling import work_ceiling
 from sloserve_runtime.measure.fidelity import engine_strays
 from sloserve_runtime.measure.results import Job, jobs, run_all, write_results
 from sloserve_runtime.measure.runs import Measurement, TraceOptions, measure, run_label, simulator_runner
 from sloserve_runtime.measure.tables import (
     capacity_ratio_table,
+    ceiling_table,
     json_entry,
     results_table,
     routing_table,
@@ -191,6 +193,10 @@ def simulate_command(
         console.print(capacity_ratio_table(rows, "vllm"))
     if capacity and any(count > 1 for count, _ in clusters):
         console.print(routing_table(rows))
+    # The capacity any scheduler could reach on one engine: how far the best here is from it.
+    ceilings = {name: work_ceiling(scenario_of(name), config.step_time).rate for name in scenarios} if capacity else {}
+    if ceilings and 1 in counts:
+        console.print(ceiling_table(rows, ceilings))
     if json_out is not None:
         payload = {
             "profile": config.step_time.name, "num_requests": num_requests, "duration_s": duration, "seed": seed,
@@ -199,6 +205,8 @@ def simulate_command(
             "calibrate": calibrate,
             **engine_strays(config),
         }  # fmt: skip
+        if ceilings:
+            payload["work_ceiling_rps"] = {name: round(rate, 4) for name, rate in ceilings.items()}
         write_json(json_out, {**payload, "results": [json_entry(*row) for row in rows]})
     if plot is not None:
         plot_results(plot, f"simulated on {config.step_time.name}: {', '.join(scenarios)}", rows)

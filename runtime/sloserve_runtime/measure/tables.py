@@ -166,6 +166,20 @@ def capacity_ratio_table(rows: list[tuple[str, str, Measurement]], baseline: str
     return table
 
 
+def ceiling_table(rows: list[tuple[str, str, Measurement]], ceilings: dict[str, float]) -> Table:
+    """Each scenario's work ceiling (``measure/ceiling.py``) and each scheduler's capacity as a share
+    of it: the most any scheduler could add is the ceiling over its capacity."""
+    table = Table(title="Work ceiling: programs/s no scheduler passes (an estimate; see the docs)")
+    for column in ("scenario", "ceiling", "scheduler", "capacity", "of the ceiling"):
+        table.add_column(column, **_layout(column))
+    for scenario, label, m in rows:
+        ceiling = ceilings.get(scenario)
+        if ceiling is None or m.capacity_rps is None or m.replicas > 1:
+            continue
+        table.add_row(scenario, f"{ceiling:.3g}", label, f"{m.capacity_rps:.3g}", f"{m.capacity_rps / ceiling:.0%}")
+    return table
+
+
 def routing_table(rows: list[tuple[str, str, Measurement]]) -> Table:
     """Capacity per replica against one replica's, and each router's against round-robin's at the same K."""
     table = Table(title="Routing: capacity per replica")
