@@ -192,3 +192,18 @@ def test_an_apps_own_scenario_file_loads_by_its_path(tmp_path):
     (tmp_path / "bad.yaml").write_text("classes: 3\n")
     with pytest.raises(ValueError, match="classes must be a list"):
         load_scenario(str(tmp_path / "bad.yaml"))
+
+
+def test_a_program_class_may_give_its_runs_a_deadline(tmp_path):
+    path = tmp_path / "agents.yaml"
+    path.write_text(
+        "name: agents\ndescription: examples/agents' shape\nlengths_source: recorded from its runs\n"
+        "classes:\n  - name: agent\n    deadline: 15s\n    stages:\n"
+        "      - {name: act, prompt: {mean: 80, std: 20}, output: {mean: 40, std: 10}, ttft: 1s, tpot: 150ms}\n"
+    )
+    trace = load_scenario(str(path)).trace(rate=1.0, num_programs=3)
+    assert [program.deadline_s for program in trace] == [15.0, 15.0, 15.0]
+    assert all(program.deadline_s is None for program in load_scenario("tool-calling").trace(1.0, 3))
+    path.write_text(path.read_text().replace("deadline: 15s", "deadline: soon"))
+    with pytest.raises(ValueError, match="deadline"):
+        load_scenario(str(path))

@@ -203,7 +203,12 @@ def test_simulate_command_runs_each_cluster_and_counts_the_cluster_rate(tmp_path
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Routing: capacity per replica" in result.stdout
-    entries = json.loads(out.read_text())["results"]
+    assert "Work ceiling" in result.stdout
+    payload = json.loads(out.read_text())
+    # One engine's work ceiling, above what the search found on one engine.
+    ceiling = payload["work_ceiling_rps"]["chatbot"]
+    entries = payload["results"]
+    assert 0 < entries[0]["capacity_rps"] < ceiling
     # One replica needs no router: it runs once.
     assert [(e["replicas"], e["router"]) for e in entries] == [(1, None), (2, "slo"), (2, "round-robin")]
     for entry in entries:

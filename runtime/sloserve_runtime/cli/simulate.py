@@ -194,8 +194,9 @@ def simulate_command(
     if capacity and any(count > 1 for count, _ in clusters):
         console.print(routing_table(rows))
     # The capacity any scheduler could reach on one engine: how far the best here is from it.
-    ceilings = {name: work_ceiling(scenario_of(name), config.step_time).rate for name in scenarios} if capacity else {}
-    if ceilings and 1 in counts:
+    ceilings = {}
+    if capacity and 1 in counts:
+        ceilings = {name: work_ceiling(scenario_of(name), config.step_time).rate for name in scenarios}
         console.print(ceiling_table(rows, ceilings))
     if json_out is not None:
         payload = {

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from sloserve.slo import SLO, parse_tpot, parse_ttft
+from sloserve.slo import SLO, parse_duration, parse_tpot, parse_ttft
 from sloserve_runtime.workload.programs import ProgramSpec, StageSpec
 from sloserve_runtime.workload.scenarios.arrivals import arrival_times
 
@@ -124,6 +124,20 @@ class ProgramClass(_Spec):
     prefix: LogNormal | None = Field(None, description="tokens every call starts with (system prompt, tool docs)")
     accumulate: bool = Field(False, description="each call also carries the previous call's prompt and output")
     stages: tuple[StageClass, ...] = Field(min_length=1)
+    deadline: str | float | None = Field(
+        None, description="the whole program is due this long after it arrives, e.g. '15s' (a number: ms)"
+    )
+
+    @field_validator("deadline")
+    @classmethod
+    def _duration(cls, value: str | float | None) -> str | float | None:
+        parse_duration(value, "deadline")  # a malformed one fails here, naming the field
+        return value
+
+    @property
+    def deadline_s(self) -> float | None:
+        ms = parse_duration(self.deadline, "deadline")
+        return None if ms is None else ms / 1000.0
 
     def sample(
         self, rng: np.random.Generator, slo_scale: float, length_scale: float, max_model_len: int | None
@@ -264,6 +278,7 @@ class Scenario(_Spec):
                 arrival_s=float(arrivals[program_id]),
                 kind=self.classes[kind].name,
                 stages=self.classes[kind].sample(rng, slo_scale, length_scale, max_model_len),
+                deadline_s=self.classes[kind].deadline_s,
             )
             for program_id, kind in enumerate(kinds)
         ]
