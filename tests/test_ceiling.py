@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from sloserve.slo import SLO
 
+from sloserve.slo import SLO
 from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel, resolve_profile
 from sloserve_runtime.measure.ceiling import call_work, tightest_tpot_s, work_ceiling
 from sloserve_runtime.measure.summary import summarize
