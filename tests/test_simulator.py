@@ -15,10 +15,12 @@ import pytest
 from conftest import run_cli
 from sloserve.slo import SLO, judge
 from sloserve_runtime.core.slo_state import BEST_EFFORT, REJECT, refusal
-from sloserve_runtime.core.step_time import PROFILES_DIR, LinearPiece, StepTimeModel
+from sloserve_runtime.core.step_time import PROFILES_DIR, LinearPiece, StepTimeModel, resolve_profile
+from sloserve_runtime.measure.ceiling import work_ceiling
 from sloserve_runtime.sim import SimConfig, simulate
 from sloserve_runtime.sim.loop import Simulation
 from sloserve_runtime.workload.programs import ProgramSpec, StageResult, StageSpec
+from sloserve_runtime.workload.scenarios import load_scenario
 
 # A CPU-like engine: 512-token chunks, so a long prompt takes several steps to prefill.
 MODEL = StepTimeModel(
@@ -205,10 +207,12 @@ def test_simulate_command_runs_each_cluster_and_counts_the_cluster_rate(tmp_path
     assert "Routing: capacity per replica" in result.stdout
     assert "Work ceiling" in result.stdout
     payload = json.loads(out.read_text())
-    # One engine's work ceiling, above what the search found on one engine.
-    ceiling = payload["work_ceiling_rps"]["chatbot"]
+    # One engine's work ceiling on the simulated engine's profile (a trace of 60 programs is too
+    # short for a steady load, so its capacity is not held to it here; test_ceiling.py does that).
+    model = StepTimeModel.load(resolve_profile("a100-opt13b-slos-serve"))
+    ceiling = work_ceiling(load_scenario("chatbot"), model).rate
+    assert payload["work_ceiling_rps"] == {"chatbot": round(ceiling, 4)}
     entries = payload["results"]
-    assert 0 < entries[0]["capacity_rps"] < ceiling
     # One replica needs no router: it runs once.
     assert [(e["replicas"], e["router"]) for e in entries] == [(1, None), (2, "slo"), (2, "round-robin")]
     for entry in entries:
@@ -432,9 +436,7 @@ def test_simulate_command_runs_and_records_a_front_end(tmp_path):
 
 def _overload(admission: str, max_queued_best_effort: int | None = 16) -> tuple[list[StageResult], list[StageResult]]:
     """The overload scenario at about three times what ours holds on the CPU profile."""
-    from sloserve_runtime.core.step_time import resolve_profile
     from sloserve_runtime.measure.runs import TraceOptions
-    from sloserve_runtime.workload.scenarios import load_scenario
 
     config = dataclasses.replace(
         SimConfig.from_profile(resolve_profile("cpu-smollm2-135m")),
