@@ -169,7 +169,7 @@ def capacity_ratio_table(rows: list[tuple[str, str, Measurement]], baseline: str
 def ceiling_table(rows: list[tuple[str, str, Measurement]], ceilings: dict[str, float]) -> Table:
     """Each scenario's work ceiling (``measure/ceiling.py``) and each scheduler's capacity as a share
     of it: the most any scheduler could add is the ceiling over its capacity."""
-    table = Table(title="Work ceiling: programs/s no scheduler passes (an estimate; see the docs)")
+    table = Table(title="Work ceiling (an estimate): programs/s whose work would fill the engine")
     for column in ("scenario", "ceiling", "scheduler", "capacity", "of the ceiling"):
         table.add_column(column, **_layout(column))
     for scenario, label, m in rows:
