@@ -12,7 +12,7 @@ rest refused before any of their work, the cheapest way to miss them),
     rate <= (1 - steps_per_second x fixed cost) / (attainment x work per program).
 
 It leaves out queueing (a burst of arrivals must still meet its TTFT), the KV cache and the
-prefill that a short step cannot hold, so a scheduler stays below it; where a capacity is close to
+prefill that a short step cannot hold, so under a steady load a scheduler stays below it; where a capacity is close to
 it, no planner can add much. With a profile of several linear pieces (a step takes the longest),
 each piece gives such a bound, and the lowest holds.
 """
