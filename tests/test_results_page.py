@@ -6,7 +6,10 @@ import json
 
 import pytest
 
+from sloserve_runtime.core.step_time import StepTimeModel, resolve_profile
+from sloserve_runtime.measure.ceiling import work_ceiling
 from sloserve_runtime.measure.results import SIX, TABLES, CapacityTable, jobs, replace_block, run_job, write_results
+from sloserve_runtime.workload.scenarios import load_scenario
 
 PAGE = """# Benchmarks
 
@@ -49,6 +52,10 @@ def test_the_page_gets_each_table_its_data_and_plots_and_keeps_its_prose(tmp_pat
         assert "| chatbot | 1 | 0.5 | 3 | 1.5 | 2.00x | 6.00x | 2.00x |" in block
         assert "| **geo mean (six)** |  |  |  |  | **2.00x** | **6.00x** | **2.00x** |" in block
         assert "| burst | 0.5 | 0.25 | 1.5 | 0.75 | 2.00x | 6.00x | 2.00x |" in block
+        # Beside each scenario, its work ceiling on the table's profile and ours as a share of it.
+        model = StepTimeModel.load(resolve_profile(table.profile))
+        ceiling = work_ceiling(load_scenario("chatbot"), model).rate
+        assert f"| chatbot | 1 | 0.5 | 3 | 1.5 | 2.00x | 6.00x | 2.00x | {ceiling:.3g} | {1 / ceiling:.0%} |" in block
         data = json.loads((tmp_path / table.data_file).read_text())
         assert data["profile"] == table.profile and len(data["results"]) == len(jobs([table]))
         assert f"![sim-{table.marker}-capacity](sim-{table.marker}-capacity.png)" in text

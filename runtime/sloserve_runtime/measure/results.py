@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sloserve_runtime.core.step_time import resolve_profile
+from sloserve_runtime.core.step_time import StepTimeModel, resolve_profile
+from sloserve_runtime.measure.ceiling import work_ceiling
 from sloserve_runtime.measure.plots import capacity_bars
 from sloserve_runtime.measure.runs import TraceOptions, measure, run_label, simulator_runner
 from sloserve_runtime.measure.tables import json_entry
@@ -137,17 +138,25 @@ def table_markdown(table: CapacityTable, capacities: dict[tuple[str, str], float
     def ratios(scenario: str) -> list[float | None]:
         return [_ratio(capacities[scenario, a], capacities[scenario, b]) for a, b in pairs]
 
+    # The work ceiling counts one token a decode a step: it bounds the runs without speculation.
+    model = StepTimeModel.load(resolve_profile(table.profile))
+    ceilings = {scenario: work_ceiling(load_scenario(scenario), model).rate for scenario in SHOWN}
+
     def row(scenario: str) -> str:
         cells = [_capacity(capacities[scenario, label]) for label in series] + [_shown(r) for r in ratios(scenario)]
+        ceiling, ours = ceilings[scenario], capacities[scenario, OURS]
+        cells += [_capacity(ceiling), "-" if not ours else f"{ours / ceiling:.0%}"]
         return f"| {scenario} | " + " | ".join(cells) + " |"
 
     by_pair = list(zip(*(ratios(scenario) for scenario in SIX), strict=True))
     geo = [_shown(statistics.geometric_mean(r), bold=True) if all(r) else "-" for r in by_pair]
     lines = [
-        "| scenario | " + " | ".join([*series, *(f"{a} / {b}" for a, b in pairs)]) + " |",
-        "|---|" + "---:|" * (len(series) + len(pairs)),
+        "| scenario | "
+        + " | ".join([*series, *(f"{a} / {b}" for a, b in pairs), "work ceiling", f"{OURS} / ceiling"])
+        + " |",
+        "|---|" + "---:|" * (len(series) + len(pairs) + 2),
         *(row(scenario) for scenario in SIX),
-        "| **geo mean (six)** | " + " | ".join([""] * len(series) + geo) + " |",
+        "| **geo mean (six)** | " + " | ".join([""] * len(series) + geo + ["", ""]) + " |",
         *(row(scenario) for scenario in SHOWN if scenario not in SIX),
     ]
     speculation = (
@@ -158,7 +167,9 @@ def table_markdown(table: CapacityTable, capacities: dict[tuple[str, str], float
     )
     heading = (
         f"Capacity in programs/s at 90 % program attainment, {table.num_programs} programs a probe, "
-        f"seed 0, without speculation{speculation}. {provenance}"
+        f"seed 0, without speculation{speculation}. The work ceiling is the rate whose work would fill "
+        f"the engine without speculation (`measure/ceiling.py`): no scheduler passes it on a steady load. "
+        f"{provenance}"
     )
     return "\n".join([heading, "", "```bash", table.command(), "```", "", *lines, "", f"Data: `{table.data_file}`."])
 
