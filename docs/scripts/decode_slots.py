@@ -18,8 +18,8 @@ import sys
 
 import numpy as np
 
-from sloserve_runtime.workload.scenarios import load_scenario
 from sloserve_runtime.core.step_time import PROFILES_DIR, StepTimeModel
+from sloserve_runtime.workload.scenarios import load_scenario
 
 
 def erlang_b(slots: int, load: float) -> float:

@@ -32,12 +32,12 @@ from pathlib import Path
 from records import read_text
 
 from sloserve_runtime.core.calibration import StepTimeCalibration
-from sloserve_runtime.measure.runs import TraceOptions, simulator_runner
-from sloserve_runtime.measure.fidelity import FIDELITY_METRICS, fidelity_figures
-from sloserve_runtime.measure.summary import summarize
-from sloserve_runtime.workload.scenarios import load_scenario
-from sloserve_runtime.sim import SimConfig
 from sloserve_runtime.core.step_time import StepTimeModel, resolve_profile
+from sloserve_runtime.measure.fidelity import FIDELITY_METRICS, fidelity_figures
+from sloserve_runtime.measure.runs import TraceOptions, simulator_runner
+from sloserve_runtime.measure.summary import summarize
+from sloserve_runtime.sim import SimConfig
+from sloserve_runtime.workload.scenarios import load_scenario
 
 
 def shown(metric: str, value: float) -> str:

@@ -18,11 +18,11 @@ import statistics
 from unittest import mock
 
 from sloserve_runtime.core.calibration import StepTimeCalibration
+from sloserve_runtime.core.step_time import resolve_profile
 from sloserve_runtime.measure.runs import TraceOptions, simulator_runner
 from sloserve_runtime.measure.summary import summarize
-from sloserve_runtime.workload.scenarios import load_scenario
 from sloserve_runtime.sim import SimConfig
-from sloserve_runtime.core.step_time import resolve_profile
+from sloserve_runtime.workload.scenarios import load_scenario
 
 
 def attainments(config: SimConfig, args: argparse.Namespace, rate: float, seeds: range) -> list[float]:
