@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import inspect
 import json
 import statistics
 import time
@@ -76,7 +77,8 @@ def slowed(tool: Tool, seconds: float) -> Tool:
 
     async def fn(**arguments):
         await asyncio.sleep(seconds)
-        return tool.fn(**arguments)
+        result = tool.fn(**arguments)
+        return await result if inspect.isawaitable(result) else result  # an app's tool may be async
 
     return dataclasses.replace(tool, fn=fn)
 
