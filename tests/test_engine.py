@@ -406,19 +406,22 @@ async def test_vllms_queue_cap_answers_503_before_our_admission(engine):
 
     async with httpx.AsyncClient(base_url=engine.base_url, timeout=120) as http:
 
-        async def hold() -> None:
+        async def hold() -> str:
             body = {"model": engine.model, "prompt": "Tell a story.", "max_tokens": 400, "ignore_eos": True,
                     "stream": True, "slo": {"ttft_ms": "120s"}}  # fmt: skip
             async with http.stream("POST", "/completions", json=body) as response:
-                async for _ in response.aiter_raw():
-                    pass
+                chunks = [chunk async for chunk in response.aiter_raw()]
+            return f"{response.status_code} {b''.join(chunks)[-300:]!r}"
 
         holders = [asyncio.create_task(hold()) for _ in range(MAX_NUM_QUEUED_REQS)]
         try:
             deadline = time.monotonic() + 60
             while await _engine_queue(engine) < MAX_NUM_QUEUED_REQS and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-            assert await _engine_queue(engine) == MAX_NUM_QUEUED_REQS
+            queued = await _engine_queue(engine)
+            # A holder that ended already says why (an error body, or a 503 from requests vLLM still counts).
+            ended = [repr(task.exception() or task.result()) for task in holders if task.done()]
+            assert queued == MAX_NUM_QUEUED_REQS, (queued, ended, engine.log.read_text()[-3000:])
             response = await http.post(
                 "/completions", json={"model": engine.model, "prompt": "Hi", "max_tokens": 4},
                 headers={"x-slo-ttft-ms": "60000", "x-slo-admission": "reject"},
