@@ -373,6 +373,15 @@ class Lockstep:
         self.sim_states: dict[str, SLORequestState] = {}
         self.sims: dict[str, SimRequest] = {}
         self.steps = 0
+        # What the adapter told the front end of each request that ended: vLLM's finish reason.
+        self.finished: dict[str, list[str]] = {}
+
+    def took(self, outputs: dict) -> None:
+        """Note the requests a step's outputs (vLLM's ``EngineCoreOutputs`` by client) ended."""
+        for client_outputs in outputs.values():
+            for output in client_outputs.outputs:
+                if output.finish_reason is not None:
+                    self.finished.setdefault(output.request_id, []).append(str(output.finish_reason))
 
     @property
     def busy(self) -> bool:
@@ -416,7 +425,7 @@ class Lockstep:
         self.now += batch.seconds
         self.clock.now = self.now
         self.engine.complete(batch, self.now)
-        self.scheduler.update_from_output(output, self.forward_pass(vllm))
+        self.took(self.scheduler.update_from_output(output, self.forward_pass(vllm)))
         self.steps += 1
         return vllm, sim, len(output.preempted_req_ids or ()), self.engine.preemptions - preemptions
 
@@ -485,7 +494,7 @@ class AsyncLockstep(Lockstep):
         """The output of the step in flight comes, at ``at``."""
         if self.in_flight is not None:
             self.clock.now = at
-            self.scheduler.update_from_output(*self.in_flight)
+            self.took(self.scheduler.update_from_output(*self.in_flight))
             self.in_flight = None
 
     def queues(self) -> tuple[tuple[list[str], set[str]], tuple[list[str], set[str]]]:
@@ -624,6 +633,10 @@ def test_best_effort_queue_refuses_the_same_requests_alike(queue_config, clock):
     assert all(lockstep.sims[name].result.error.startswith("rejected (HTTP 429)") for name in refused)
     scheduled = set().union(*batches)
     assert not refused & scheduled  # no step ever ran them, on either side
+    # The front end hears once that each refused request ended, with no token: its count of
+    # requests in flight (vLLM's --max-num-queued-reqs) drops at once, as for every other one.
+    assert {name: lockstep.finished[name] for name in refused} == {name: ["abort"] for name in refused}
+    assert all(lockstep.finished[name] == ["length"] for name in scheduled)
     assert {"hopeless0", "hopeless1", "q0", "q1"} <= scheduled
 
 

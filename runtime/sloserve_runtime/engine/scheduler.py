@@ -46,6 +46,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from vllm.logger import init_logger
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -148,6 +149,8 @@ class SLOScheduler(RecordingScheduler):
         self.slo_states: dict[str, SLORequestState] = {}
         self._logged_fit: tuple[tuple[float, float], int] | None = None  # the calibration last logged
         self.notices = NoticePublisher(self.slo_config.notices) if self.slo_config.notices else None
+        # Requests refused since the last step's outputs: the front end is told they ended.
+        self.refused: list[Request] = []
         # The predicted seconds of each step scheduled whose output is not in yet (with async
         # scheduling, the one that runs while the next is planned), oldest first.
         self.in_flight_seconds: deque[float] = deque()
@@ -171,6 +174,7 @@ class SLOScheduler(RecordingScheduler):
         if refused is not None:
             # Refused: the front end answers 429, and the request takes no step, KV block or place.
             self.finish_requests(request.request_id, RequestStatus.FINISHED_ABORTED)
+            self.refused.append(request)
             decision = Decision(False, f"{refused}; {decision.reason}")
         self._notify(request, decision, live, refused is not None)
 
@@ -386,6 +390,21 @@ class SLOScheduler(RecordingScheduler):
         features = step_features(output, self.requests)
         self.in_flight_seconds.append(0.0 if features is None else self.slo_policy.step_time.step_seconds(**features))
         return output
+
+    def update_from_output(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - vLLM's outputs
+        """vLLM's outputs, and an aborted one for each request refused since the last step.
+
+        A request vLLM's scheduler ends itself is otherwise never reported to the front end, which
+        keeps counting it (in ``--max-num-queued-reqs`` too) until its HTTP handler is torn down; a
+        refused streaming handler may wait for the garbage collector. A finished request always
+        leaves one step to run (vLLM steps to clear it), so this output goes out at once.
+        """
+        outputs = super().update_from_output(*args, **kwargs)
+        for request in self.refused:
+            ended = EngineCoreOutput(request.request_id, new_token_ids=[], finish_reason=FinishReason.ABORT)
+            outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs.append(ended)
+        self.refused.clear()
+        return outputs
 
     def _after_output(self, now: float) -> None:
         """Note when each running request's new output tokens came: the planner's window slack."""

@@ -16,6 +16,7 @@ from sloserve_runtime.core.planner.views import (
     CONTEXT,
     LiveRequest,
     Running,
+    admitted_decodes_of,
     best_effort_of,
     decodes_of,
     prefill_order,
@@ -31,6 +32,8 @@ class Hold(NamedTuple):
     running: Running | None = None  # the running requests as sorted for the step (None: sort again)
     # The prompt tokens the admitted requests that wait to start have left (None: not known).
     waiting_tokens: int | None = None
+    # Seconds the step may take where it is a prompt's own (every decode sits it out); None: it is not.
+    solo: float | None = None
 
 
 class Budget(Forecast):
@@ -54,6 +57,12 @@ class Budget(Forecast):
         """
         if hold is None:
             hold = Hold([False] * len(running), admitted_waiting=False)
+        if hold.solo is not None:  # the admitted prompts' own step: as many of their tokens as it holds
+            prompts = [r for r in prefills_of(running) if not r.state.best_effort]
+            prefix = prompts[0].context if prompts else start_prefix
+            tokens = sum(r.to_compute for r in prompts) + (hold.waiting_tokens or 0)
+            budget = self.step_time.chunk_budget(hold.solo, 0, 1, 0, 0, prefix)
+            return max(1, min(budget, tokens or budget, self.max_budget))
         step = hold.running if hold.running is not None and hold.running.of is running else Running.of_step(running)
         admitted_waiting = hold.admitted_waiting
         decodes = step.decodes
@@ -119,6 +128,10 @@ class Budget(Forecast):
         The ``Hold`` says so per running request, for ``token_budget`` to plan the same step.
         """
         step = Running.of_step(running)
+        solo = self._solo_needed(running, waiting if admitted_waiting else (), now)
+        if solo is not None:
+            held = [r.state.best_effort or r.decoding for r in running]
+            return Hold(held, admitted_waiting, step, sum(r.to_compute for r in waiting or ()), solo)
         if admitted_waiting and not self._yield_needed(running, waiting, now):
             for r in running:
                 r.state.yielded_steps = 0
@@ -196,6 +209,34 @@ class Budget(Forecast):
         times = self._first_tokens(now, pending, admitted, yielding=False)
         stretch = 1.0 + self.yield_margin
         return any(now + (times[r.state.request_id] - now) * stretch > r.state.first_token_deadline for r in pending)
+
+    def _solo_needed(
+        self, running: Sequence[LiveRequest], waiting: Sequence[LiveRequest] | None, now: float | None
+    ) -> float | None:
+        """The bound of a step of the admitted prompts alone (the running chunks, then the
+        ``waiting`` requests), where the first of them needs one (``solo_prompts``): with the
+        running decodes in every step its first token, predicted ``yield_margin`` later, would
+        miss its deadline, and what is left of it fits one step that every admitted decode's
+        windows can spare (``_solo_step``). None: no such step (nor with speculation on).
+        """
+        if not self.solo_prompts or now is None:
+            return None
+        admitted = [r for r in running if not r.state.best_effort]
+        prompts = [*prefills_of(admitted), *(waiting or ())]
+        if not prompts:
+            return None
+        head = min(prompts, key=prefill_order)
+        if self.kv_capacity_tokens is not None:
+            # Only where its KV is there: with the cache full vLLM would preempt the prompt (or a
+            # decode) for its blocks, and a step whose decodes all sit out would run nothing.
+            held = sum(r.context + r.to_compute for r in running)
+            if held + head.to_compute + (0 if head in running else head.context) > self.kv_capacity_tokens:
+                return None
+        if self._solo_step(now, head, admitted) is None:
+            return None
+        if not self._late(now, self._first_tokens(now, [head], admitted, yielding=False)[head.state.request_id], head):
+            return None
+        return self._solo_bound(now, admitted_decodes_of(admitted), head)
 
     def _yields(self, r: LiveRequest) -> bool:
         """Whether an admitted running request gives this step to the admitted prefill that waits.

@@ -64,6 +64,7 @@ class Forecast(StepBounds):
         clock, load = self._forward_start(now, admitted, len(pending), step_under_way)
         first_bound = self._slack_bound(now, admitted, load)
         times = {}
+        solo_first = yielding and self.solo_prompts  # the prompts so far each had a step of their own
         for request in sorted(pending, key=prefill_order):
             if math.isinf(clock):  # no budget left for prefill: every later first token is as late
                 times[request.state.request_id] = clock
@@ -73,10 +74,65 @@ class Forecast(StepBounds):
                     load.bound, load.requests + load.free, load.tokens + load.free,
                     load.context + load.free_context,
                 )  # fmt: skip
-            clock, load = self._prefill(clock, load, request, first_bound)
+            end, after = self._prefill(clock, load, request, first_bound)
+            if solo_first and self._late(clock, end, request):
+                # A step of its own, as ``Budget.held_back`` gives a prompt that would be late
+                # beside the decodes, while their windows can spare it.
+                solo = self._solo_step(clock, request, admitted)
+                if solo is not None and clock + solo < end:
+                    end, after = (
+                        clock + solo,
+                        self._with_decode(load, request.state.tpot_seconds, request.context + request.to_compute),
+                    )
+                else:
+                    solo_first = False
+            else:
+                solo_first = False  # once a prompt runs beside the decodes, those after it do too
+            clock, load = end, after
             first_bound = None
             times[request.state.request_id] = clock
         return times
+
+    def _solo_step(self, now: float, prompt: LiveRequest, admitted: Sequence[LiveRequest]) -> float | None:
+        """The seconds of a step of what is left of ``prompt``'s prefill alone, starting at ``now``,
+        where the admitted decodes may all sit it out (``_solo_bound``); None where they may not,
+        or it is too long for one step.
+        """
+        if not self.solo_prompts or prompt.to_compute > self.max_budget:
+            return None
+        bound = self._solo_bound(now, admitted_decodes_of(admitted), prompt)
+        if bound is None:
+            return None
+        tokens, context = prompt.to_compute, prompt.context + prompt.to_compute
+        seconds = self.step_time.step_seconds(tokens, 1, context, attended_pairs(tokens, context))
+        return seconds if seconds <= bound else None
+
+    def _late(self, now: float, at: float, prompt: LiveRequest) -> bool:
+        """Whether ``prompt``'s first token, predicted at ``at``, misses its deadline once the wait
+        from ``now`` is ``yield_margin`` longer (the margin the yields of ``Budget`` plan with)."""
+        return now + (at - now) * (1.0 + (self.yield_margin or 0.0)) > prompt.state.first_token_deadline
+
+    def _solo_bound(self, now: float, decodes: Sequence[LiveRequest], prompt: LiveRequest) -> float | None:
+        """How long a step of ``prompt`` alone may take at ``now`` while these admitted ``decodes``
+        all sit it out: what the tightest of their attainment windows leaves once their own next
+        step (all of them, and ``prompt``'s first decode) is counted after it, each later gap
+        planned as in ``_window_bound``. None: off, no decode with a TPOT target among them
+        (nothing to gain over ``_yields``), speculation on, or a window with no room.
+        """
+        if not self.solo_prompts or self.window_reserve is None or self.speculation is not None:
+            return None
+        paced = [r for r in decodes if not math.isinf(r.state.tpot_seconds)]
+        if not paced:
+            return None
+        count = len(decodes) + 1
+        context = sum(map(CONTEXT, decodes)) + prompt.context + prompt.to_compute + count
+        decode_only = self.step_time.step_seconds(count, count, context, context)
+        share, bound = self._share, math.inf
+        for r in paced:
+            tpot = r.state.tpot_seconds * share
+            bound = min(bound, r.state.window_bound(now, tpot, max(self.window_reserve * tpot, decode_only)))
+        bound -= decode_only
+        return bound if bound > 0 else None
 
     def _slack_bound(self, now: float, admitted: list[LiveRequest], load: DecodeLoad) -> float | None:
         """The bound of the next prefill step, where the decodes' window slack lets it run longer
