@@ -166,6 +166,7 @@ class PlannerPolicy(DeadlinePolicy):
     promotion = "edf"  # how best-effort requests are promoted (``Planner.promotion``)
     demotion = True  # admitted decodes that no longer fit are given up to best effort (``demote``)
     window_reserve: float | None = 0.75  # window slack (``Planner.window_reserve``); None: one TPOT a step
+    solo_prompts = True  # a prompt that would be late beside the decodes gets a step of its own (``Planner``)
     # Program runs are admitted as a whole at their first stage, and their later stages keep
     # their places (``admit``); False: every stage call is decided alone, as a flat request.
     program_aware = True
@@ -179,7 +180,7 @@ class PlannerPolicy(DeadlinePolicy):
         self.speculation = TierSpeculation(step_time, max_spec_length)
         self.planner = Planner(
             step_time, max_budget, self.speculation if self.speculation.enabled else None,
-            promotion=self.promotion, window_reserve=self.window_reserve,
+            promotion=self.promotion, window_reserve=self.window_reserve, solo_prompts=self.solo_prompts,
         )  # fmt: skip
 
     def use_step_time(self, step_time: StepTimeModel) -> None:
@@ -363,6 +364,14 @@ class StepBoundPolicy(PlannerPolicy):
     window_reserve = None
 
 
+class SharedStepsPolicy(PlannerPolicy):
+    """sloserve-nosolo: the planner without a prompt's own step: the admitted decodes with a TPOT
+    run in every step, prompts beside them (an ablation)."""
+
+    name = "sloserve-nosolo"
+    solo_prompts = False
+
+
 class KeepAdmittedPolicy(PlannerPolicy):
     """sloserve-keep: the planner without demotion: an admitted decode is never given up (an ablation)."""
 
@@ -428,6 +437,7 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {
         NoHoldPolicy,
         ArrivalAdmissionPolicy,
         StepBoundPolicy,
+        SharedStepsPolicy,
         KeepAdmittedPolicy,
         DPPromotionPolicy,
         DeadlinePolicy,
