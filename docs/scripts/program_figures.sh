@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The simulator's program figures of the results page ("Programs: whole runs kept"): for each
 # profile and program scenario, the capacity (rate at 90 % program attainment) of the
-# program-aware planner, the stage-level one, the program-aware one without the context hold,
+# program-aware planner, the stage-level one, the program-aware one without the context hold, the
+# program-aware one without a prompt's own step,
 # and stock vLLM; then all four at 1.5x the stage-level planner's capacity (program attainment
 # and wasted work past capacity). Deterministic (seed 0); about 22 minutes on 2 cores.
 #
@@ -9,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SIM=".venv/bin/sloserve simulate"
-SCHEDULERS="sloserve,sloserve-stage,sloserve-nohold,vllm"
+SCHEDULERS="sloserve,sloserve-stage,sloserve-nohold,sloserve-nosolo,vllm"
 for profile in h200-opt13b-measured a100-opt13b-slos-serve; do
   short=${profile%%-*}
   for scenario in tool-calling agentic reasoning; do

@@ -230,7 +230,8 @@ class Budget(Forecast):
             # Only where its KV is there: with the cache full vLLM would preempt the prompt (or a
             # decode) for its blocks, and a step whose decodes all sit out would run nothing.
             held = sum(r.context + r.to_compute for r in running)
-            if held + head.to_compute + (0 if head in running else head.context) > self.kv_capacity_tokens:
+            starting = 0 if any(r.state is head.state for r in running) else head.context
+            if held + head.to_compute + starting > self.kv_capacity_tokens:
                 return None
         if self._solo_step(now, head, admitted) is None:
             return None
