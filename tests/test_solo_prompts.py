@@ -87,9 +87,9 @@ def test_no_step_of_its_own_without_the_prompts_kv():
     decodes = ahead_of_pace()
     now = decodes[0].state.token_times[-1]
     new = prompt(now, "60ms")
-    # The decodes hold 20,010 tokens of KV: a 200-token prompt does not fit beside them in 20,100.
-    assert planner(kv_capacity_tokens=20_100).held_back(decodes, True, now, [new]).solo is None
-    assert planner(kv_capacity_tokens=20_300).held_back(decodes, True, now, [new]).solo is not None
+    # The engine's free KV (``kv_room``) must hold the prompt's 200 tokens.
+    assert planner().held_back(decodes, True, now, [new], kv_room=199).solo is None
+    assert planner().held_back(decodes, True, now, [new], kv_room=200).solo is not None
 
 
 def busy_decodes_and_short_prompts() -> list[ProgramSpec]:

@@ -85,10 +85,12 @@ class SchedulingPolicy(ABC):
         admitted_waiting: bool,
         now: float | None = None,
         waiting: Sequence[LiveRequest] | None = None,
+        kv_room: int | None = None,
     ) -> Hold:
         """Which running requests (in running order) sit the step starting at ``now`` out, while an
         admitted request waits to start or not (``waiting``: the admitted requests that wait, in
-        queue order, when one can start); vLLM would serve them all first."""
+        queue order, when one can start); vLLM would serve them all first. ``kv_room``: the
+        engine's ``StepEngine.kv_room``."""
         return Hold([False] * len(running), admitted_waiting)
 
     def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int, kv_short: int = 0) -> list[LiveRequest]:
@@ -306,8 +308,9 @@ class PlannerPolicy(DeadlinePolicy):
         admitted_waiting: bool,
         now: float | None = None,
         waiting: Sequence[LiveRequest] | None = None,
+        kv_room: int | None = None,
     ) -> Hold:
-        return self.planner.held_back(running, admitted_waiting, now, waiting)
+        return self.planner.held_back(running, admitted_waiting, now, waiting, kv_room)
 
     def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int, kv_short: int = 0) -> list[LiveRequest]:
         return self.planner.make_room(running, admitted_waiting, kv_short)

@@ -58,6 +58,12 @@ class StepEngine(Protocol):
         """These admitted requests are best effort now (their SLO state says so already)."""
         ...
 
+    def kv_room(self) -> int | None:
+        """Tokens of KV a step's new tokens may take without preempting: the free blocks (cached
+        prefixes among them), less one, since a chunk's first block may be one part-filled already.
+        None: not known."""
+        ...
+
     def start_prefix(self) -> int | None:
         """The cached prompt tokens of the request that would start this step, if one can (a place
         is free and one waits); None if none can."""
@@ -96,7 +102,7 @@ def plan_step(policy: SchedulingPolicy, engine: StepEngine, now: float) -> StepP
         engine.demoted(demoted)
     prefix = engine.start_prefix()
     waiting = engine.admitted_can_start() if prefix is not None else None
-    hold = policy.held_back(running, waiting is not None, now, waiting)
+    hold = policy.held_back(running, waiting is not None, now, waiting, engine.kv_room())
     budget = policy.token_budget(running, prefix is not None, now, prefix or 0, hold)
     return StepPlan(running, hold.held, budget, promoted, preempted, demoted)
 

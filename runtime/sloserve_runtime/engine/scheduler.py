@@ -495,6 +495,10 @@ class _StepView:
             return 0
         return sum(1 for request in s.waiting if not s._state(request).best_effort)
 
+    def kv_room(self) -> int | None:
+        s = self.scheduler
+        return max(0, s.kv_cache_manager.block_pool.get_num_free_blocks() - 1) * s.block_size
+
     def admitted_kv_short(self) -> int:
         s = self.scheduler
         if not s.waiting:

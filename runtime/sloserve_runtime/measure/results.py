@@ -135,21 +135,39 @@ def table_markdown(table: CapacityTable, capacities: dict[tuple[str, str], float
     series = [OURS, STOCK, *((ours_spec, stock_spec) if spec else ())]
     pairs = [(OURS, STOCK), *(((ours_spec, STOCK), (ours_spec, stock_spec)) if spec else ())]
 
-    def ratios(scenario: str) -> list[float | None]:
-        return [_ratio(capacities[scenario, a], capacities[scenario, b]) for a, b in pairs]
-
     # The work ceiling counts one token a decode a step: it bounds the runs without speculation.
     model = StepTimeModel.load(resolve_profile(table.profile))
     ceilings = {scenario: work_ceiling(load_scenario(scenario), model).rate for scenario in SHOWN}
 
+    def steady(scenario: str, label: str) -> bool:
+        """Not above the work ceiling, which no steady load passes: a capacity above it is the
+        probe's programs ending before the load they bring has built up."""
+        capacity = capacities[scenario, label]
+        return label not in (OURS, STOCK) or not capacity or capacity <= ceilings[scenario]
+
+    def ratios(scenario: str) -> list[float | None]:
+        return [
+            _ratio(capacities[scenario, a], capacities[scenario, b])
+            if steady(scenario, a) and steady(scenario, b) else None
+            for a, b in pairs
+        ]  # fmt: skip
+
     def row(scenario: str) -> str:
-        cells = [_capacity(capacities[scenario, label]) for label in series] + [_shown(r) for r in ratios(scenario)]
+        cells = [_capacity(capacities[scenario, label]) + ("" if steady(scenario, label) else " †") for label in series]
+        cells += [_shown(r) for r in ratios(scenario)]
         ceiling, ours = ceilings[scenario], capacities[scenario, OURS]
         cells += [_capacity(ceiling), "-" if not ours else f"{ours / ceiling:.0%}"]
         return f"| {scenario} | " + " | ".join(cells) + " |"
 
+    def geo_mean(column: tuple[float | None, ...]) -> str:
+        shown = [r for r in column if r]
+        if not shown:
+            return "-"
+        mean = _shown(statistics.geometric_mean(shown), bold=True)
+        return mean if len(shown) == len(column) else f"{mean} ({len(shown)} of {len(column)})"
+
     by_pair = list(zip(*(ratios(scenario) for scenario in SIX), strict=True))
-    geo = [_shown(statistics.geometric_mean(r), bold=True) if all(r) else "-" for r in by_pair]
+    geo = [geo_mean(column) for column in by_pair]
     lines = [
         "| scenario | "
         + " | ".join([*series, *(f"{a} / {b}" for a, b in pairs), "work ceiling", f"{OURS} / ceiling"])
@@ -169,6 +187,8 @@ def table_markdown(table: CapacityTable, capacities: dict[tuple[str, str], float
         f"Capacity in programs/s at 90 % program attainment, {table.num_programs} programs a probe, "
         f"seed 0, without speculation{speculation}. The work ceiling is the rate whose work would fill "
         f"the engine without speculation (`measure/ceiling.py`): no scheduler passes it on a steady load. "
+        f"A capacity marked † is above it: the probe's programs end before the load they bring has built "
+        f"up, so it is no steady capacity, and the ratios with it are left out (and out of the geo mean). "
         f"{provenance}"
     )
     return "\n".join([heading, "", "```bash", table.command(), "```", "", *lines, "", f"Data: `{table.data_file}`."])

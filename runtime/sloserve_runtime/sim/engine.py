@@ -225,6 +225,9 @@ class Engine:
             return 0
         return len(self.admitted) - sum(1 for request in self.running if not request.state.best_effort)
 
+    def kv_room(self) -> int | None:
+        return max(0, self.kv.free_blocks - 1) * self.kv.block_size
+
     def admitted_kv_short(self) -> int:
         if not self.admitted or not len(self.waiting):
             return 0

@@ -117,6 +117,7 @@ class Budget(Forecast):
         admitted_waiting: bool,
         now: float | None = None,
         waiting: Sequence[LiveRequest] | None = None,
+        kv_room: int | None = None,
     ) -> Hold:
         """Best effort runs on leftover time only: which running requests sit this step out.
 
@@ -125,10 +126,12 @@ class Budget(Forecast):
         admitted prompts need the step (``_yield_needed``; ``waiting``: the admitted requests
         that wait, None: they always do). Otherwise the best-effort requests that
         ``token_budget`` planned for join (see ``_best_effort_joining``) and the rest wait.
+        Every decode sits out where an admitted prompt gets a step of its own (``_solo_needed``;
+        ``kv_room``: the KV tokens the engine has free for it, None: not known).
         The ``Hold`` says so per running request, for ``token_budget`` to plan the same step.
         """
         step = Running.of_step(running)
-        solo = self._solo_needed(running, waiting if admitted_waiting else (), now)
+        solo = self._solo_needed(running, waiting if admitted_waiting else (), now, kv_room)
         if solo is not None:
             held = [r.state.best_effort or r.decoding for r in running]
             return Hold(held, admitted_waiting, step, sum(r.to_compute for r in waiting or ()), solo)
@@ -211,13 +214,18 @@ class Budget(Forecast):
         return any(now + (times[r.state.request_id] - now) * stretch > r.state.first_token_deadline for r in pending)
 
     def _solo_needed(
-        self, running: Sequence[LiveRequest], waiting: Sequence[LiveRequest] | None, now: float | None
+        self,
+        running: Sequence[LiveRequest],
+        waiting: Sequence[LiveRequest] | None,
+        now: float | None,
+        kv_room: int | None = None,
     ) -> float | None:
         """The bound of a step of the admitted prompts alone (the running chunks, then the
         ``waiting`` requests), where the first of them needs one (``solo_prompts``): with the
         running decodes in every step its first token, predicted ``yield_margin`` later, would
         miss its deadline, and what is left of it fits one step that every admitted decode's
-        windows can spare (``_solo_step``). None: no such step (nor with speculation on).
+        windows can spare (``_solo_step``), and its KV is free (``kv_room``). None: no such step
+        (nor with speculation on).
         """
         if not self.solo_prompts or now is None:
             return None
@@ -226,13 +234,10 @@ class Budget(Forecast):
         if not prompts:
             return None
         head = min(prompts, key=prefill_order)
-        if self.kv_capacity_tokens is not None:
-            # Only where its KV is there: with the cache full vLLM would preempt the prompt (or a
-            # decode) for its blocks, and a step whose decodes all sit out would run nothing.
-            held = sum(r.context + r.to_compute for r in running)
-            starting = 0 if any(r.state is head.state for r in running) else head.context
-            if held + head.to_compute + starting > self.kv_capacity_tokens:
-                return None
+        if kv_room is not None and head.to_compute > kv_room:
+            # Its KV is not free: vLLM would preempt for its blocks (the prompt itself, where it runs
+            # last), and a step whose decodes all sit out would run nothing.
+            return None
         if self._solo_step(now, head, admitted) is None:
             return None
         if not self._late(now, self._first_tokens(now, [head], admitted, yielding=False)[head.state.request_id], head):
