@@ -3,8 +3,8 @@
 # profile and program scenario, the capacity (rate at 90 % program attainment) of the
 # program-aware planner, the stage-level one, the program-aware one without the context hold, the
 # program-aware one without a prompt's own step,
-# and stock vLLM; then all four at 1.5x the stage-level planner's capacity (program attainment
-# and wasted work past capacity). Deterministic (seed 0); about 22 minutes on 2 cores.
+# and stock vLLM; then all five at 1.5x the stage-level planner's capacity (program attainment
+# and wasted work past capacity). Deterministic (seed 0); about 32 minutes on 2 cores.
 #
 #   bash docs/scripts/program_figures.sh
 set -euo pipefail
