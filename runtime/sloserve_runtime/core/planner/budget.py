@@ -238,11 +238,15 @@ class Budget(Forecast):
             # Its KV is not free: vLLM would preempt for its blocks (the prompt itself, where it runs
             # last), and a step whose decodes all sit out would run nothing.
             return None
-        if self._solo_step(now, head, admitted) is None:
-            return None
+        decodes = admitted_decodes_of(admitted)
+        if all(math.isinf(r.state.tpot_seconds) for r in decodes):
+            return None  # nothing to gain over ``_yields`` (and no forward simulation to ask)
         if not self._late(now, self._first_tokens(now, [head], admitted, yielding=False)[head.state.request_id], head):
             return None
-        return self._solo_bound(now, admitted_decodes_of(admitted), head)
+        deadline = self._solo_deadline(now, decodes, head)
+        if deadline is None or self._solo_step(now, head, decodes, deadline) is None:
+            return None
+        return self._solo_room(now, head, decodes, deadline)
 
     def _yields(self, r: LiveRequest) -> bool:
         """Whether an admitted running request gives this step to the admitted prefill that waits.

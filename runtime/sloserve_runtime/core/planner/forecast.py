@@ -65,6 +65,7 @@ class Forecast(StepBounds):
         first_bound = self._slack_bound(now, admitted, load)
         times = {}
         solo_first = yielding and self.solo_prompts  # the prompts so far each had a step of their own
+        solo_deadline: float | None = None  # the decodes' ``_solo_deadline``, once a prompt asks
         for request in sorted(pending, key=prefill_order):
             if math.isinf(clock):  # no budget left for prefill: every later first token is as late
                 times[request.state.request_id] = clock
@@ -78,7 +79,10 @@ class Forecast(StepBounds):
             if solo_first and self._late(clock, end, request):
                 # A step of its own, as ``Budget.held_back`` gives a prompt that would be late
                 # beside the decodes, while their windows can spare it.
-                solo = self._solo_step(clock, request, admitted)
+                decodes = admitted_decodes_of(admitted)
+                if solo_deadline is None:
+                    solo_deadline = self._solo_deadline(clock, decodes, request)
+                solo = self._solo_step(clock, request, decodes, solo_deadline)
                 if solo is not None and clock + solo < end:
                     end, after = (
                         clock + solo,
@@ -93,31 +97,39 @@ class Forecast(StepBounds):
             times[request.state.request_id] = clock
         return times
 
-    def _solo_step(self, now: float, prompt: LiveRequest, admitted: Sequence[LiveRequest]) -> float | None:
+    def _solo_step(
+        self, now: float, prompt: LiveRequest, decodes: Sequence[LiveRequest], deadline: float | None
+    ) -> float | None:
         """The seconds of a step of what is left of ``prompt``'s prefill alone, starting at ``now``,
-        where the admitted decodes may all sit it out (``_solo_bound``); None where they may not,
-        or it is too long for one step.
+        while the admitted ``decodes`` all sit it out; None where it does not fit one step before
+        their own next step must start (``deadline``: their ``_solo_deadline``), counted with
+        ``prompt``'s first decode in it.
         """
-        if not self.solo_prompts or prompt.to_compute > self.max_budget:
-            return None
-        bound = self._solo_bound(now, admitted_decodes_of(admitted), prompt)
-        if bound is None:
+        if deadline is None or prompt.to_compute > self.max_budget:
             return None
         tokens, context = prompt.to_compute, prompt.context + prompt.to_compute
         seconds = self.step_time.step_seconds(tokens, 1, context, attended_pairs(tokens, context))
-        return seconds if seconds <= bound else None
+        return seconds if seconds <= self._solo_room(now, prompt, decodes, deadline) else None
+
+    def _solo_room(self, now: float, prompt: LiveRequest, decodes: Sequence[LiveRequest], deadline: float) -> float:
+        """Seconds a step of prompts alone may take from ``now``: until ``deadline``, less the
+        ``decodes``' own next step, ``prompt``'s first decode in it."""
+        count = len(decodes) + 1
+        context = sum(map(CONTEXT, decodes)) + prompt.context + prompt.to_compute + count
+        return deadline - now - self.step_time.step_seconds(count, count, context, context)
 
     def _late(self, now: float, at: float, prompt: LiveRequest) -> bool:
         """Whether ``prompt``'s first token, predicted at ``at``, misses its deadline once the wait
         from ``now`` is ``yield_margin`` longer (the margin the yields of ``Budget`` plan with)."""
         return now + (at - now) * (1.0 + (self.yield_margin or 0.0)) > prompt.state.first_token_deadline
 
-    def _solo_bound(self, now: float, decodes: Sequence[LiveRequest], prompt: LiveRequest) -> float | None:
-        """How long a step of ``prompt`` alone may take at ``now`` while these admitted ``decodes``
-        all sit it out: what the tightest of their attainment windows leaves once their own next
-        step (all of them, and ``prompt``'s first decode) is counted after it, each later gap
-        planned as in ``_window_bound``. None: off, no decode with a TPOT target among them
-        (nothing to gain over ``_yields``), speculation on, or a window with no room.
+    def _solo_deadline(self, now: float, decodes: Sequence[LiveRequest], prompt: LiveRequest) -> float | None:
+        """By when the next token of every one of these admitted ``decodes`` must come for the
+        tightest of their attainment windows, each later gap planned as in ``_window_bound`` (as
+        long as a step of them all with ``prompt``'s first decode): a step of prompts alone may run
+        until their own next step has to start. One pass over the decodes, whatever the prompts
+        asking (a time, not a length, so it holds for each). None: off (``solo_prompts``), no decode
+        with a TPOT target among them (nothing to gain over ``_yields``), or speculation on.
         """
         if not self.solo_prompts or self.window_reserve is None or self.speculation is not None:
             return None
@@ -125,14 +137,21 @@ class Forecast(StepBounds):
         if not paced:
             return None
         count = len(decodes) + 1
+        share = self._share
+        tightest = min(r.state.tpot_seconds for r in paced) * share
+        # Where the decodes' own steps already take a TPOT, their windows have no slack to spare
+        # (a crowded engine stops here, without a pass over them).
+        if self.step_time.step_seconds(count, count) >= tightest:
+            return None
         context = sum(map(CONTEXT, decodes)) + prompt.context + prompt.to_compute + count
         decode_only = self.step_time.step_seconds(count, count, context, context)
-        share, bound = self._share, math.inf
+        if decode_only >= tightest:
+            return None
+        latest = math.inf
         for r in paced:
             tpot = r.state.tpot_seconds * share
-            bound = min(bound, r.state.window_bound(now, tpot, max(self.window_reserve * tpot, decode_only)))
-        bound -= decode_only
-        return bound if bound > 0 else None
+            latest = min(latest, r.state.window_bound(now, tpot, max(self.window_reserve * tpot, decode_only)))
+        return now + latest
 
     def _slack_bound(self, now: float, admitted: list[LiveRequest], load: DecodeLoad) -> float | None:
         """The bound of the next prefill step, where the decodes' window slack lets it run longer

@@ -51,7 +51,7 @@ class Planner(Budget, Admission):
     # sit out is output they do not produce.
     yield_margin: float | None = 1.0
     # A prompt that would otherwise miss its first-token deadline gets a step of its own: every
-    # admitted decode sits that step out (``Forecast._solo_bound``), as long as each one's
+    # admitted decode sits that step out (``Forecast._solo_deadline``), as long as each one's
     # attainment windows leave room for the step and its own next one. Beside many long decodes a
     # step costs far more than a short prompt does alone, and those decodes, judged over windows
     # of ten tokens, mostly run ahead of their TPOT. False: decodes with a TPOT never sit out.
