@@ -244,9 +244,10 @@ class Budget(Forecast):
         if not self._late(now, self._first_tokens(now, [head], admitted, yielding=False)[head.state.request_id], head):
             return None
         deadline = self._solo_deadline(now, decodes, head)
-        if deadline is None or self._solo_step(now, head, decodes, deadline) is None:
+        if deadline is None or head.to_compute > self.max_budget:
             return None
-        return self._solo_room(now, head, decodes, deadline)
+        room = self._solo_room(now, head, decodes, deadline)  # as ``_solo_step`` asks it, once
+        return room if self._alone_seconds(head) <= room else None
 
     def _yields(self, r: LiveRequest) -> bool:
         """Whether an admitted running request gives this step to the admitted prefill that waits.

@@ -65,7 +65,8 @@ class Forecast(StepBounds):
         first_bound = self._slack_bound(now, admitted, load)
         times = {}
         solo_first = yielding and self.solo_prompts  # the prompts so far each had a step of their own
-        solo_deadline: float | None = None  # the decodes' ``_solo_deadline``, once a prompt asks
+        solo_decodes: list[LiveRequest] | None = None  # the admitted decodes, once a prompt asks
+        solo_deadline: float | None = None  # their ``_solo_deadline``
         for request in sorted(pending, key=prefill_order):
             if math.isinf(clock):  # no budget left for prefill: every later first token is as late
                 times[request.state.request_id] = clock
@@ -79,10 +80,10 @@ class Forecast(StepBounds):
             if solo_first and self._late(clock, end, request):
                 # A step of its own, as ``Budget.held_back`` gives a prompt that would be late
                 # beside the decodes, while their windows can spare it.
-                decodes = admitted_decodes_of(admitted)
-                if solo_deadline is None:
-                    solo_deadline = self._solo_deadline(clock, decodes, request)
-                solo = self._solo_step(clock, request, decodes, solo_deadline)
+                if solo_decodes is None:
+                    solo_decodes = admitted_decodes_of(admitted)
+                    solo_deadline = self._solo_deadline(clock, solo_decodes, request)
+                solo = self._solo_step(clock, request, solo_decodes, solo_deadline)
                 if solo is not None and clock + solo < end:
                     end, after = (
                         clock + solo,
@@ -107,9 +108,13 @@ class Forecast(StepBounds):
         """
         if deadline is None or prompt.to_compute > self.max_budget:
             return None
-        tokens, context = prompt.to_compute, prompt.context + prompt.to_compute
-        seconds = self.step_time.step_seconds(tokens, 1, context, attended_pairs(tokens, context))
+        seconds = self._alone_seconds(prompt)
         return seconds if seconds <= self._solo_room(now, prompt, decodes, deadline) else None
+
+    def _alone_seconds(self, prompt: LiveRequest) -> float:
+        """A step of what is left of ``prompt``'s prefill, and nothing else."""
+        tokens, context = prompt.to_compute, prompt.context + prompt.to_compute
+        return self.step_time.step_seconds(tokens, 1, context, attended_pairs(tokens, context))
 
     def _solo_room(self, now: float, prompt: LiveRequest, decodes: Sequence[LiveRequest], deadline: float) -> float:
         """Seconds a step of prompts alone may take from ``now``: until ``deadline``, less the
