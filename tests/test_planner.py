@@ -10,7 +10,7 @@ from sloserve.slo import SLO, judge
 from sloserve_runtime.core.planner import LiveRequest, Planner
 from sloserve_runtime.core.policies import make_policy
 from sloserve_runtime.core.slo_state import SLORequestState
-from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel
+from sloserve_runtime.core.step_time import LinearPiece, StepTimeModel, attended_pairs
 from sloserve_runtime.sim import SimConfig, simulate
 from sloserve_runtime.sim.engine import Engine
 from sloserve_runtime.sim.request import SimRequest
@@ -110,6 +110,35 @@ def test_best_effort_joins_only_within_the_bound():
     # waiting request taking the rest, stays within the 100 ms bound.
     assert PER_REQUEST.step_seconds(budget, joined + 1) <= 0.100 + 1e-9
     assert 2 < joined < len(running) and held[-1]
+
+
+# PER_REQUEST's, plus causal attention: 1 µs per query-key pair.
+ATTENTION = StepTimeModel(
+    "planner-test-attention",
+    (LinearPiece(per_token=0.001, per_request=0.005, constant=0.010, per_attended_pair=1e-6),),
+    4096,
+)
+
+
+def test_a_best_effort_chunk_deep_in_its_prompt_keeps_the_step_within_the_bound():
+    """The leftover of a step goes to a best-effort chunk where no admitted one runs; its tokens
+    attend to all its prompt computed so far (a request recomputed after preemption can be
+    thousands of tokens in), and the budget counts that, or every decode's window breaks."""
+    planner = Planner(ATTENTION, max_budget=4096, headroom=1.0)
+    admitted = [decoding(f"l{i}", LOOSE, context=10) for i in range(2)]
+    deep = best_effort(LiveRequest(state("deep", LOOSE, prompt=6000), to_compute=2000, context=4000))
+    running = [*admitted, deep]
+    hold = planner.held_back(running, admitted_waiting=False)
+    assert hold.held == [False, False, False]  # it joins
+    budget = planner.token_budget(running, waiting=False, hold=hold)
+    chunk = budget - len(admitted)  # vLLM gives the decodes their token, the chunk the rest
+    context = sum(r.context + 1 for r in admitted) + deep.context + chunk
+    attended = sum(r.context + 1 for r in admitted) + attended_pairs(chunk, deep.context + chunk)
+    assert 0 < chunk and ATTENTION.step_seconds(budget, 3, context, attended) <= 0.100 + 1e-9
+    # Taken for a fresh prompt, the same chunk would have been about twice as long and the step
+    # twice the bound.
+    fresh = best_effort(LiveRequest(state("fresh", LOOSE, prompt=2000), to_compute=2000, context=0))
+    assert planner.token_budget([*admitted, fresh], waiting=False) > 1.5 * budget
 
 
 def test_the_window_margin_holds_every_step_short_not_only_the_decode_check():

@@ -81,6 +81,14 @@ class Budget(Forecast):
         # Best effort joins only while no admitted prefill waits: a step planned for joiners that
         # then sit out would leave the waiting request a budget cut by their per-request time.
         joining = [] if admitted_waiting else self._best_effort_joining(running, bound, step.best_effort)
+        # What the decodes leave goes to a prefill chunk: the first admitted one running (vLLM
+        # serves running requests first), else a best-effort one that joins, else a prompt that
+        # starts. Its attention grows with its length and with what its prompt has computed so
+        # far: a best-effort prompt recomputed after preemption runs chunks thousands of tokens
+        # in, and a budget that took it for a fresh prompt overran the bound of every decode.
+        taker = chunk if chunk is not None else next((r for r in joining if not r.decoding), None)
+        if taker is not None and taker is not chunk:
+            joining = [r for r in joining if r is not taker]
         # A decode attends to its whole context (``attended_pairs(1, n) == n``), once per verified
         # token: without speculation the attention work of the decodes equals their context.
         context = sum(map(CONTEXT, decodes)) + sum(map(CONTEXT, joining)) + len(decodes) + len(joining)
@@ -94,12 +102,9 @@ class Budget(Forecast):
         # best-effort requests that join, and, while a request waits to start, one more for it (it
         # takes what a finishing chunk leaves). Reserving that time when nobody waits would cost
         # the running chunk a per-request time of tokens every step.
-        requests = len(running) - len(step.best_effort) + len(joining) + int(waiting)
-        # What the decodes leave goes to a prefill chunk: the first running one (vLLM serves running
-        # requests first), or else a prompt that starts. Its attention grows with its length and with
-        # what its prompt has computed so far.
+        requests = len(running) - len(step.best_effort) + len(joining) + int(waiting) + int(taker is not chunk)
         fixed = verified_tokens + len(joining)
-        prefix = chunk.context if chunk is not None else start_prefix if waiting else 0
+        prefix = taker.context if taker is not None else start_prefix if waiting else 0
         budget = fixed + self.step_time.chunk_budget(bound, fixed, requests, context, attended, prefix)
         if chunk is not None or (admitted_waiting and hold.waiting_tokens is not None):
             # A step planned for admitted prompts runs nothing else: vLLM would start waiting
