@@ -392,3 +392,52 @@ def test_a_program_call_survives_the_wire_as_body_field_and_as_xargs():
     assert ProgramCall.from_xargs(sent.to_xargs()) == sent
     last = ProgramCall("run-3", remaining=())
     assert request_program({}, {"slo": {"program": last.to_body()}}) == last == ProgramCall.from_xargs(last.to_xargs())
+
+
+def test_best_effort_prompts_wait_while_admission_turns_runs_away():
+    """A run left best effort keeps calling: while admission turns runs away, its prompts take
+    none of what the admitted decodes leave of a step (its decodes still join); once admission
+    has turned nobody away for ``best_effort_calm_s`` they take it, as before."""
+    policy = make_policy("sloserve", MODEL, 512)
+    planner = policy.planner
+    admitted = [LiveRequest(SLORequestState.create(f"d{i}", LOOSE, 0.0, 100, MODEL), 1, 100) for i in range(2)]
+    for decode in admitted:
+        decode.state.record_output(0.5, 1)
+    lost = call("lost", "act", 300, now=0.0, remaining=("act",))
+    lost.state.best_effort = True
+    streaming = call("other", "act", 1, now=0.0)
+    streaming.state.best_effort = True
+    streaming = LiveRequest(streaming.state, to_compute=1, context=200)  # a best-effort decode
+    running = [*admitted, lost, streaming]
+
+    def step(now: float) -> tuple[list[bool], int]:
+        hold = planner.held_back(running, admitted_waiting=False, now=now)
+        return hold.held, planner.token_budget(running, waiting=False, now=now, hold=hold)
+
+    held, budget = step(1.0)
+    assert held == [False, False, False, False] and budget > 3  # nobody turned away yet
+
+    # A run's first stage that cannot be kept is turned away at 5 s: the engine is at its limit.
+    hopeless = call("late", "act", 500, now=5.0, remaining=("act",))
+    hopeless.state.first_token_deadline = 5.0001
+    assert not policy.admit(5.0, hopeless, admitted).admitted
+    assert planner.last_refusal == 5.0
+    held, budget = step(6.0)
+    assert held == [False, False, True, False] and budget == 3  # the two decodes and the best-effort one
+    held, budget = step(5.0 + planner.best_effort_calm_s)
+    assert held == [False, False, False, False] and budget > 3
+
+    # A flat request turned away says nothing of program runs: the leftover stays as it was.
+    flat = LiveRequest(SLORequestState.create("flat", SLO(ttft_ms=0.1, tpot_ms=200), 50.0, 500, MODEL), 500, 0)
+    assert not policy.admit(50.0, flat, admitted).admitted
+    assert planner.last_refusal == 5.0 and step(50.0)[0] == [False, False, False, False]
+
+
+def test_best_effort_runs_still_end_once_the_load_passes(h200):
+    """Past capacity the runs left best effort wait while admission turns runs away, then run:
+    every call of every run ends with all its tokens, or is refused with an HTTP 429 (the
+    best-effort queue's bound), none left hanging."""
+    trace = load_scenario("tool-calling").trace(rate=3.5, num_programs=150, seed=3)
+    calm = simulate(trace, "sloserve", h200.step_time, h200)
+    assert all(result.error or len(result.token_times) == result.output_tokens for result in calm)
+    assert any(calls[0].best_effort and not calls[0].error for calls in _runs(calm).values())

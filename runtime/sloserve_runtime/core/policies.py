@@ -213,6 +213,8 @@ class PlannerPolicy(DeadlinePolicy):
         decision = self.planner.admit(now, new, live) if call is None else self._admit_stage(now, new, live)
         new.state.best_effort = not decision.admitted
         new.state.admission = decision.reason
+        if not decision.admitted and call is not None:  # a run turned away (``Planner.best_effort_calm_s``)
+            self.planner.last_refusal = now
         return decision
 
     def _admit_stage(self, now: float, new: LiveRequest, live: Sequence[LiveRequest]) -> Decision:

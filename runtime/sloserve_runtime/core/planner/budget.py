@@ -80,7 +80,8 @@ class Budget(Forecast):
             bound = per_step
         # Best effort joins only while no admitted prefill waits: a step planned for joiners that
         # then sit out would leave the waiting request a budget cut by their per-request time.
-        joining = [] if admitted_waiting else self._best_effort_joining(running, bound, step.best_effort)
+        prompts = self._best_effort_prompts(now)
+        joining = [] if admitted_waiting else self._best_effort_joining(running, bound, step.best_effort, prompts)
         # What the decodes leave goes to a prefill chunk: the first admitted one running (vLLM
         # serves running requests first), else a best-effort one that joins, else a prompt that
         # starts. Its attention grows with its length and with what its prompt has computed so
@@ -104,6 +105,8 @@ class Budget(Forecast):
         # the running chunk a per-request time of tokens every step.
         requests = len(running) - len(step.best_effort) + len(joining) + int(waiting) + int(taker is not chunk)
         fixed = verified_tokens + len(joining)
+        if chunk is None and not admitted_waiting and not prompts:
+            return max(fixed, 1)  # what the decodes leave would go to best-effort prompts
         prefix = taker.context if taker is not None else start_prefix if waiting else 0
         budget = fixed + self.step_time.chunk_budget(bound, fixed, requests, context, attended, prefix)
         if chunk is not None or (admitted_waiting and hold.waiting_tokens is not None):
@@ -154,7 +157,8 @@ class Budget(Forecast):
             if math.isinf(bound) or not step.best_effort:
                 held = [False] * len(running)
             else:
-                joining = {id(r) for r in self._best_effort_joining(running, bound, step.best_effort)}
+                prompts = self._best_effort_prompts(now)
+                joining = {id(r) for r in self._best_effort_joining(running, bound, step.best_effort, prompts)}
                 held = [r.state.best_effort and id(r) not in joining for r in running]
         waiting_tokens = None if waiting is None else sum(r.to_compute for r in waiting)
         return Hold(held, admitted_waiting, step, waiting_tokens)
@@ -270,15 +274,16 @@ class Budget(Forecast):
         return True
 
     def _best_effort_joining(
-        self, running: Sequence[LiveRequest], bound: float, best_effort: list[LiveRequest]
+        self, running: Sequence[LiveRequest], bound: float, best_effort: list[LiveRequest], prompts: bool = True
     ) -> list[LiveRequest]:
         """The best-effort running requests that join a step bounded by ``bound``, in running order.
 
         None while an admitted prefill chunk runs: admission promised that chunk the prefill budget
         the admitted decodes leave, and a best-effort request would take a per-request time of it.
         Otherwise they join as long as the step, with one token for each and one more request for
-        whoever takes the leftover budget, stays within the bound. ``best_effort``: the best-effort
-        requests of ``running``, in running order (``Running``).
+        whoever takes the leftover budget, stays within the bound; the best-effort prompts only
+        with ``prompts`` (``_best_effort_prompts``), else the decodes alone. ``best_effort``: the
+        best-effort requests of ``running``, in running order (``Running``).
         """
         if not best_effort:
             return []
@@ -288,12 +293,20 @@ class Budget(Forecast):
         tokens = requests = len(admitted)
         context = sum(r.context + 1 for r in admitted)
         joining = []
-        for r in best_effort:
+        for r in best_effort if prompts else decodes_of(best_effort):
             tokens, requests, context = tokens + 1, requests + 1, context + r.context + 1
             if self.step_time.step_seconds(tokens, requests + 1, context, context) > bound:
                 break  # the step is full: the rest wait too
             joining.append(r)
         return joining
+
+    def _best_effort_prompts(self, now: float | None) -> bool:
+        """Whether best-effort prompts may take what the admitted decodes with a TPOT leave of a
+        step starting at ``now``: once admission has refused nobody for ``best_effort_calm_s``.
+        Until then they wait (their queue bounded by the server's ``--max-queued-best-effort``);
+        the best-effort decodes still join, and a step without such decodes is theirs as before."""
+        calm = self.best_effort_calm_s
+        return calm is None or now is None or now - self.last_refusal >= calm
 
     def make_room(self, running: Sequence[LiveRequest], admitted_waiting: int, kv_short: int = 0) -> list[LiveRequest]:
         """The best-effort running requests (in ``running``, running order) to preempt so that the

@@ -8,6 +8,7 @@ order of those calls. Why each setting has its default, with the figures behind 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from sloserve_runtime.core.planner.admission import Admission
@@ -20,8 +21,9 @@ from sloserve_runtime.core.step_time import StepTimeModel
 class Planner(Budget, Admission):
     """Budget and admission for one engine, from its step-time model.
 
-    It keeps nothing from one call to the next: a step's decisions pass from ``held_back`` to
-    ``token_budget`` as a ``Hold``, and a feasibility query leaves the planner as it found it.
+    It keeps nothing from one call to the next but when its policy last refused a request: a
+    step's decisions pass from ``held_back`` to ``token_budget`` as a ``Hold``, and a feasibility
+    query leaves the planner as it found it.
     """
 
     step_time: StepTimeModel
@@ -78,3 +80,14 @@ class Planner(Budget, Admission):
     # The engine's KV cache in tokens: a program run is admitted only if the KV that the admitted
     # runs will hold at once fits it (``PlannerPolicy._kv_fits``). None: not checked.
     kv_capacity_tokens: int | None = None
+    # Best-effort prompts take what the admitted decodes with a TPOT leave of a step only once
+    # admission has turned no program run away for this long (``Budget._best_effort_prompts``).
+    # While it does, that time is not to spare: a run left best effort keeps calling, each call a
+    # prompt whose chunk fills the step to its bound; the admitted decodes then get their tokens
+    # half as often and stay the longer, every admitted prompt shares the steps after them with
+    # more of them, admission turns more runs away, and the best-effort work grows. (Flat requests
+    # bring no such calls: a refusal of one leaves the leftover as it was.) None: always, as
+    # SLOs-Serve does.
+    best_effort_calm_s: float | None = 30.0
+    # When the policy last turned a program run away at one of its calls (-inf: never).
+    last_refusal: float = -math.inf
