@@ -4,13 +4,13 @@
 # program-aware planner, the stage-level one, the program-aware one without the context hold, the
 # program-aware one without a prompt's own step,
 # and stock vLLM; then all five at 1.5x the stage-level planner's capacity (program attainment
-# and wasted work past capacity). Deterministic (seed 0); about 32 minutes on 2 cores.
+# and wasted work past capacity). Deterministic (seed 0); about 40 minutes on 2 cores.
 #
 #   bash docs/scripts/program_figures.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SIM=".venv/bin/sloserve simulate"
-SCHEDULERS="sloserve,sloserve-stage,sloserve-nohold,sloserve-nosolo,vllm"
+SCHEDULERS="sloserve,sloserve-stage,sloserve-nohold,sloserve-nosolo,sloserve-nocalm,vllm"
 for profile in h200-opt13b-measured a100-opt13b-slos-serve; do
   short=${profile%%-*}
   for scenario in tool-calling agentic reasoning; do

@@ -169,6 +169,7 @@ class PlannerPolicy(DeadlinePolicy):
     demotion = True  # admitted decodes that no longer fit are given up to best effort (``demote``)
     window_reserve: float | None = 0.75  # window slack (``Planner.window_reserve``); None: one TPOT a step
     solo_prompts = True  # a prompt that would be late beside the decodes gets a step of its own (``Planner``)
+    best_effort_calm_s: float | None = 30.0  # best effort waits while runs are turned away (``Planner``)
     # Program runs are admitted as a whole at their first stage, and their later stages keep
     # their places (``admit``); False: every stage call is decided alone, as a flat request.
     program_aware = True
@@ -183,6 +184,7 @@ class PlannerPolicy(DeadlinePolicy):
         self.planner = Planner(
             step_time, max_budget, self.speculation if self.speculation.enabled else None,
             promotion=self.promotion, window_reserve=self.window_reserve, solo_prompts=self.solo_prompts,
+            best_effort_calm_s=self.best_effort_calm_s,
         )  # fmt: skip
 
     def use_step_time(self, step_time: StepTimeModel) -> None:
@@ -377,6 +379,14 @@ class SharedStepsPolicy(PlannerPolicy):
     solo_prompts = False
 
 
+class NoCalmPolicy(PlannerPolicy):
+    """sloserve-nocalm: the program-aware planner whose best-effort prompts take what the admitted
+    decodes leave even while admission turns runs away, as SLOs-Serve's (an ablation)."""
+
+    name = "sloserve-nocalm"
+    best_effort_calm_s = None
+
+
 class KeepAdmittedPolicy(PlannerPolicy):
     """sloserve-keep: the planner without demotion: an admitted decode is never given up (an ablation)."""
 
@@ -443,6 +453,7 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {
         ArrivalAdmissionPolicy,
         StepBoundPolicy,
         SharedStepsPolicy,
+        NoCalmPolicy,
         KeepAdmittedPolicy,
         DPPromotionPolicy,
         DeadlinePolicy,

@@ -88,6 +88,6 @@ class Planner(Budget, Admission):
     # more of them, admission turns more runs away, and the best-effort work grows. (Flat requests
     # bring no such calls: a refusal of one leaves the leftover as it was.) None: always, as
     # SLOs-Serve does.
-    best_effort_calm_s: float | None = 30.0
+    best_effort_calm_s: float | None = 30.0  # (``sloserve-nocalm``: None)
     # When the policy last turned a program run away at one of its calls (-inf: never).
     last_refusal: float = -math.inf
