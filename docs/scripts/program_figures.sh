@@ -2,9 +2,10 @@
 # The simulator's program figures of the results page ("Programs: whole runs kept"): for each
 # profile and program scenario, the capacity (rate at 90 % program attainment) of the
 # program-aware planner, the stage-level one, the program-aware one without the context hold, the
-# program-aware one without a prompt's own step,
-# and stock vLLM; then all five at 1.5x the stage-level planner's capacity (program attainment
-# and wasted work past capacity). Deterministic (seed 0); about 40 minutes on 2 cores.
+# program-aware one without a prompt's own step, the program-aware one whose best effort takes
+# the leftover while runs are turned away, and stock vLLM; then all six at 1.5x the stage-level
+# planner's capacity (program attainment and wasted work past capacity). Deterministic (seed 0);
+# about 40 minutes on 2 cores.
 #
 #   bash docs/scripts/program_figures.sh
 set -euo pipefail

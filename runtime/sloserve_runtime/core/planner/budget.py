@@ -302,7 +302,8 @@ class Budget(Forecast):
 
     def _best_effort_prompts(self, now: float | None) -> bool:
         """Whether best-effort prompts may take what the admitted decodes with a TPOT leave of a
-        step starting at ``now``: once admission has refused nobody for ``best_effort_calm_s``.
+        step starting at ``now``: once admission has turned no program run away for
+        ``best_effort_calm_s`` (``last_refusal``, which the policy sets).
         Until then they wait (their queue bounded by the server's ``--max-queued-best-effort``);
         the best-effort decodes still join, and a step without such decodes is theirs as before."""
         calm = self.best_effort_calm_s

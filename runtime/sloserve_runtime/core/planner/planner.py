@@ -21,7 +21,7 @@ from sloserve_runtime.core.step_time import StepTimeModel
 class Planner(Budget, Admission):
     """Budget and admission for one engine, from its step-time model.
 
-    It keeps nothing from one call to the next but when its policy last refused a request: a
+    It keeps nothing from one call to the next but when its policy last turned a run away: a
     step's decisions pass from ``held_back`` to ``token_budget`` as a ``Hold``, and a feasibility
     query leaves the planner as it found it.
     """
