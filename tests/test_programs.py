@@ -441,3 +441,16 @@ def test_best_effort_runs_still_end_once_the_load_passes(h200):
     calm = simulate(trace, "sloserve", h200.step_time, h200)
     assert all(result.error or len(result.token_times) == result.output_tokens for result in calm)
     assert any(calls[0].best_effort and not calls[0].error for calls in _runs(calm).values())
+
+
+def test_a_stages_served_time_follows_the_load_not_the_whole_history():
+    """A run's deadline is weighed with how long its stages' calls take now: after a hundred calls
+    served in 1 s, thirty-two in 3 s move the learnt time most of the way to 3 s (a mean over all
+    of them would still say 1.48 s and admit runs that end past their deadline)."""
+    book = ProgramBook()
+    shape = CallShape(prompt_tokens=100, new_tokens=100, ttft_seconds=1.0, tpot_seconds=0.1)
+    for index, seconds in enumerate([1.0] * 100 + [3.0] * 32):
+        program = ProgramCall(f"run{index}", "agent", "act")
+        book.arrive(program, 0.0, shape)
+        book.finish(program, seconds, output_tokens=50, arrival=0.0)
+    assert 2.7 < book.stats[("agent", "act")].seconds < 3.0

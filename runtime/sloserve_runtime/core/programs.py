@@ -24,6 +24,11 @@ XARG_PROGRAM_STAGE = "slo_program_stage"
 XARG_PROGRAM_ARRIVAL = "slo_program_arrival"
 XARG_PROGRAM_DEADLINE = "slo_program_deadline_s"
 XARG_PROGRAM_REMAINING = "slo_program_remaining"
+# A stage's calls take as long as the engine's load makes them, so a run's deadline is weighed
+# with how its stages' calls were served lately: a mean over all of them since the server started
+# lags a rising load by as many calls as it has seen, and admits runs that end past their
+# deadline (an exponential mean that weighs the last this many calls most).
+RECENT_CALLS = 16
 # A run that brings no call for this long after its last one ended is over: its reservation and
 # any KV held for it are released (a client that stopped, or a tool that hangs).
 DEFAULT_HOLD_TIMEOUT_S = 30.0
@@ -111,7 +116,9 @@ class StageStats:
     tpot_seconds: float = math.inf
     output_tokens: float = 0.0
     outputs_seen: int = 0
-    seconds: float = 0.0  # mean time from a call's arrival to its end, as served (0: none ended yet)
+    # Time from a call's arrival to its end, as its last ``RECENT_CALLS`` calls or so were served
+    # (0: none ended yet). It grows with the load where the lengths do not.
+    seconds: float = 0.0
     gap_seconds: float = 0.0  # mean wait before a call, after the run's previous call ended
     gaps_seen: int = 0
     order: float = 0.0  # mean position of its first call in a run: the stages' learnt order
@@ -144,7 +151,7 @@ class StageStats:
     def add_output(self, output_tokens: int, seconds: float) -> None:
         self.outputs_seen += 1
         self.output_tokens += (output_tokens - self.output_tokens) / self.outputs_seen
-        self.seconds += (seconds - self.seconds) / self.outputs_seen
+        self.seconds += (seconds - self.seconds) / min(self.outputs_seen, RECENT_CALLS)
 
 
 class ExpectedStage(NamedTuple):
