@@ -246,11 +246,13 @@ class PlannerPolicy(DeadlinePolicy):
         if decision.admitted:
             decision = self._kv_fits(new, live, expected)
         due = call_due(call.deadline(now if run is None else run.first_arrival), expected)
-        if decision.admitted and due is not None and now > due:
+        # This call takes its time too: as long as its stage's calls have lately taken.
+        end = now + book.served_seconds(call)
+        if decision.admitted and due is not None and end > due:
             decision = Decision(
                 False,
-                f"program deadline: its {sum(s.calls for s in expected):.1f} expected calls after this one "
-                f"end {now - due:.1f} s after the run's deadline, as its stages' calls have been served",
+                f"program deadline: this call and the {sum(s.calls for s in expected):.1f} expected after it "
+                f"end {end - due:.1f} s after the run's deadline, as its stages' calls have lately been served",
             )
         if run is None:
             book.decided(call, decision.admitted, now, expected)

@@ -263,8 +263,16 @@ class ProgramBook:
 
     def output_of(self, call: ProgramCall) -> float:
         """The mean output learnt for the call's stage (0: none seen)."""
-        stats = self.stats.get((call.name, call.stage)) if call.name is not None and call.stage is not None else None
+        stats = self._stats_of(call)
         return 0.0 if stats is None else stats.output_tokens
+
+    def _stats_of(self, call: ProgramCall) -> StageStats | None:
+        return self.stats.get((call.name, call.stage)) if call.name is not None and call.stage is not None else None
+
+    def served_seconds(self, call: ProgramCall) -> float:
+        """How long the call's stage's calls have lately taken, arrival to end (0: none ended yet)."""
+        stats = self._stats_of(call)
+        return 0.0 if stats is None else stats.seconds
 
     def arrive(self, call: ProgramCall, now: float, shape: CallShape) -> tuple[ExpectedStage, ...]:
         """A call of ``call``'s run arrived: learn its lengths; the calls its run still expects."""
