@@ -157,7 +157,8 @@ def test_a_run_that_cannot_end_by_its_deadline_is_refused_at_its_first_stage():
     assert policy.admit(2.0, call("C", "act", 100, now=2.0, remaining=("act", "act"), deadline_s=60.0), []).admitted
     # The two after it would end in time (2 s of 2.5 s), but the call itself takes its second too.
     tight = policy.admit(2.0, call("D", "act", 100, now=2.0, remaining=("act", "act"), deadline_s=2.5), [])
-    assert not tight.admitted and "this call and the 2.0 expected after it end 0.5 s after" in tight.reason, tight.reason
+    assert not tight.admitted, tight.reason
+    assert "this call and the 2.0 expected after it end 0.5 s after" in tight.reason, tight.reason
 
 
 def test_a_run_ends_when_its_client_says_so_or_when_its_hold_times_out():
