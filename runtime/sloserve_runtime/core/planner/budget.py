@@ -90,23 +90,23 @@ class Budget(Forecast):
         taker = chunk if chunk is not None else next((r for r in joining if not r.decoding), None)
         if taker is not None and taker is not chunk:
             joining = [r for r in joining if r is not taker]
+        verified = None if self.speculation is None else [self._verified(r.state.tpot_seconds) for r in decodes]
+        fixed = (len(decodes) if verified is None else sum(verified)) + len(joining)
+        if chunk is None and not admitted_waiting and not prompts:
+            # What the decodes leave would go to best-effort prompts: the step is theirs alone,
+            # and needs no pass over their context (the common step while runs are turned away).
+            return max(fixed, 1)
         # A decode attends to its whole context (``attended_pairs(1, n) == n``), once per verified
         # token: without speculation the attention work of the decodes equals their context.
         context = sum(map(CONTEXT, decodes)) + sum(map(CONTEXT, joining)) + len(decodes) + len(joining)
-        if self.speculation is None:
-            verified_tokens, attended = len(decodes), context
-        else:
-            verified = [self._verified(r.state.tpot_seconds) for r in decodes]
-            verified_tokens = sum(verified)
-            attended = context + sum((n - 1) * (r.context + 1) for r, n in zip(decodes, verified, strict=True))
+        attended = context
+        if verified is not None:
+            attended += sum((n - 1) * (r.context + 1) for r, n in zip(decodes, verified, strict=True))
         # Each request of the step costs its per-request time: the admitted decodes and chunks, the
         # best-effort requests that join, and, while a request waits to start, one more for it (it
         # takes what a finishing chunk leaves). Reserving that time when nobody waits would cost
         # the running chunk a per-request time of tokens every step.
         requests = len(running) - len(step.best_effort) + len(joining) + int(waiting) + int(taker is not chunk)
-        fixed = verified_tokens + len(joining)
-        if chunk is None and not admitted_waiting and not prompts:
-            return max(fixed, 1)  # what the decodes leave would go to best-effort prompts
         prefix = taker.context if taker is not None else start_prefix if waiting else 0
         budget = fixed + self.step_time.chunk_budget(bound, fixed, requests, context, attended, prefix)
         if chunk is not None or (admitted_waiting and hold.waiting_tokens is not None):
